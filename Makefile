@@ -1,0 +1,35 @@
+# One command per task. Each sets itself up first (a virtualenv in .venv with the CPU build of PyTorch).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+# Local Ray binds 127.0.0.1 rather than the machine's interface address.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+## make run: sample data -> train -> score -> summary, on a local Ray with local storage
+run: setup
+	$(PY) -m jobs.make_sample_data --out data/sample --rows 20000 --shards 4
+	$(PY) -m jobs.run --config jobs/configs/demo.yaml --overwrite
+
+## make test: every test (unit, then integration on a local Ray and a loopback S3 server)
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## make bench: pipeline vs plain PyTorch / pyarrow; writes bench-results.json and bench-results.md
+bench: setup
+	$(PY) -m jobs.benchmark
+
+clean:
+	rm -rf data artifacts output bench-results.json bench-results.md .pytest_cache

@@ -1,0 +1,44 @@
+"""What the job entrypoints share: the argument parser, config loading, and the one-line error contract.
+
+A `PipelineError` anywhere (including inside Ray tasks and train workers) ends the job with one line,
+`error: <message>`, on stderr and exit code 2. Anything else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+from pipeline.config import Config, load_config
+from pipeline.errors import find_pipeline_error
+
+EXIT_USER_ERROR = 2
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see jobs/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, value parsed as YAML (repeatable): --set train.epochs=5")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def run_main(fn: Callable[[], Optional[int]]) -> int:
+    """Run `fn`, turning user errors into one line and exit code 2."""
+    try:
+        rc = fn()
+        return int(rc or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as e:  # noqa: BLE001 - the one place errors are turned into exit codes
+        user = find_pipeline_error(e)
+        if user is not None:
+            print(f"error: {user}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        raise

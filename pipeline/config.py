@@ -1,0 +1,340 @@
+"""Typed, validated job configuration loaded from YAML with dotted `--set key=value` overrides.
+
+    cfg = load_config("jobs/configs/demo.yaml", ["train.epochs=5", "model.hidden_dims=[64,32]"])
+
+Every section is a dataclass with a docstring per field; values are type-checked on load and range-checked
+in `__post_init__`. Any problem is a `ConfigError` whose message names the dotted key.
+Credentials never live here: they come from the standard AWS chain (env, profile, instance role).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config {key}: {msg}")
+
+
+@dataclass
+class RunSection:
+    name: str = "demo"
+    """Run id; artifacts go under `artifacts.uri/<run.name>/`. Letters, digits, `-`, `_`, `.` only."""
+    seed: int = 0
+    """Seed for weight init and data corruption; the split does not depend on it (it hashes the ids)."""
+    num_cpus: Optional[int] = None
+    """CPUs for a local Ray started by the job (ignored when connecting to a cluster via RAY_ADDRESS)."""
+
+    def __post_init__(self) -> None:
+        ok = bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name) and self.name[0] != "."
+        _check(ok, "run.name", f"{self.name!r} must be non-empty and use only letters, digits, '-', '_', '.'")
+        _check(self.num_cpus is None or self.num_cpus >= 1, "run.num_cpus", "must be >= 1")
+
+
+@dataclass
+class DataSection:
+    input: str = "data/sample"
+    """URI prefix or local path of the Parquet shards (s3://bucket/prefix, other fsspec URIs, or a path)."""
+    features: Union[str, list[str]] = "features"
+    """One column of float vectors (list<float> or fixed_size_list<float>), or a list of numeric columns."""
+    id_columns: list[str] = field(default_factory=lambda: ["id"])
+    """Columns copied unchanged to the output; also hashed for the train/validation split."""
+    timestamp_column: Optional[str] = None
+    """Event-time column copied to the output's `event_timestamp`; unset means the run's as-of time."""
+    validation_fraction: float = 0.1
+    """Share of rows held out for validation (chosen by hashing the id columns, stable across reruns)."""
+    nan_policy: Literal["error", "drop"] = "error"
+    """Rows with NaN/inf features: `error` stops the job; `drop` counts them and writes a rejects table."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.input), "data.input", "must be set")
+        if isinstance(self.features, list):
+            _check(len(self.features) > 0, "data.features", "an empty list of columns")
+            _check(len(set(self.features)) == len(self.features), "data.features", "duplicate column names")
+        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
+               f"{self.validation_fraction} must be in (0, 1)")
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [self.features] if isinstance(self.features, str) else list(self.features)
+
+    @property
+    def vector_column(self) -> bool:
+        """True when the features are one list-typed column rather than several scalar columns."""
+        return isinstance(self.features, str)
+
+
+@dataclass
+class ModelSection:
+    kind: Literal["dense", "denoising", "sparse", "contractive", "variational", "stacked"] = "dense"
+    """Which autoencoder; see the README's table of kinds."""
+    hidden_dims: list[int] = field(default_factory=lambda: [64, 32])
+    """Widths of the encoder's hidden layers, input side first; the decoder mirrors them."""
+    latent_dim: int = 8
+    """Width of the code h = f(x); smaller than the input for an undercomplete model."""
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "linear"] = "gelu"
+    """Nonlinearity between layers; `linear` with MSE learns the PCA subspace."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer while training."""
+
+    def __post_init__(self) -> None:
+        _check(self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
+        _check(all(h >= 1 for h in self.hidden_dims), "model.hidden_dims", "widths must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 20
+    """Maximum passes over the training data (early stopping may end sooner)."""
+    batch_size: int = 1024
+    """Rows per minibatch per worker; lowered automatically so each worker takes >= 20 steps an epoch."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    num_workers: int = 1
+    """Data-parallel training workers (one process each; one GPU each with use_gpu)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per training worker; keep some free for Ray Data to feed them."""
+    use_gpu: bool = False
+    """Train on GPUs (one per worker), with bf16 mixed precision."""
+    patience: int = 3
+    """Early stopping: epochs without a validation improvement before stopping."""
+    min_delta: float = 1e-4
+    """Early stopping: relative improvement of validation loss that counts."""
+    max_failures: int = 2
+    """Times Ray Train restarts the workers from the last checkpoint after a failure."""
+    algorithm: Literal["backprop", "recirculation"] = "backprop"
+    """Learning rule: gradient descent on the loss, or recirculation (one hidden layer, no backward pass)."""
+    shuffle_buffer_rows: int = 0
+    """Rows in each worker's local shuffle buffer (0: block order is randomized, rows are not)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1")
+        _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.num_workers >= 1, "train.num_workers", f"{self.num_workers} must be >= 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+        _check(self.patience >= 1, "train.patience", "must be >= 1")
+        _check(self.min_delta >= 0, "train.min_delta", "must be >= 0")
+        _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+        _check(self.shuffle_buffer_rows >= 0, "train.shuffle_buffer_rows", "must be >= 0")
+
+
+@dataclass
+class ScoreSection:
+    threshold_quantile: float = 0.99
+    """Anomaly threshold: this quantile of the validation reconstruction errors."""
+    batch_size: int = 4096
+    """Rows per scoring batch."""
+    concurrency: int = 1
+    """Scoring actors (each loads the model once)."""
+    cpus_per_actor: float = 1.0
+    """CPUs per scoring actor."""
+    use_gpu: bool = False
+    """Score on GPUs (one per actor)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.threshold_quantile < 1.0, "score.threshold_quantile", "must be in (0, 1)")
+        _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
+        _check(self.concurrency >= 1, "score.concurrency", "must be >= 1")
+        _check(self.cpus_per_actor > 0, "score.cpus_per_actor", "must be > 0")
+
+
+@dataclass
+class ArtifactsSection:
+    uri: str = "artifacts"
+    """Where models and checkpoints go: `<uri>/<run.name>/`."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "artifacts.uri", "must be set")
+
+
+@dataclass
+class OutputSection:
+    uri: str = "output"
+    """Where scored Parquet goes; a `_SUCCESS` file written last marks it complete."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "output.uri", "must be set")
+
+
+@dataclass
+class StorageSection:
+    endpoint_url: Optional[str] = None
+    """S3-compatible endpoint (e.g. http://127.0.0.1:9000); AWS_ENDPOINT_URL works too."""
+    region: Optional[str] = None
+    """S3 region; defaults to AWS_REGION / AWS_DEFAULT_REGION, then us-east-1."""
+    retries: int = 3
+    """Attempts for transient storage errors before failing."""
+    connect_timeout_s: float = 5.0
+    """Seconds to wait for a connection before calling the endpoint unreachable."""
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            _check(self.endpoint_url.startswith(("http://", "https://")), "storage.endpoint_url",
+                   f"{self.endpoint_url!r} must start with http:// or https://")
+        _check(self.retries >= 1, "storage.retries", "must be >= 1")
+        _check(self.connect_timeout_s > 0, "storage.connect_timeout_s", "must be > 0")
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    score: ScoreSection = field(default_factory=ScoreSection)
+    artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_uri(self) -> str:
+        """`artifacts.uri/<run.name>`: the run's model, checkpoints and report."""
+        return join_uri(self.artifacts.uri, self.run.name)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config {key}: {value!r} is not a valid value ({_type_name(tp)})")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config {key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config {key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config {key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"config {key}: unsupported type {tp}")  # pragma: no cover - a bug, not user input
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {prefix}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"config {where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config {dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` with the value parsed as YAML (so `[64,32]`, `true`, `1e-3` work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} as YAML ({e.__class__.__name__})") from None
+    return key, value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML at `path` (or defaults), apply dotted overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p}{where}: invalid YAML") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return config_from_dict(tree)
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch would be a bug
+        raise ConfigError(f"config: {e}") from None

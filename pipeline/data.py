@@ -1,0 +1,379 @@
+"""Ingest: find the Parquet shards, check their schema up front, turn batches into feature matrices.
+
+The pure functions here (`inspect_input`, `feature_matrix`, `validation_mask`, `Moments`) run and are tested
+without Ray; `read_dataset` and `compute_moments` build the Ray Data pipelines on top of them.
+
+A row goes to validation when a hash of its id columns (or of its feature values when there are no id
+columns) falls below `data.validation_fraction`: the split is stable across reruns, shard layouts and
+worker counts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import DataSection
+from pipeline.errors import InputError, StorageError
+from pipeline.storage import Storage, normalize_uri, scheme_of
+
+PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): names the shard in error messages
+
+
+@dataclass
+class InputSpec:
+    """What the schema check learned about the input: every file, the feature layout, the row count."""
+
+    uri: str
+    files: list[str]
+    feature_names: list[str]
+    num_rows: int
+    columns: list[str]
+    """Columns to read: features, ids and timestamp."""
+    file_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _short(uri: str) -> str:
+    return uri
+
+
+def _read_footer(storage: Storage, uri: str) -> tuple[str, pa.Schema, int]:
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            md = pq.ParquetFile(f).metadata
+            return uri, md.schema.to_arrow_schema(), md.num_rows
+    except (StorageError, FileNotFoundError):
+        raise
+    except pa.ArrowInvalid as e:
+        raise InputError(f"file {uri}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    except OSError as e:
+        text = str(e).lower()
+        if "parquet" in text or "magic" in text or "footer" in text or "size" in text:
+            raise InputError(f"file {uri}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") \
+                from None
+        raise
+
+
+def _first_vector_length(storage: Storage, uri: str, column: str) -> Optional[int]:
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=[column]):
+            arr = batch.column(0)
+            lengths = pc.list_value_length(arr).drop_null()
+            if len(lengths):
+                return int(lengths[0].as_py())
+    return None
+
+
+def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]] = None) -> InputSpec:
+    """List the shards and check every footer: columns present, types numeric, one schema throughout.
+
+    Reads only Parquet footers (in parallel), plus the first few rows of one file for variable-length
+    list features. Raises InputError/StorageError with one line naming the file and column.
+    """
+    uri = normalize_uri(data.input)
+    if files is None:
+        if scheme_of(uri) == "file" and not storage.exists(uri):
+            raise InputError(f"data.input {uri}: no such file or directory")
+        if storage.exists(uri) and not storage.is_dir(uri):
+            files = [uri]
+        else:
+            files = [f for f in storage.list_files(uri) if not f.endswith((".crc", ".json", ".txt"))]
+    if not files:
+        raise InputError(f"data.input {uri}: no Parquet files found")
+
+    with cf.ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        footers = list(pool.map(lambda u: _read_footer(storage, u), files))
+
+    feature_cols = data.feature_columns
+    required = list(dict.fromkeys(feature_cols + data.id_columns
+                                  + ([data.timestamp_column] if data.timestamp_column else [])))
+    ref_types: dict[str, tuple[pa.DataType, str]] = {}
+    file_rows: dict[str, int] = {}
+    for f_uri, schema, nrows in footers:
+        file_rows[f_uri] = nrows
+        for col in required:
+            idx = schema.get_field_index(col)
+            if idx < 0:
+                raise InputError(f"file {f_uri}: missing column {col!r}")
+            t = schema.field(idx).type
+            if col in ref_types and ref_types[col][0] != t:
+                raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_types[col][1]} has "
+                                 f"{ref_types[col][0]} (shards must share one schema)")
+            ref_types.setdefault(col, (t, f_uri))
+        for col in feature_cols:
+            t = schema.field(col).type
+            if data.vector_column:
+                if not (_is_list(t) and _is_numeric(t.value_type)):
+                    raise InputError(f"file {f_uri}: feature column {col!r} is {t}, expected a list of floats")
+            elif not _is_numeric(t):
+                raise InputError(f"file {f_uri}: feature column {col!r} is {t}, expected a numeric type")
+        if data.timestamp_column:
+            t = schema.field(data.timestamp_column).type
+            if not (pa.types.is_timestamp(t) or pa.types.is_date(t)):
+                raise InputError(f"file {f_uri}: timestamp column {data.timestamp_column!r} is {t}, "
+                                 "expected a timestamp or date")
+
+    num_rows = sum(file_rows.values())
+    if num_rows == 0:
+        raise InputError(f"data.input {uri}: the input is empty ({len(files)} files, 0 rows)")
+
+    if data.vector_column:
+        col = feature_cols[0]
+        t = ref_types[col][0]
+        if pa.types.is_fixed_size_list(t):
+            dim = t.list_size
+        else:
+            dim = None
+            for f_uri in files:
+                if file_rows[f_uri]:
+                    dim = _first_vector_length(storage, f_uri, col)
+                    if dim:
+                        break
+            if not dim:
+                raise InputError(f"data.input {uri}: feature column {col!r} has no non-empty vectors")
+        names = [f"{col}[{i}]" for i in range(dim)]
+    else:
+        names = list(feature_cols)
+    return InputSpec(uri=uri, files=list(files), feature_names=names, num_rows=num_rows,
+                     columns=required, file_rows=file_rows)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def _source_of(table: pa.Table) -> str:
+    if PATH_COLUMN in table.column_names and table.num_rows:
+        paths = pc.unique(table.column(PATH_COLUMN)).to_pylist()
+        return ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+    return "input"
+
+
+def feature_matrix(table: pa.Table, data: DataSection, num_features: int) -> np.ndarray:
+    """(rows, num_features) float32 from one Arrow batch; zero-copy where the layout allows.
+
+    Raises InputError naming the file and column for vectors of the wrong length or null values.
+    """
+    n = table.num_rows
+    if data.vector_column:
+        col = data.feature_columns[0]
+        arr = table.column(col)
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        if arr.null_count:
+            raise InputError(f"file {_source_of(table)}: column {col!r} has {arr.null_count} null vectors")
+        if not pa.types.is_fixed_size_list(arr.type):
+            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(lengths != num_features)
+            if bad.size:
+                raise InputError(
+                    f"file {_source_of(table)}: column {col!r} has {bad.size} vectors whose length is not "
+                    f"{num_features} (e.g. {int(lengths[bad[0]])})")
+        elif arr.type.list_size != num_features:
+            raise InputError(f"file {_source_of(table)}: column {col!r} has vectors of length "
+                             f"{arr.type.list_size}, expected {num_features}")
+        values = arr.flatten()
+        if values.null_count:
+            raise InputError(f"file {_source_of(table)}: column {col!r} has {values.null_count} null values")
+        if values.type != pa.float32():
+            values = values.cast(pa.float32())
+        return values.to_numpy(zero_copy_only=False).reshape(n, num_features)
+    out = np.empty((n, num_features), dtype=np.float32)
+    for j, col in enumerate(data.feature_columns):
+        c = table.column(col)
+        if c.null_count:
+            raise InputError(f"file {_source_of(table)}: column {col!r} has {c.null_count} null values")
+        out[:, j] = c.to_numpy()
+    return out
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def row_hash(table: pa.Table, id_columns: list[str], features: Optional[np.ndarray] = None) -> np.ndarray:
+    """A uint64 per row, a pure function of the id values (or of the feature values without ids)."""
+    n = table.num_rows
+    h = np.zeros(n, dtype=np.uint64)
+    if id_columns:
+        for col in id_columns:
+            c = table.column(col)
+            if pa.types.is_integer(c.type) and not c.null_count:
+                v = c.to_numpy().astype(np.int64).view(np.uint64)
+                part = _splitmix64(v)
+            else:
+                part = pd.util.hash_array(np.asarray(c.to_pandas(), dtype=object)).astype(np.uint64)
+            h = _splitmix64(h ^ part)
+        return h
+    assert features is not None, "without id columns the split hashes the features"
+    u = np.ascontiguousarray(features, dtype=np.float32).view(np.uint32)
+    for j in range(u.shape[1]):
+        h = _splitmix64(h ^ u[:, j].astype(np.uint64))
+    return h
+
+
+def validation_mask(table: pa.Table, data: DataSection, features: Optional[np.ndarray] = None) -> np.ndarray:
+    """True for rows in the validation split."""
+    h = row_hash(table, data.id_columns, features)
+    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return u < data.validation_fraction
+
+
+def finite_mask(x: np.ndarray) -> np.ndarray:
+    return np.isfinite(x).all(axis=1)
+
+
+def check_finite(table: pa.Table, x: np.ndarray, data: DataSection) -> np.ndarray:
+    """Rows to keep; with nan_policy=error, non-finite values raise naming the file and column."""
+    ok = finite_mask(x)
+    if data.nan_policy == "error" and not ok.all():
+        bad_cols = np.flatnonzero(~np.isfinite(x).all(axis=0))
+        col = data.feature_columns[0] if data.vector_column else data.feature_columns[int(bad_cols[0])]
+        raise InputError(f"file {_source_of(table)}: column {col!r} has {int((~ok).sum())} rows with NaN or "
+                         "infinite values (set data.nan_policy=drop to skip them)")
+    return ok
+
+
+def to_fixed_size_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+class SplitFeatures:
+    """Ray Data UDF: raw Arrow batch -> one `x` column (fixed_size_list<float32>) for one split."""
+
+    def __init__(self, data: DataSection, num_features: int, split: str):
+        assert split in ("train", "validation", "all")
+        self.data, self.num_features, self.split = data, num_features, split
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        x = feature_matrix(table, self.data, self.num_features)
+        keep = check_finite(table, x, self.data)
+        if self.split != "all":
+            val = validation_mask(table, self.data, x)
+            keep = keep & (val if self.split == "validation" else ~val)
+        x = x[keep]
+        return pa.table({"x": to_fixed_size_list(x)})
+
+
+# ------------------------------------------------------------------------------------------ moments
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations per feature, merged with Chan et al.'s parallel rule."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @staticmethod
+    def of(x: np.ndarray) -> "Moments":
+        x64 = x.astype(np.float64)
+        n = x64.shape[0]
+        if n == 0:
+            d = x.shape[1]
+            return Moments(0, np.zeros(d), np.zeros(d))
+        mean = x64.mean(axis=0)
+        return Moments(n, mean, ((x64 - mean) ** 2).sum(axis=0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta ** 2 * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+    @property
+    def std(self) -> np.ndarray:
+        var = self.m2 / max(self.n - 1, 1)
+        return np.sqrt(var)
+
+
+def normalization_stats(m: Moments) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) as float32; a constant feature gets scale 1 so it normalizes to 0, not to NaN."""
+    std = m.std
+    tiny = 1e-6 * np.maximum(1.0, np.abs(m.mean))
+    scale = np.where(std > tiny, std, 1.0)
+    return m.mean.astype(np.float32), scale.astype(np.float32)
+
+
+class BatchMoments:
+    """Ray Data UDF: one row of partial statistics per batch (train rows), plus split and reject counts."""
+
+    def __init__(self, data: DataSection, num_features: int):
+        self.data, self.num_features = data, num_features
+
+    def __call__(self, table: pa.Table) -> dict[str, Any]:
+        x = feature_matrix(table, self.data, self.num_features)
+        keep = check_finite(table, x, self.data)
+        val = validation_mask(table, self.data, x)
+        m = Moments.of(x[keep & ~val])
+        return {
+            "n": np.array([m.n], dtype=np.int64),
+            "mean": m.mean[None, :],
+            "m2": m.m2[None, :],
+            "n_val": np.array([int((keep & val).sum())], dtype=np.int64),
+            "n_rejected": np.array([int((~keep).sum())], dtype=np.int64),
+        }
+
+
+def merge_moment_rows(rows: Iterable[dict[str, Any]], num_features: int) -> tuple[Moments, int, int]:
+    total = Moments(0, np.zeros(num_features), np.zeros(num_features))
+    n_val = n_rej = 0
+    for r in rows:
+        total = total.merge(Moments(int(r["n"]), np.asarray(r["mean"], np.float64), np.asarray(r["m2"], np.float64)))
+        n_val += int(r["n_val"])
+        n_rej += int(r["n_rejected"])
+    return total, n_val, n_rej
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+
+
+def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True):
+    """A streaming Ray Dataset over the shards, reading only the needed columns."""
+    import ray.data
+
+    fs = storage.filesystem(spec.files[0])
+    paths = [storage.resolve(f)[1] for f in spec.files]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=spec.columns, include_paths=with_paths)
+
+
+def compute_moments(spec: InputSpec, data: DataSection, storage: Storage) -> tuple[Moments, int, int]:
+    """One distributed pass: normalization moments of the training rows, validation and reject counts."""
+    ds = read_dataset(spec, storage).map_batches(BatchMoments(data, spec.num_features), batch_format="pyarrow",
+                                                 batch_size=None)
+    rows = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for i in range(len(batch["n"])):
+            rows.append({k: batch[k][i] for k in batch})
+    return merge_moment_rows(rows, spec.num_features)

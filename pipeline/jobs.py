@@ -1,0 +1,207 @@
+"""The three jobs, as library calls: train a model, score with it, or both. Entry points in `jobs/` are thin.
+
+    train_job(cfg)  -> TrainSummary   check input, normalization pass, TorchTrainer, threshold, artifact
+    score_job(cfg)  -> ScoreResult    score every row with a stored model, publish atomically
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import MANIFEST, model_dir, save_artifact
+from pipeline.config import Config, join_uri
+from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
+from pipeline.errors import InputError, PipelineError
+from pipeline.models import build_model
+from pipeline.score import ErrorScorer, ScoreResult, score
+from pipeline.storage import Storage
+from pipeline.train import fit
+
+PREPARE = "prepare.json"
+
+
+@dataclass
+class TrainSummary:
+    run_uri: str
+    model_version: str
+    train_rows: int
+    validation_rows: int
+    rejected_rows: int
+    epochs_run: int
+    best_epoch: int
+    first_val_loss: float
+    best_val_loss: float
+    final_train_loss: float
+    threshold: float
+    seconds: float
+    manifest: dict[str, Any]
+
+
+def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
+    """Normalization statistics and split counts; stored with the run so a resumed run reuses them."""
+    uri = join_uri(cfg.run_uri, PREPARE)
+    key = {"input": spec.uri, "num_rows": spec.num_rows, "features": spec.feature_names,
+           "validation_fraction": cfg.data.validation_fraction, "id_columns": cfg.data.id_columns,
+           "nan_policy": cfg.data.nan_policy}
+    if storage.exists(uri):
+        prev = storage.read_json(uri)
+        if prev.get("key") == key:
+            print(f"[prepare] reusing normalization statistics from {uri}", flush=True)
+            return prev
+    t0 = time.perf_counter()
+    moments, n_val, n_rej = compute_moments(spec, cfg.data, storage)
+    if moments.n == 0:
+        raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
+    mean, scale = normalization_stats(moments)
+    prep = {"key": key, "mean": mean.tolist(), "scale": scale.tolist(), "train_rows": moments.n,
+            "validation_rows": n_val, "rejected_rows": n_rej}
+    storage.write_json(uri, prep)
+    print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {moments.n} train, {n_val} validation, "
+          f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s", flush=True)
+    return prep
+
+
+def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale):
+    """Per-row validation scores and per-feature mean squared error of the best model (distributed)."""
+    import ray.data
+
+    val_ds = read_dataset(spec, storage).map_batches(
+        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
+    scored = val_ds.map_batches(
+        ErrorScorer, fn_constructor_kwargs=dict(model_settings=dataclasses.asdict(cfg.model),
+                                                n_features=spec.num_features, state=state, mean=mean,
+                                                scale=scale),
+        batch_size=cfg.score.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
+        num_cpus=cfg.score.cpus_per_actor)
+    scores, feat_sum, n = [], np.zeros(spec.num_features), 0
+    for b in scored.iter_batches(batch_format="numpy", batch_size=None):
+        scores.append(np.asarray(b["score"], np.float32))
+        feat_sum += np.asarray(b["sq_error"], np.float64).sum(axis=0)
+        n += len(b["score"])
+    return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), feat_sum / max(n, 1)
+
+
+def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False) -> TrainSummary:
+    start = time.perf_counter()
+    storage = storage or Storage(cfg.storage)
+    run_uri = cfg.run_uri
+    manifest_uri = join_uri(model_dir(run_uri), MANIFEST)
+    if storage.exists(manifest_uri):
+        if not overwrite:
+            raise PipelineError(f"run {cfg.run.name}: already trained ({manifest_uri} exists); "
+                                "pass --overwrite to replace it or choose another run.name")
+        print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
+        storage.delete_dir(run_uri)
+    storage.check_writable(run_uri)
+    spec = inspect_input(cfg.data, storage)
+    prep = _prepare(cfg, storage, spec)
+    mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
+
+    result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
+    scores, feat_err = _validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+    if len(scores) == 0:
+        raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
+    q = cfg.score.threshold_quantile
+    threshold = float(np.quantile(scores, q))
+    hist = result.history
+    best = next((h for h in hist if h["epoch"] == result.best_epoch), hist[-1])
+    metrics = {
+        "best_epoch": result.best_epoch, "epochs_run": len(hist), "best_val_loss": result.best_val_loss,
+        "train_loss_at_best": best["train_loss"], "first_val_loss": hist[0]["val_loss"],
+        "final_train_loss": hist[-1]["train_loss"], "batch_size": result.batch_size,
+        "validation_score_quantiles": {str(p): float(np.quantile(scores, p)) for p in (0.5, 0.9, 0.99, 0.999)},
+    }
+    model = build_model(spec.num_features, **dataclasses.asdict(cfg.model))
+    model.load_state_dict(result.best_state)
+    manifest = save_artifact(storage, run_uri, model, {
+        "run_name": cfg.run.name,
+        "config": cfg.to_dict(),
+        "n_features": spec.num_features,
+        "feature_names": spec.feature_names,
+        "latent_dim": cfg.model.latent_dim,
+        "model": dataclasses.asdict(cfg.model),
+        "normalization": {"mean": prep["mean"], "scale": prep["scale"]},
+        "threshold": threshold,
+        "threshold_quantile": q,
+        "data": {"input": spec.uri, "files": len(spec.files), "input_rows": spec.num_rows,
+                 "train_rows": prep["train_rows"], "validation_rows": prep["validation_rows"],
+                 "rejected_rows": prep["rejected_rows"]},
+        "metrics": metrics,
+        "history": hist,
+        "per_feature_error": feat_err.tolist(),
+    })
+    print(f"[train] model {manifest['model_version']} written to {model_dir(run_uri)} "
+          f"(threshold {threshold:.5f} = q{q} of {len(scores)} validation errors)", flush=True)
+    return TrainSummary(run_uri=run_uri, model_version=manifest["model_version"], train_rows=prep["train_rows"],
+                        validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
+                        epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],
+                        best_val_loss=result.best_val_loss, final_train_loss=hist[-1]["train_loss"],
+                        threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest)
+
+
+def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,
+              as_of: Optional[dt.datetime] = None) -> ScoreResult:
+    """Score `data.input` with the model of run `model_run` (default: this run) into `output.uri`."""
+    storage = storage or Storage(cfg.storage)
+    run_uri = join_uri(cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
+    res = score(cfg, storage, run_uri, cfg.output.uri, as_of=as_of)
+    print(f"[score] {res.scored_rows} rows scored ({res.rejected_rows} rejected, {res.anomalies} anomalies) "
+          f"with {res.model_version} -> {res.output_uri} in {res.seconds:.1f}s", flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve via the rank-sum statistic (ties get their average rank)."""
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def evaluate_against_truth(cfg: Config, storage: Storage, output_uri: str,
+                           truth_column: str = "is_anomaly_truth") -> Optional[dict[str, float]]:
+    """Precision, recall and AUROC of the published scores against a planted-truth column, if the input has one."""
+    spec = inspect_input(cfg.data, storage)
+    id_cols = cfg.data.id_columns
+    if not id_cols:
+        return None
+    truth_parts = []
+    for f in spec.files:
+        fs, path = storage.resolve(f)
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            if truth_column not in pf.schema_arrow.names:
+                return None
+            truth_parts.append(pf.read(columns=id_cols + [truth_column]))
+    truth = pa.concat_tables(truth_parts)
+    out_parts = []
+    for f in storage.list_files(output_uri, suffix=".parquet"):
+        fs, path = storage.resolve(f)
+        with fs.open_input_file(path) as fh:
+            out_parts.append(pq.read_table(fh, columns=id_cols + ["recon_error", "is_anomaly"]))
+    joined = pa.concat_tables(out_parts).join(truth, keys=id_cols)
+    y = joined.column(truth_column).to_numpy(zero_copy_only=False).astype(bool)
+    s = joined.column("recon_error").to_numpy(zero_copy_only=False)
+    flag = joined.column("is_anomaly").to_numpy(zero_copy_only=False).astype(bool)
+    tp = int((flag & y).sum())
+    return {"auroc": auroc(s, y), "precision": tp / max(int(flag.sum()), 1), "recall": tp / max(int(y.sum()), 1),
+            "planted": int(y.sum()), "rows": int(len(y))}

@@ -1,0 +1,255 @@
+"""Scoring: a predictor that loads the model once per actor, and the job that writes and publishes output.
+
+Output rows (one per input row, Parquet):
+    <id columns>       unchanged
+    latent             list<float32> of length latent_dim (a plain list: feature stores read it)
+    recon_error        float32, mean squared error in normalized space (the model's anomaly score)
+    is_anomaly         bool, recon_error > the threshold stored in the model manifest
+    model_version      string, `<run.name>@<weights sha256 prefix>`
+    event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
+    scored_at          timestamp[us, UTC]
+
+Commit protocol: Ray writes to `<output>/_staging/<attempt>/`; only when the staged row count equals the
+input's does `publish` swap the files into `<output>/` and write `_SUCCESS` (with the counts) last.
+Readers take a directory only once `_SUCCESS` is there; `_`-prefixed paths are hidden from them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.artifacts import LoadedModel, load_artifact, read_manifest
+from pipeline.config import Config, DataSection, join_uri
+from pipeline.data import InputSpec, check_finite, feature_matrix, inspect_input, read_dataset
+from pipeline.errors import InputError, PipelineError
+from pipeline.models import build_model
+from pipeline.storage import Storage, normalize_uri
+from pipeline.train import Normalizer
+
+SUCCESS = "_SUCCESS"
+UTC_US = pa.timestamp("us", tz="UTC")
+
+
+def latent_list(h: np.ndarray) -> pa.ListArray:
+    """(rows, k) float32 -> list<float32> (not fixed-size: Feast and most readers want a plain list)."""
+    n, k = h.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(h, np.float32).reshape(-1)))
+
+
+def to_utc(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Any timestamp/date column as timestamp[us, UTC]; naive timestamps are taken to be UTC."""
+    t = arr.type
+    if pa.types.is_date(t):
+        arr = arr.cast(pa.timestamp("us"))
+        t = arr.type
+    if pa.types.is_timestamp(t) and t.tz is None:
+        arr = pc.assume_timezone(arr.cast(pa.timestamp("us")), "UTC")
+    return arr.cast(UTC_US)
+
+
+class Predictor:
+    """Plain-PyTorch scoring of Arrow batches (no Ray): the core of the scoring actor, usable on a GPU box."""
+
+    def __init__(self, loaded: LoadedModel, data: DataSection, as_of: dt.datetime, device: str = "cpu",
+                 scored_at: Optional[dt.datetime] = None):
+        self.loaded, self.data = loaded, data
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        self.normalizer = Normalizer(loaded.mean, loaded.scale, self.device)
+        self.n_features = len(loaded.feature_names)
+        self.threshold = np.float32(loaded.threshold)
+        self.version = loaded.version
+        self.as_of = as_of
+        self.scored_at = scored_at
+
+    @torch.inference_mode()
+    def __call__(self, table: pa.Table) -> pa.Table:
+        x = feature_matrix(table, self.data, self.n_features)
+        keep = check_finite(table, x, self.data)
+        if not keep.all():
+            table, x = table.filter(pa.array(keep)), x[keep]
+        n = len(x)
+        xt = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            xt = xt.pin_memory().to(self.device, non_blocking=True)
+        score, h, _ = self.model.score_and_latent(self.normalizer(xt))
+        err = score.float().cpu().numpy().astype(np.float32, copy=False)
+        h = h.float().cpu().numpy()
+        cols: dict[str, Any] = {c: table.column(c) for c in self.data.id_columns}
+        cols["latent"] = latent_list(h)
+        cols["recon_error"] = pa.array(err, pa.float32())
+        cols["is_anomaly"] = pa.array(err > self.threshold)
+        cols["model_version"] = pa.array([self.version] * n, pa.string())
+        if self.data.timestamp_column:
+            cols["event_timestamp"] = to_utc(table.column(self.data.timestamp_column))
+        else:
+            cols["event_timestamp"] = pa.array(np.full(n, _us(self.as_of), dtype=np.int64), UTC_US)
+        scored_at = self.scored_at or dt.datetime.now(dt.timezone.utc)
+        cols["scored_at"] = pa.array(np.full(n, _us(scored_at), dtype=np.int64), UTC_US)
+        return pa.table(cols)
+
+
+def _us(t: dt.datetime) -> int:
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1_000_000)
+
+
+class ScoringActor:
+    """Ray Data actor: loads (and checksum-verifies) the model once, then scores batch after batch."""
+
+    def __init__(self, storage: Storage, model_uri: str, data: DataSection, as_of: dt.datetime,
+                 use_gpu: bool = False, torch_threads: int = 1):
+        torch.set_num_threads(max(1, torch_threads))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.predictor = Predictor(load_artifact(storage, model_uri, device), data, as_of, device)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.predictor(table)
+
+
+class ErrorScorer:
+    """Ray Data actor for the validation pass: per-row score and per-feature squared error of `x` rows."""
+
+    def __init__(self, model_settings: dict[str, Any], n_features: int, state: dict[str, torch.Tensor],
+                 mean: np.ndarray, scale: np.ndarray, torch_threads: int = 1):
+        torch.set_num_threads(max(1, torch_threads))
+        self.model = build_model(n_features, **model_settings)
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self.normalizer = Normalizer(mean, scale)
+
+    @torch.inference_mode()
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        from pipeline.train import arrow_to_tensor
+
+        x = self.normalizer(arrow_to_tensor(table))
+        score, _, sq = self.model.score_and_latent(x)
+        return {"score": score.numpy().astype(np.float32), "sq_error": sq.numpy().astype(np.float32)}
+
+
+# ------------------------------------------------------------------------------------------ publishing
+
+
+def count_parquet_rows(storage: Storage, files: list[str]) -> int:
+    total = 0
+    for f in files:
+        fs, path = storage.resolve(f)
+        with fs.open_input_file(path) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
+def publish(storage: Storage, staging: str, out: str, success: dict[str, Any]) -> list[str]:
+    """Replace `out`'s data files with the staged ones and write `_SUCCESS` last. Returns the new files.
+
+    `_SUCCESS` goes first, so during the swap readers see an incomplete partition (and skip it), never a
+    mix of old and new rows presented as complete.
+    """
+    storage.delete_file(join_uri(out, SUCCESS))
+    for old in storage.list_files(out):
+        storage.delete_file(old)
+    published = []
+    for f in storage.list_files(staging):
+        dst = join_uri(out, f[len(staging):].lstrip("/"))
+        storage.move(f, dst)
+        published.append(dst)
+    storage.write_json(join_uri(out, SUCCESS), {**success, "files": [p.rsplit("/", 1)[-1] for p in published]})
+    storage.delete_dir(staging)
+    return published
+
+
+@dataclass
+class ScoreResult:
+    output_uri: str
+    input_rows: int
+    scored_rows: int
+    rejected_rows: int
+    anomalies: int
+    model_version: str
+    seconds: float
+    files: list[str]
+
+
+def check_features_match(manifest: dict[str, Any], spec: InputSpec) -> None:
+    want, got = list(manifest["feature_names"]), spec.feature_names
+    if want == got:
+        return
+    if len(want) != len(got):
+        raise InputError(f"data.input {spec.uri}: {len(got)} features, but the model was trained on {len(want)}")
+    if sorted(want) == sorted(got):
+        raise InputError(f"data.input {spec.uri}: feature order differs from the model's manifest")
+    missing = [f for f in want if f not in got]
+    raise InputError(f"data.input {spec.uri}: features differ from the model's manifest (missing {missing[:5]})")
+
+
+def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
+          as_of: Optional[dt.datetime] = None, spec: Optional[InputSpec] = None) -> ScoreResult:
+    """Score every input row with the model at `model_run_uri`; publish to `output_uri` atomically."""
+    start = time.perf_counter()
+    as_of = as_of or dt.datetime.now(dt.timezone.utc)
+    manifest = read_manifest(storage, model_run_uri)
+    spec = spec or inspect_input(cfg.data, storage)
+    check_features_match(manifest, spec)
+    out = normalize_uri(output_uri)
+    storage.check_writable(out)
+    staging = join_uri(out, "_staging", f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
+
+    import ray.data
+
+    sc = cfg.score
+    ds = read_dataset(spec, storage).map_batches(
+        ScoringActor,
+        fn_constructor_kwargs=dict(storage=storage, model_uri=model_run_uri, data=cfg.data, as_of=as_of,
+                                   use_gpu=sc.use_gpu, torch_threads=int(max(1, sc.cpus_per_actor))),
+        batch_size=sc.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
+        num_cpus=sc.cpus_per_actor, num_gpus=1 if sc.use_gpu else 0,
+    )
+    fs, staging_path = storage.resolve(staging)
+    try:
+        ds.write_parquet(staging_path, filesystem=fs)
+        staged = storage.list_files(staging, suffix=".parquet")
+        scored = count_parquet_rows(storage, staged)
+        rejected = spec.num_rows - scored
+        if rejected < 0 or (rejected and cfg.data.nan_policy == "error"):
+            raise PipelineError(f"output {out}: staged {scored} rows for {spec.num_rows} input rows; not published")
+        anomalies = _count_true(storage, staged, "is_anomaly")
+        success = {
+            "input_rows": spec.num_rows, "scored_rows": scored, "rejected_rows": rejected,
+            "anomalies": anomalies, "model_version": manifest["model_version"],
+            "model_uri": model_run_uri, "input_uri": spec.uri, "as_of": as_of.isoformat(),
+            "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+        files = publish(storage, staging, out, success)
+    except BaseException:
+        _cleanup(storage, staging)
+        raise
+    return ScoreResult(out, spec.num_rows, scored, rejected, anomalies, manifest["model_version"],
+                       time.perf_counter() - start, files)
+
+
+def _cleanup(storage: Storage, staging: str) -> None:
+    try:
+        storage.delete_dir(staging)
+    except Exception:  # noqa: BLE001 - best effort; the original error matters more
+        pass
+
+
+def _count_true(storage: Storage, files: list[str], column: str) -> int:
+    total = 0
+    for f in files:
+        fs, path = storage.resolve(f)
+        with fs.open_input_file(path) as fh:
+            total += int(pc.sum(pq.read_table(fh, columns=[column]).column(column)).as_py() or 0)
+    return total
