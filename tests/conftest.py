@@ -7,64 +7,27 @@ started after it, so its workers inherit the (fake) AWS credentials from the env
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from pipeline.loopback_s3 import FAKE_KEY_ID, FAKE_SECRET, LoopbackS3, free_port, wait_for_port  # noqa: F401
 
 # Local Ray binds 127.0.0.1; no usage stats leave the machine.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_KEY_ID = "AKIATESTFAKEKEY00001"
-FAKE_SECRET = "fakeSecretDoNotLog/8f3b2c1d9e7a6b5c4d3e2f1a"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of a moto S3 server on loopback; AWS env points at fake credentials for the session."""
-    port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port)
-        endpoint = f"http://127.0.0.1:{port}"
-        os.environ.update({
-            "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-        })
-        os.environ.pop("AWS_PROFILE", None)
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with LoopbackS3() as server:
+        yield server.endpoint
 
 
 @pytest.fixture
