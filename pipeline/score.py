@@ -34,7 +34,7 @@ from pipeline.data import InputSpec, check_finite, feature_matrix, inspect_input
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
 from pipeline.storage import Storage, normalize_uri
-from pipeline.train import Normalizer
+from pipeline.train import Normalizer, autocast_for
 
 SUCCESS = "_SUCCESS"
 UTC_US = pa.timestamp("us", tz="UTC")
@@ -83,7 +83,8 @@ class Predictor:
         xt = torch.from_numpy(x)
         if self.device.type == "cuda":
             xt = xt.pin_memory().to(self.device, non_blocking=True)
-        score, h, _ = self.model.score_and_latent(self.normalizer(xt))
+        with autocast_for(self.device):
+            score, h, _ = self.model.score_and_latent(self.normalizer(xt))
         err = score.float().cpu().numpy().astype(np.float32, copy=False)
         h = h.float().cpu().numpy()
         cols: dict[str, Any] = {c: table.column(c) for c in self.data.id_columns}

@@ -71,11 +71,23 @@ class EpochStats:
     rows: int = 0
     seconds: float = 0.0
     first_batch_seconds: float = 0.0
+    first_batch_rows: int = 0
+    data_wait_seconds: float = 0.0
+    """Time spent waiting for the next batch after the first: where the GPU/CPU sat idle for want of data."""
     parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.rows, 1)
+
+    @property
+    def steady_rows(self) -> int:
+        """Rows after the first batch (whose time includes warm-up and the pipeline filling up)."""
+        return self.rows - self.first_batch_rows
+
+    @property
+    def steady_seconds(self) -> float:
+        return self.seconds - self.first_batch_seconds
 
 
 def autocast_for(device: torch.device):
@@ -114,7 +126,10 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
     stats = EpochStats()
     start = time.perf_counter()
     parts_sum: dict[str, float] = {}
+    step_done = start
     for i, x in enumerate(batches):
+        if i:  # the first batch's wait is warm-up, reported apart
+            stats.data_wait_seconds += time.perf_counter() - step_done
         if step_fn is not None:
             loss, parts = step_fn(x)
         else:
@@ -129,7 +144,8 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
             parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * n
         stats.rows += n
         if i == 0:
-            stats.first_batch_seconds = time.perf_counter() - start
+            stats.first_batch_seconds, stats.first_batch_rows = time.perf_counter() - start, n
+        step_done = time.perf_counter()
     stats.seconds = time.perf_counter() - start
     stats.parts = {k: v / max(stats.rows, 1) for k, v in parts_sum.items()}
     return stats
@@ -253,8 +269,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_sum, val_rows = evaluate(
             tensor_batches(val_shard.iter_batches(batch_size=config["batch_size"] * 4, batch_format="pyarrow",
                                                   prefetch_batches=2), normalizer, device), model)
-        tr_sum, tr_rows, v_sum, v_rows, secs = _all_reduce_sum(
-            [stats.loss_sum, stats.rows, val_sum, val_rows, stats.seconds])
+        tr_sum, tr_rows, v_sum, v_rows, steady_rows, steady_secs, wait_secs = _all_reduce_sum(
+            [stats.loss_sum, stats.rows, val_sum, val_rows, stats.steady_rows, stats.steady_seconds,
+             stats.data_wait_seconds])
         train_loss = tr_sum / max(tr_rows, 1)
         val_loss = v_sum / max(v_rows, 1) if v_rows else train_loss
         improved = stopper.update(val_loss, epoch)
@@ -266,6 +283,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "best_epoch": stopper.best_epoch, "train_rows": int(tr_rows), "val_rows": int(v_rows),
             "rows_per_s": tr_rows / max(elapsed, 1e-9), "epoch_seconds": elapsed,
             "first_batch_seconds": stats.first_batch_seconds,
+            # steady state per worker: training steps only, the first batch (warm-up) excluded
+            "worker_rows_per_s": steady_rows / steady_secs if steady_secs > 0 else 0.0,
+            "data_wait_fraction": wait_secs / steady_secs if steady_secs > 0 else 0.0,
             **{f"train_{k}": v for k, v in stats.parts.items() if k != "recon"},
         }
         history.append(metrics)

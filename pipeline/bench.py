@@ -1,0 +1,522 @@
+"""The benchmark: the real pipeline against plain PyTorch / pyarrow, side by side, on the same data and models.
+
+    python -m jobs.benchmark                 # `make bench`: bench-results.json and bench-results.md
+    python -m jobs.benchmark --preset tiny   # seconds; what the test runs so this code cannot rot
+
+Everything runs against a loopback S3 server (moto), started here and stopped at the end:
+  ingest    Ray Data's read of the shards (`read_dataset`, the pipeline's reader) vs `pyarrow.dataset` reading
+            the same files from the same server;
+  training  `train_job` (TorchTrainer, Ray Data ingest) per-worker steady-state rows/s, read from the
+            run's history (`worker_rows_per_s`: the first batch timed apart) vs a plain PyTorch loop over
+            in-memory tensors with the same model, batch size, rows and torch threads;
+  scoring   `score` (map_batches actors -> staged Parquet -> publish), end to end, vs a plain loop
+            (pyarrow read -> the same Predictor -> pyarrow write) on the same server;
+  memory    peak memory of `python -m jobs.score` (its whole process tree, Ray's processes included) on
+            1x and `memory_scale`x the data.
+Baselines run in the same process right before and after the pipeline runs they are compared with, and each
+figure is the median of its repeats, so a machine shared with other work skews both sides alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.artifacts import load_artifact
+from pipeline.config import (ArtifactsSection, Config, DataSection, ModelSection, OutputSection, RunSection,
+                             ScoreSection, StorageSection, TrainSection, join_uri)
+from pipeline.data import InputSpec, SplitFeatures, inspect_input, read_dataset
+from pipeline.models import build_model
+from pipeline.storage import Storage
+
+TARGETS = {"ingest": 0.8, "training": 0.8, "scoring": 0.8, "memory": 1.3}
+BUCKET = "bench"
+
+
+@dataclass
+class ModelSize:
+    name: str
+    """Label in the results (`small`: per-batch overhead dominates; `large`: compute dominates)."""
+    hidden_dims: list[int]
+    """Encoder hidden widths (the decoder mirrors them)."""
+    latent_dim: int
+    """Code width."""
+
+
+@dataclass
+class BenchConfig:
+    rows: int = 200_000
+    """Rows of the 1x data set (64 float features: 256 bytes a row)."""
+    features: int = 64
+    """Features per row (one list<float> column)."""
+    shards: int = 8
+    """Parquet files of the 1x data set; the larger one has `memory_scale` times as many, of the same size."""
+    memory_scale: int = 4
+    """The larger data set for the memory measure is this many times the 1x one."""
+    models: list[ModelSize] = field(default_factory=lambda: [
+        ModelSize("small", [64, 32], 8),  # the demo model: a few kFLOP a row, per-batch overhead dominates
+        ModelSize("large", [512, 256], 32),  # ~0.5 MFLOP a row forward: compute dominates
+    ])
+    """Model sizes; the last one is the compute-bound one whose ratios are the headline figures."""
+    train_batch_sizes: list[int] = field(default_factory=lambda: [1024, 4096])
+    """Training batch sizes tried for each model (pipeline and baseline alike)."""
+    score_batch_sizes: list[int] = field(default_factory=lambda: [4096, 16384])
+    """Scoring batch sizes tried for each model."""
+    epochs: int = 3
+    """Epochs per training run; throughput is the median over epochs."""
+    repeats: int = 3
+    """Repeats of the ingest measure (median taken)."""
+    score_repeats: int = 2
+    """Repeats of each scoring measure (median taken)."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of the local Ray (default: the machine's cores)."""
+    cpus_per_worker: float = 1.0
+    """CPUs (and torch threads) of the one training worker and of the scoring actor; the rest feed them."""
+    out_json: str = "bench-results.json"
+    out_md: str = "bench-results.md"
+    workdir: str = "bench-work"
+    """Local scratch (configs, logs)."""
+
+
+def preset(name: str) -> BenchConfig:
+    if name == "full":
+        return BenchConfig()
+    if name == "tiny":  # seconds of work: the code path, not the numbers
+        return BenchConfig(rows=4000, shards=2, epochs=1, repeats=1, score_repeats=1,
+                           models=[ModelSize("small", [16], 4)],
+                           train_batch_sizes=[256], score_batch_sizes=[1024])
+    raise ValueError(f"unknown preset {name!r} (have: full, tiny)")
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------ ingest
+
+
+def ray_read_rows(spec: InputSpec, storage: Storage) -> int:
+    """Rows streamed to the driver through the pipeline's own reader."""
+    n = 0
+    for batch in read_dataset(spec, storage).iter_batches(batch_format="pyarrow", batch_size=None):
+        n += batch.num_rows
+    return n
+
+
+def pyarrow_read_rows(spec: InputSpec, storage: Storage) -> int:
+    """Rows read directly with pyarrow.dataset (multithreaded, in-process), same files and columns."""
+    fs = storage.filesystem(spec.files[0])
+    ds = pads.dataset([storage.resolve(f)[1] for f in spec.files], filesystem=fs, format="parquet")
+    return sum(b.num_rows for b in ds.to_batches(columns=spec.columns))
+
+
+def _timed(fn: Callable[[], int]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t0, n
+
+
+def measure_ingest(spec: InputSpec, storage: Storage, repeats: int) -> dict[str, Any]:
+    ray_read_rows(spec, storage)  # warm-up: Ray Data's first execution starts its worker processes
+    ray_rps, pa_rps = [], []
+    for _ in range(repeats):  # interleaved, so load on the machine hits both alike
+        s, n = _timed(lambda: ray_read_rows(spec, storage))
+        ray_rps.append(n / s)
+        s, n = _timed(lambda: pyarrow_read_rows(spec, storage))
+        pa_rps.append(n / s)
+    p, b = _median(ray_rps), _median(pa_rps)
+    return {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b),
+            "pipeline_samples": ray_rps, "baseline_samples": pa_rps, "rows": spec.num_rows,
+            "pipeline": "ray.data.read_parquet (pipeline.data.read_dataset) -> iter_batches",
+            "baseline": "pyarrow.dataset.to_batches, same files, same columns"}
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def train_tensors(spec: InputSpec, storage: Storage, data: DataSection, mean, scale) -> torch.Tensor:
+    """The training split, normalized, as one in-memory tensor: the plain loop's input."""
+    split = SplitFeatures(data, spec.num_features, "train")
+    parts = []
+    for f in spec.files:
+        fs, path = storage.resolve(f)
+        with fs.open_input_file(path) as fh:
+            t = split(pq.read_table(fh, columns=spec.columns))
+        parts.append(t.column("x").combine_chunks().flatten().to_numpy().reshape(-1, spec.num_features))
+    x = torch.from_numpy(np.concatenate(parts))
+    return (x - torch.as_tensor(mean)) / torch.as_tensor(scale)
+
+
+def plain_train(x: torch.Tensor, model_size: ModelSize, batch_size: int, epochs: int, threads: int,
+                lr: float, seed: int = 0) -> list[float]:
+    """A plain PyTorch loop over in-memory tensors: steady-state rows/s per epoch (first batch timed apart)."""
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        model = build_model(x.shape[1], hidden_dims=model_size.hidden_dims, latent_dim=model_size.latent_dim)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        model.train()
+        out = []
+        for _ in range(epochs):
+            t_first, rows = None, 0
+            for i in range(0, len(x), batch_size):
+                xb = x[i:i + batch_size]
+                loss = torch.mean((model(xb) - xb) ** 2)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if t_first is None:
+                    t_first = time.perf_counter()
+                else:
+                    rows += len(xb)
+            out.append(rows / max(time.perf_counter() - t_first, 1e-9))
+        return out
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def bench_config(bc: BenchConfig, run_name: str, data_uri: str, model_size: ModelSize,
+                 batch_size: int = 1024, score_batch_size: int = 4096) -> Config:
+    """The job config the benchmark runs the real jobs with."""
+    threads = max(1, int(bc.cpus_per_worker))
+    return Config(
+        run=RunSection(name=run_name, num_cpus=bc.num_cpus),
+        data=DataSection(input=data_uri, features="features", id_columns=["id"], timestamp_column="event_time"),
+        model=ModelSection(hidden_dims=list(model_size.hidden_dims), latent_dim=model_size.latent_dim),
+        train=TrainSection(epochs=bc.epochs, batch_size=batch_size, num_workers=1,
+                           cpus_per_worker=bc.cpus_per_worker, patience=bc.epochs + 1, max_failures=0),
+        score=ScoreSection(batch_size=score_batch_size, concurrency=1, cpus_per_actor=float(threads)),
+        artifacts=ArtifactsSection(uri=f"s3://{BUCKET}/artifacts"),
+        output=OutputSection(uri=f"s3://{BUCKET}/output/{run_name}"),
+    )
+
+
+def measure_training(bc: BenchConfig, storage: Storage, data_uri: str) -> dict[str, Any]:
+    """Per model and batch size: train_job's steady-state per-worker rows/s vs the plain loop's."""
+    from pipeline.jobs import train_job
+
+    out: dict[str, Any] = {}
+    x_cache: dict[str, torch.Tensor] = {}
+    threads = max(1, int(bc.cpus_per_worker))
+    for ms in bc.models:
+        by_bs: dict[str, Any] = {}
+        for bs in bc.train_batch_sizes:
+            cfg = bench_config(bc, f"bench-{ms.name}-bs{bs}", data_uri, ms, batch_size=bs)
+            summary = train_job(cfg, storage, overwrite=True)
+            hist = summary.manifest["history"]
+            if "x" not in x_cache:
+                norm = summary.manifest["normalization"]
+                x_cache["x"] = train_tensors(inspect_input(cfg.data, storage), storage, cfg.data,
+                                             np.asarray(norm["mean"], np.float32),
+                                             np.asarray(norm["scale"], np.float32))
+            x = x_cache["x"]
+            base = plain_train(x, ms, summary.manifest["metrics"]["batch_size"], bc.epochs, threads, cfg.train.lr)
+            pipe = [float(h["worker_rows_per_s"]) for h in hist]
+            p, b = _median(pipe), _median(base)
+            by_bs[str(bs)] = {
+                "pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b),
+                "pipeline_epochs": pipe, "baseline_epochs": base,
+                "first_batch_seconds": [float(h["first_batch_seconds"]) for h in hist],
+                "data_wait_fraction": _median([float(h.get("data_wait_fraction", 0.0)) for h in hist]),
+                "epoch_seconds": [float(h["epoch_seconds"]) for h in hist],
+                "train_rows": int(hist[0]["train_rows"]), "run_uri": summary.run_uri,
+            }
+            print(f"[bench] training {ms.name} bs={bs}: pipeline {p:,.0f} rows/s, plain {b:,.0f} rows/s "
+                  f"({_ratio(p, b):.2f}), data wait {by_bs[str(bs)]['data_wait_fraction']:.1%}", flush=True)
+        best = max(by_bs, key=lambda k: by_bs[k]["pipeline_rows_per_s"])
+        out[ms.name] = {"model": dataclasses.asdict(ms), "threads": threads, "best_batch_size": int(best),
+                        "by_batch_size": by_bs, **{k: by_bs[best][k] for k in
+                                                   ("pipeline_rows_per_s", "baseline_rows_per_s", "ratio")}}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def plain_score(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: str, output_uri: str,
+                threads: int) -> float:
+    """pyarrow read -> the same Predictor -> pyarrow write, file by file, on one thread. Returns rows/s."""
+    from pipeline.score import Predictor
+
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        predictor = Predictor(load_artifact(storage, model_run_uri), cfg.data, dt.datetime.now(dt.timezone.utc))
+        rows = 0
+        for i, f in enumerate(spec.files):
+            fs, path = storage.resolve(f)
+            with fs.open_input_file(path) as fh:
+                table = pq.read_table(fh, columns=spec.columns)
+            out = pa.concat_tables([predictor(b) for b in table.to_batches(cfg.score.batch_size)])
+            ofs, opath = storage.resolve(join_uri(output_uri, f"part-{i:05d}.parquet"))
+            with ofs.open_output_stream(opath) as fh:
+                pq.write_table(out, fh)
+            rows += out.num_rows
+        return rows / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def measure_scoring(bc: BenchConfig, storage: Storage, data_uri: str, training: dict[str, Any]) -> dict[str, Any]:
+    """Per model and scoring batch size: `score` end to end vs the plain loop, interleaved, median of repeats."""
+    from pipeline.score import score
+
+    out: dict[str, Any] = {}
+    threads = max(1, int(bc.cpus_per_worker))
+    for ms in bc.models:
+        run_uri = training[ms.name]["by_batch_size"][str(training[ms.name]["best_batch_size"])]["run_uri"]
+        by_bs: dict[str, Any] = {}
+        for bs in bc.score_batch_sizes:
+            cfg = bench_config(bc, f"score-{ms.name}-bs{bs}", data_uri, ms, score_batch_size=bs)
+            spec = inspect_input(cfg.data, storage)
+            pipe, base, files = [], [], 0
+            for r in range(bc.score_repeats):
+                res = score(cfg, storage, run_uri, cfg.output.uri)
+                pipe.append(res.input_rows / res.seconds)
+                files = len(res.files)
+                base.append(plain_score(cfg, storage, spec, run_uri, f"{cfg.output.uri}-plain", threads))
+            p, b = _median(pipe), _median(base)
+            by_bs[str(bs)] = {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b),
+                              "pipeline_samples": pipe, "baseline_samples": base, "rows": spec.num_rows,
+                              "output_files": files, "input_files": len(spec.files)}
+            print(f"[bench] scoring {ms.name} bs={bs}: pipeline {p:,.0f} rows/s, plain {b:,.0f} rows/s "
+                  f"({_ratio(p, b):.2f})", flush=True)
+        best = max(by_bs, key=lambda k: by_bs[k]["pipeline_rows_per_s"])
+        out[ms.name] = {"model": dataclasses.asdict(ms), "threads": threads, "best_batch_size": int(best),
+                        "by_batch_size": by_bs, **{k: by_bs[best][k] for k in
+                                                   ("pipeline_rows_per_s", "baseline_rows_per_s", "ratio")}}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def tree_memory_mb(proc) -> tuple[float, str]:
+    """Memory of a process and all its descendants, in MB: the sum of PSS (shared pages, such as Ray's
+    object store, split between the processes mapping them, so nothing is counted twice), else of RSS."""
+    import psutil
+
+    total, kind = 0, "pss"
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.AccessDenied, AttributeError):
+                total += p.memory_info().rss
+                kind = "rss"
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return total / 2**20, kind
+
+
+def peak_tree_memory(cmd: list[str], env: dict[str, str], log_path: Path, interval: float = 0.2,
+                     timeout: float = 600) -> dict[str, Any]:
+    """Run `cmd`, sampling its process tree's memory until it exits. Raises if it fails."""
+    import psutil
+
+    with open(log_path, "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
+        peak, kind, samples = 0.0, "pss", 0
+        try:
+            while proc.poll() is None:
+                if time.perf_counter() - t0 > timeout:
+                    raise TimeoutError(f"{' '.join(cmd)} still running after {timeout}s")
+                try:
+                    mb, kind = tree_memory_mb(ps)
+                except psutil.NoSuchProcess:
+                    break
+                peak = max(peak, mb)
+                samples += 1
+                time.sleep(interval)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; log {log_path}:\n{tail}")
+    return {"peak_mb": peak, "measure": kind, "samples": samples, "seconds": time.perf_counter() - t0}
+
+
+def measure_memory(bc: BenchConfig, endpoint: str, uris: dict[str, str], rows: dict[str, int], run_name: str,
+                   model_size: ModelSize, workdir: Path) -> dict[str, Any]:
+    """Peak memory of the scoring job (`python -m jobs.score`, its own local Ray) on 1x and Nx the data."""
+    import yaml
+
+    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("RAY_ADDRESS", None)
+    res = {}
+    for label in ("1x", f"{bc.memory_scale}x"):
+        cfg = bench_config(bc, run_name, uris[label], model_size)
+        cfg.output.uri = f"s3://{BUCKET}/output/memory-{label}"
+        path = workdir / f"score-{label}.yaml"
+        path.write_text(yaml.safe_dump(cfg.to_dict()))
+        cmd = [sys.executable, "-m", "jobs.score", "--config", str(path)]
+        res[label] = peak_tree_memory(cmd, env, workdir / f"score-{label}.log")
+        print(f"[bench] memory {label} ({rows[label]} rows): peak {res[label]['peak_mb']:,.0f} MB "
+              f"({res[label]['measure']})", flush=True)
+    big = f"{bc.memory_scale}x"
+    return {"peak_mb_1x": res["1x"]["peak_mb"], f"peak_mb_{big}": res[big]["peak_mb"],
+            "ratio": _ratio(res[big]["peak_mb"], res["1x"]["peak_mb"]),
+            "rows_1x": rows["1x"], f"rows_{big}": rows[big], "scale": bc.memory_scale,
+            "measure": res["1x"]["measure"], "model": model_size.name,
+            "what": "sum over the scoring job's process tree (driver, raylet, GCS, workers) of PSS"}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def headline(section: dict[str, Any], model: str) -> dict[str, Any]:
+    s = section[model]
+    return {"pipeline_rows_per_s": s["pipeline_rows_per_s"], "baseline_rows_per_s": s["baseline_rows_per_s"],
+            "ratio": s["ratio"], "model": model, "batch_size": s["best_batch_size"], "by_model": section}
+
+
+def limits(results: dict[str, Any]) -> dict[str, str]:
+    """A line per missed target naming the measured limit (the profile figures are in the JSON next to it)."""
+    out = {}
+    for k in ("ingest", "training", "scoring"):
+        r = results[k]["ratio"]
+        if r < TARGETS[k]:
+            out[k] = f"ratio {r:.2f} < target {TARGETS[k]}"
+    m = results["memory"]["ratio"]
+    if m > TARGETS["memory"]:
+        out["memory"] = f"ratio {m:.2f} > target {TARGETS['memory']}"
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    lines = [
+        f"Measured {env['date']} on {env['cpus']} CPUs ({env['platform']}), load average {env['load_before']} "
+        f"before / {env['load_after']} after, torch {env['torch']} ({env['torch_threads']} thread per worker), "
+        f"ray {env['ray']}; {results['config']['rows']:,} rows x {results['config']['features']} features "
+        "on a loopback S3 server (moto).",
+        "",
+        "| measure | model | batch | pipeline rows/s | baseline rows/s | ratio | target |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    ing = results["ingest"]
+    lines.append(f"| ingest (Ray Data vs pyarrow.dataset) | - | - | {ing['pipeline_rows_per_s']:,.0f} | "
+                 f"{ing['baseline_rows_per_s']:,.0f} | {ing['ratio']:.2f} | >= {TARGETS['ingest']} |")
+    for key, label in (("training", "training, per worker (vs plain PyTorch loop)"),
+                       ("scoring", "scoring, end to end (vs plain pyarrow+PyTorch loop)")):
+        for model, s in results[key]["by_model"].items():
+            for bs, r in s["by_batch_size"].items():
+                best = " (best)" if int(bs) == s["best_batch_size"] else ""
+                lines.append(f"| {label} | {model} | {bs}{best} | {r['pipeline_rows_per_s']:,.0f} | "
+                             f"{r['baseline_rows_per_s']:,.0f} | {r['ratio']:.2f} | >= {TARGETS[key]} |")
+    mem = results["memory"]
+    scale = mem["scale"]
+    lines += [
+        "",
+        "| memory (scoring job, whole process tree, PSS) | 1x | " + f"{scale}x | ratio | target |",
+        "|---|---:|---:|---:|---:|",
+        f"| peak MB ({mem['rows_1x']:,} vs {mem[f'rows_{scale}x']:,} rows) | {mem['peak_mb_1x']:,.0f} | "
+        f"{mem[f'peak_mb_{scale}x']:,.0f} | {mem['ratio']:.2f} | <= {TARGETS['memory']} |",
+    ]
+    if results["limits"]:
+        lines += ["", "Targets not reached: " + "; ".join(f"{k}: {v}" for k, v in results["limits"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict[str, Any]:
+    import ray
+
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpus": os.cpu_count(),
+            "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
+            "load_before": round(os.getloadavg()[0], 2), "torch_threads": 1}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def run_benchmark(bc: BenchConfig) -> dict[str, Any]:
+    import ray
+
+    from pipeline.cluster import connect
+    from pipeline.loopback_s3 import LoopbackS3
+    from pipeline.sample import write_sample
+
+    t_start = time.perf_counter()
+    workdir = Path(bc.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    env["torch_threads"] = max(1, int(bc.cpus_per_worker))
+    stages: dict[str, float] = {}
+    env["stage_seconds"] = stages
+    results: dict[str, Any] = {"config": dataclasses.asdict(bc), "environment": env, "targets": TARGETS}
+    with LoopbackS3(log_dir=str(workdir)) as s3:
+        s3.create_bucket(BUCKET)
+        storage = Storage(StorageSection(endpoint_url=s3.endpoint))
+        big = f"{bc.memory_scale}x"
+        uris = {"1x": f"s3://{BUCKET}/data-1x", big: f"s3://{BUCKET}/data-{big}"}
+        rows = {"1x": bc.rows, big: bc.rows * bc.memory_scale}
+        shards = {"1x": bc.shards, big: bc.shards * bc.memory_scale}
+        for label in uris:
+            write_sample(uris[label], storage, rows=rows[label], shards=shards[label], features=bc.features,
+                         seed=1 if label == "1x" else 2)
+        stages["data"] = time.perf_counter() - t_start
+        print(f"[bench] data written: {rows} rows ({stages['data']:.0f}s)", flush=True)
+
+        started_ray = not ray.is_initialized()  # a test may share its session's cluster: leave that one up
+        connect(bc.num_cpus or os.cpu_count())
+        try:
+            data = bench_config(bc, "ingest", uris["1x"], bc.models[0]).data
+            spec = inspect_input(data, storage)
+            stage = time.perf_counter()
+            results["ingest"] = measure_ingest(spec, storage, bc.repeats)
+            stages["ingest"] = time.perf_counter() - stage
+            print(f"[bench] ingest: Ray Data {results['ingest']['pipeline_rows_per_s']:,.0f} rows/s, "
+                  f"pyarrow {results['ingest']['baseline_rows_per_s']:,.0f} rows/s "
+                  f"({results['ingest']['ratio']:.2f})", flush=True)
+            stage = time.perf_counter()
+            training = measure_training(bc, storage, uris["1x"])
+            stages["training"] = time.perf_counter() - stage
+            stage = time.perf_counter()
+            scoring = measure_scoring(bc, storage, uris["1x"], training)
+            stages["scoring"] = time.perf_counter() - stage
+        finally:
+            if started_ray:
+                ray.shutdown()
+        headline_model = bc.models[-1].name
+        results["training"] = headline(training, headline_model)
+        results["scoring"] = headline(scoring, headline_model)
+        mem_model = bc.models[-1]
+        mem_run = f"bench-{mem_model.name}-bs{training[mem_model.name]['best_batch_size']}"
+        stage = time.perf_counter()
+        results["memory"] = measure_memory(bc, s3.endpoint, uris, rows, mem_run, mem_model, workdir)
+        stages["memory"] = time.perf_counter() - stage
+    env["load_after"] = round(os.getloadavg()[0], 2)
+    env["seconds"] = round(time.perf_counter() - t_start, 1)
+    results["limits"] = limits(results)
+    Path(bc.out_json).write_text(json.dumps(results, indent=2, sort_keys=False))
+    Path(bc.out_md).write_text(markdown(results))
+    print(f"[bench] done in {env['seconds']:.0f}s: {bc.out_json}, {bc.out_md}", flush=True)
+    return results
