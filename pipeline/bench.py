@@ -116,11 +116,14 @@ def _ratio(a: float, b: float) -> float:
 # ------------------------------------------------------------------------------------------ ingest
 
 
-def ray_read_rows(spec: InputSpec, storage: Storage) -> int:
-    """Rows streamed to the driver through the pipeline's own reader."""
+def ray_read_rows(spec: InputSpec, storage: Storage, stats: Optional[list[str]] = None) -> int:
+    """Rows streamed to the driver through the pipeline's own reader (its Ray Data stats appended to `stats`)."""
     n = 0
-    for batch in read_dataset(spec, storage).iter_batches(batch_format="pyarrow", batch_size=None):
+    ds = read_dataset(spec, storage)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         n += batch.num_rows
+    if stats is not None:
+        stats.append(ds.stats())
     return n
 
 
@@ -139,15 +142,16 @@ def _timed(fn: Callable[[], int]) -> tuple[float, int]:
 
 def measure_ingest(spec: InputSpec, storage: Storage, repeats: int) -> dict[str, Any]:
     ray_read_rows(spec, storage)  # warm-up: Ray Data's first execution starts its worker processes
-    ray_rps, pa_rps = [], []
+    ray_rps, pa_rps, stats = [], [], []
     for _ in range(repeats):  # interleaved, so load on the machine hits both alike
-        s, n = _timed(lambda: ray_read_rows(spec, storage))
+        s, n = _timed(lambda: ray_read_rows(spec, storage, stats))
         ray_rps.append(n / s)
         s, n = _timed(lambda: pyarrow_read_rows(spec, storage))
         pa_rps.append(n / s)
     p, b = _median(ray_rps), _median(pa_rps)
     return {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b),
             "pipeline_samples": ray_rps, "baseline_samples": pa_rps, "rows": spec.num_rows,
+            "files": len(spec.files), "profile": stats[-1].splitlines(),
             "pipeline": "ray.data.read_parquet (pipeline.data.read_dataset) -> iter_batches",
             "baseline": "pyarrow.dataset.to_batches, same files, same columns"}
 
@@ -400,10 +404,26 @@ def headline(section: dict[str, Any], model: str) -> dict[str, Any]:
 def limits(results: dict[str, Any]) -> dict[str, str]:
     """A line per missed target naming the measured limit (the profile figures are in the JSON next to it)."""
     out = {}
-    for k in ("ingest", "training", "scoring"):
-        r = results[k]["ratio"]
-        if r < TARGETS[k]:
-            out[k] = f"ratio {r:.2f} < target {TARGETS[k]}"
+    ing = results["ingest"]
+    if ing["ratio"] < TARGETS["ingest"]:
+        out["ingest"] = (f"ratio {ing['ratio']:.2f} < {TARGETS['ingest']}: Ray Data's task scheduling and object "
+                         "store transfer on top of the same reads; per-operator times in ingest.profile")
+    tr = results["training"]
+    if tr["ratio"] < TARGETS["training"]:
+        r = tr["by_model"][tr["model"]]["by_batch_size"][str(tr["batch_size"])]
+        wait = r["data_wait_fraction"]
+        why = (f"the worker waited for data {wait:.0%} of its steady-state time: ingest (Ray Data tasks and the "
+               "S3 server on the CPUs left over) does not keep up" if wait > 0.1 else
+               f"the worker waited for data only {wait:.0%} of the time: the cost is in the worker's own "
+               "per-step work (batch assembly, normalization, DDP wrapper) competing for its CPU")
+        out["training"] = f"ratio {tr['ratio']:.2f} < {TARGETS['training']}: {why}"
+    sc = results["scoring"]
+    if sc["ratio"] < TARGETS["scoring"]:
+        r = sc["by_model"][sc["model"]]["by_batch_size"][str(sc["batch_size"])]
+        extra = r["rows"] / sc["pipeline_rows_per_s"] - r["rows"] / sc["baseline_rows_per_s"]
+        out["scoring"] = (f"ratio {sc['ratio']:.2f} < {TARGETS['scoring']}: the job takes {extra:.1f}s longer for "
+                          f"{r['rows']:,} rows; fixed costs (actor start and model load, Ray Data planning, "
+                          "staging, row count, publish) that larger inputs amortize")
     m = results["memory"]["ratio"]
     if m > TARGETS["memory"]:
         out["memory"] = f"ratio {m:.2f} > target {TARGETS['memory']}"
