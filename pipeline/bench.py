@@ -134,6 +134,20 @@ def pyarrow_read_rows(spec: InputSpec, storage: Storage) -> int:
     return sum(b.num_rows for b in ds.to_batches(columns=spec.columns))
 
 
+def compare(pipeline: list[float], baseline: list[float]) -> dict[str, float]:
+    """Medians of both sides' samples and their ratio."""
+    p, b = _median(pipeline), _median(baseline)
+    return {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b)}
+
+
+def best_of(ms: ModelSize, threads: int, by_bs: dict[str, Any]) -> dict[str, Any]:
+    """One model's results: every batch size tried, and the one where the pipeline ran fastest up front."""
+    best = max(by_bs, key=lambda k: by_bs[k]["pipeline_rows_per_s"])
+    return {"model": dataclasses.asdict(ms), "threads": threads, "best_batch_size": int(best),
+            "by_batch_size": by_bs, **compare([by_bs[best]["pipeline_rows_per_s"]],
+                                              [by_bs[best]["baseline_rows_per_s"]])}
+
+
 def _timed(fn: Callable[[], int]) -> tuple[float, int]:
     t0 = time.perf_counter()
     n = fn()
@@ -148,9 +162,7 @@ def measure_ingest(spec: InputSpec, storage: Storage, repeats: int) -> dict[str,
         ray_rps.append(n / s)
         s, n = _timed(lambda: pyarrow_read_rows(spec, storage))
         pa_rps.append(n / s)
-    p, b = _median(ray_rps), _median(pa_rps)
-    return {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b),
-            "pipeline_samples": ray_rps, "baseline_samples": pa_rps, "rows": spec.num_rows,
+    return {**compare(ray_rps, pa_rps), "pipeline_samples": ray_rps, "baseline_samples": pa_rps, "rows": spec.num_rows,
             "files": len(spec.files), "profile": stats[-1].splitlines(),
             "pipeline": "ray.data.read_parquet (pipeline.data.read_dataset) -> iter_batches",
             "baseline": "pyarrow.dataset.to_batches, same files, same columns"}
@@ -222,7 +234,7 @@ def measure_training(bc: BenchConfig, storage: Storage, data_uri: str) -> dict[s
     from pipeline.jobs import train_job
 
     out: dict[str, Any] = {}
-    x_cache: dict[str, torch.Tensor] = {}
+    x: Optional[torch.Tensor] = None  # the plain loop's input, read once (every run has the same split)
     threads = max(1, int(bc.cpus_per_worker))
     for ms in bc.models:
         by_bs: dict[str, Any] = {}
@@ -230,29 +242,23 @@ def measure_training(bc: BenchConfig, storage: Storage, data_uri: str) -> dict[s
             cfg = bench_config(bc, f"bench-{ms.name}-bs{bs}", data_uri, ms, batch_size=bs)
             summary = train_job(cfg, storage, overwrite=True)
             hist = summary.manifest["history"]
-            if "x" not in x_cache:
+            if x is None:
                 norm = summary.manifest["normalization"]
-                x_cache["x"] = train_tensors(inspect_input(cfg.data, storage), storage, cfg.data,
-                                             np.asarray(norm["mean"], np.float32),
-                                             np.asarray(norm["scale"], np.float32))
-            x = x_cache["x"]
+                x = train_tensors(inspect_input(cfg.data, storage), storage, cfg.data,
+                                  np.asarray(norm["mean"], np.float32), np.asarray(norm["scale"], np.float32))
             base = plain_train(x, ms, summary.manifest["metrics"]["batch_size"], bc.epochs, threads, cfg.train.lr)
             pipe = [float(h["worker_rows_per_s"]) for h in hist]
-            p, b = _median(pipe), _median(base)
-            by_bs[str(bs)] = {
-                "pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b),
-                "pipeline_epochs": pipe, "baseline_epochs": base,
+            by_bs[str(bs)] = r = {
+                **compare(pipe, base), "pipeline_epochs": pipe, "baseline_epochs": base,
                 "first_batch_seconds": [float(h["first_batch_seconds"]) for h in hist],
                 "data_wait_fraction": _median([float(h.get("data_wait_fraction", 0.0)) for h in hist]),
                 "epoch_seconds": [float(h["epoch_seconds"]) for h in hist],
                 "train_rows": int(hist[0]["train_rows"]), "run_uri": summary.run_uri,
             }
-            print(f"[bench] training {ms.name} bs={bs}: pipeline {p:,.0f} rows/s, plain {b:,.0f} rows/s "
-                  f"({_ratio(p, b):.2f}), data wait {by_bs[str(bs)]['data_wait_fraction']:.1%}", flush=True)
-        best = max(by_bs, key=lambda k: by_bs[k]["pipeline_rows_per_s"])
-        out[ms.name] = {"model": dataclasses.asdict(ms), "threads": threads, "best_batch_size": int(best),
-                        "by_batch_size": by_bs, **{k: by_bs[best][k] for k in
-                                                   ("pipeline_rows_per_s", "baseline_rows_per_s", "ratio")}}
+            print(f"[bench] training {ms.name} bs={bs}: pipeline {r['pipeline_rows_per_s']:,.0f} rows/s, plain "
+                  f"{r['baseline_rows_per_s']:,.0f} rows/s ({r['ratio']:.2f}), data wait "
+                  f"{r['data_wait_fraction']:.1%}", flush=True)
+        out[ms.name] = best_of(ms, threads, by_bs)
     return out
 
 
@@ -297,21 +303,16 @@ def measure_scoring(bc: BenchConfig, storage: Storage, data_uri: str, training: 
             cfg = bench_config(bc, f"score-{ms.name}-bs{bs}", data_uri, ms, score_batch_size=bs)
             spec = inspect_input(cfg.data, storage)
             pipe, base, files = [], [], 0
-            for r in range(bc.score_repeats):
+            for _ in range(bc.score_repeats):
                 res = score(cfg, storage, run_uri, cfg.output.uri)
                 pipe.append(res.input_rows / res.seconds)
                 files = len(res.files)
                 base.append(plain_score(cfg, storage, spec, run_uri, f"{cfg.output.uri}-plain", threads))
-            p, b = _median(pipe), _median(base)
-            by_bs[str(bs)] = {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b),
-                              "pipeline_samples": pipe, "baseline_samples": base, "rows": spec.num_rows,
-                              "output_files": files, "input_files": len(spec.files)}
-            print(f"[bench] scoring {ms.name} bs={bs}: pipeline {p:,.0f} rows/s, plain {b:,.0f} rows/s "
-                  f"({_ratio(p, b):.2f})", flush=True)
-        best = max(by_bs, key=lambda k: by_bs[k]["pipeline_rows_per_s"])
-        out[ms.name] = {"model": dataclasses.asdict(ms), "threads": threads, "best_batch_size": int(best),
-                        "by_batch_size": by_bs, **{k: by_bs[best][k] for k in
-                                                   ("pipeline_rows_per_s", "baseline_rows_per_s", "ratio")}}
+            by_bs[str(bs)] = r = {**compare(pipe, base), "pipeline_samples": pipe, "baseline_samples": base,
+                                  "rows": spec.num_rows, "output_files": files, "input_files": len(spec.files)}
+            print(f"[bench] scoring {ms.name} bs={bs}: pipeline {r['pipeline_rows_per_s']:,.0f} rows/s, plain "
+                  f"{r['baseline_rows_per_s']:,.0f} rows/s ({r['ratio']:.2f})", flush=True)
+        out[ms.name] = best_of(ms, threads, by_bs)
     return out
 
 
