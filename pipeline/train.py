@@ -125,7 +125,10 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
     model.train()
     stats = EpochStats()
     start = time.perf_counter()
-    parts_sum: dict[str, float] = {}
+    # Sums stay on the device until the epoch ends: a float() per step would make the CPU wait for the GPU
+    # to finish each step before it could queue the next one.
+    loss_sum: Any = 0.0
+    parts_sum: dict[str, Any] = {}
     step_done = start
     for i, x in enumerate(batches):
         if i:  # the first batch's wait is warm-up, reported apart
@@ -139,16 +142,24 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
             loss.backward()
             optimizer.step()
         n = x.shape[0]
-        stats.loss_sum += float(loss.detach()) * n
+        loss_sum = loss_sum + _weighted(loss, n)
         for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * n
+            parts_sum[k] = parts_sum.get(k, 0.0) + _weighted(v, n)
         stats.rows += n
         if i == 0:
             stats.first_batch_seconds, stats.first_batch_rows = time.perf_counter() - start, n
         step_done = time.perf_counter()
+    stats.loss_sum = float(loss_sum)
+    stats.parts = {k: float(v) / max(stats.rows, 1) for k, v in parts_sum.items()}
     stats.seconds = time.perf_counter() - start
-    stats.parts = {k: v / max(stats.rows, 1) for k, v in parts_sum.items()}
     return stats
+
+
+def _weighted(v: Any, n: int) -> Any:
+    """`v * n` as a float64 device tensor (no host sync) for tensors, as a float for plain numbers."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(torch.float64) * n
+    return float(v) * n
 
 
 @torch.inference_mode()

@@ -39,3 +39,31 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
     assert mem["ratio"] == pytest.approx(mem["peak_mb_4x"] / mem["peak_mb_1x"])
     table = (tmp_path / "bench.md").read_text()
     assert "| ingest" in table and "| training" in table and "| scoring" in table and "peak MB" in table
+
+
+def test_train_epoch_times_the_first_batch_and_the_data_wait_apart():
+    import time
+
+    import torch
+
+    from pipeline.models import build_model
+    from pipeline.train import train_epoch
+
+    torch.manual_seed(0)
+    x = torch.randn(8 * 32, 6)
+
+    def slow_batches():
+        for i in range(8):
+            if i:
+                time.sleep(0.02)  # a data pipeline that keeps the step waiting
+            yield x[i * 32:(i + 1) * 32]
+
+    model = build_model(6, hidden_dims=[8], latent_dim=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every batch sees the same model
+    with torch.no_grad():
+        want = sum(float(model.loss(x[i * 32:(i + 1) * 32])[0]) for i in range(8)) / 8
+    stats = train_epoch(slow_batches(), model, opt)
+    assert stats.rows == 256 and stats.first_batch_rows == 32 and stats.steady_rows == 224
+    assert stats.loss == pytest.approx(want, rel=1e-5)
+    assert 7 * 0.02 <= stats.data_wait_seconds < stats.steady_seconds
+    assert stats.steady_seconds == pytest.approx(stats.seconds - stats.first_batch_seconds)
