@@ -32,4 +32,4 @@ bench: setup
 	$(PY) -m jobs.benchmark
 
 clean:
-	rm -rf data artifacts output bench-results.json bench-results.md .pytest_cache
+	rm -rf data artifacts output bench-results.json bench-results.md bench-work .pytest_cache
