@@ -16,7 +16,7 @@ from pipeline.cli import run_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["full", "tiny"], default="full",
-                   help="full: the figures (a few minutes); tiny: the code path only (seconds)")
+                   help="full: the figures (minutes); tiny: the same code on thousands of rows")
     p.add_argument("--out", default=None, help="JSON results file (the markdown table goes next to it)")
     p.add_argument("--workdir", default=None, help="scratch directory for configs and logs")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """The benchmark: the real pipeline against plain PyTorch / pyarrow, side by side, on the same data and models.
 
     python -m jobs.benchmark                 # `make bench`: bench-results.json and bench-results.md
-    python -m jobs.benchmark --preset tiny   # seconds; what the test runs so this code cannot rot
+    python -m jobs.benchmark --preset tiny   # the same code on thousands of rows; what the test runs
 
 Everything runs against a loopback S3 server (moto), started here and stopped at the end:
   ingest    Ray Data's read of the shards (`read_dataset`, the pipeline's reader) vs `pyarrow.dataset` reading
@@ -98,7 +98,7 @@ class BenchConfig:
 def preset(name: str) -> BenchConfig:
     if name == "full":
         return BenchConfig()
-    if name == "tiny":  # seconds of work: the code path, not the numbers
+    if name == "tiny":  # the code path on thousands of rows, not the numbers (what the test runs)
         return BenchConfig(rows=4000, shards=2, epochs=1, repeats=1, score_repeats=1,
                            models=[ModelSize("small", [16], 4)],
                            train_batch_sizes=[256], score_batch_sizes=[1024])
