@@ -97,7 +97,8 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
     `output`, the output) location is writable, and the input's schema. Deletes the old run on overwrite."""
     run_uri = cfg.run_uri
     manifest_uri = join_uri(model_dir(run_uri), MANIFEST)
-    storage.check_bucket(run_uri)
+    for uri in (run_uri, cfg.data.input) + ((cfg.output.uri,) if output else ()):
+        storage.check_bucket(uri)
     if storage.exists(manifest_uri):
         if not overwrite:
             raise PipelineError(f"run {cfg.run.name}: already trained ({manifest_uri} exists); "

@@ -212,6 +212,8 @@ def check_features_match(manifest: dict[str, Any], spec: InputSpec) -> None:
 def check_score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str) -> InputSpec:
     """Everything scoring can check before starting Ray: the model artifact (checksum included), the
     input's schema against the model's features, and that the output location is writable."""
+    for uri in (model_run_uri, cfg.data.input, output_uri):
+        storage.check_bucket(uri)
     manifest = load_artifact(storage, model_run_uri).manifest
     spec = inspect_input(cfg.data, storage)
     check_features_match(manifest, spec)
