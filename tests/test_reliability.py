@@ -581,3 +581,95 @@ def test_credentials_never_appear_in_output_or_artifacts(s3_server, shared_bucke
             assert FAKE_SECRET not in body and FAKE_KEY_ID not in body, k
             checked += 1
     assert checked >= 3
+
+
+# ------------------------------------------------------------------------------------------ transient errors
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server that answers the first `failures` connections with
+    `503 Slow Down` (what S3 sends when throttling), then forwards bytes both ways."""
+
+    def __init__(self, upstream_port: int, failures: int):
+        import socket
+        import threading
+
+        self.upstream_port, self.failures, self.refused = upstream_port, failures, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                refuse = self.refused < self.failures
+                self.refused += refuse
+            if refuse:
+                threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _refuse(client) -> None:
+        client.recv(65536)  # the request head
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        client.close()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_transient_storage_errors_are_retried_a_bounded_number_of_times(s3_server, bucket):
+    from pipeline.config import StorageSection
+    from pipeline.errors import StorageError
+    from pipeline.storage import Storage
+
+    port = int(s3_server.rsplit(":", 1)[1])
+    proxy = FlakyProxy(port, failures=2)
+    try:  # two throttled attempts, then the third of storage.retries=3 goes through
+        st = Storage(StorageSection(endpoint_url=f"http://127.0.0.1:{proxy.port}", retries=3))
+        st.write_bytes(f"s3://{bucket}/retry/ok.txt", b"hello")
+        assert proxy.refused == 2
+    finally:
+        proxy.close()
+    assert s3_client(s3_server).get_object(Bucket=bucket, Key="retry/ok.txt")["Body"].read() == b"hello"
+
+    proxy = FlakyProxy(port, failures=1000)
+    try:  # throttled for good: exactly storage.retries attempts, then one line naming the URI
+        st = Storage(StorageSection(endpoint_url=f"http://127.0.0.1:{proxy.port}", retries=3))
+        start = time.monotonic()
+        with pytest.raises(StorageError, match=f"s3://{bucket}/retry/never.txt: ") as e:
+            st.read_bytes(f"s3://{bucket}/retry/never.txt")
+        assert proxy.refused == 3
+        assert "\n" not in str(e.value) and time.monotonic() - start < 30
+    finally:
+        proxy.close()
