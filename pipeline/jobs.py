@@ -99,16 +99,18 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
     manifest_uri = join_uri(model_dir(run_uri), MANIFEST)
     for uri in (run_uri, cfg.data.input) + ((cfg.output.uri,) if output else ()):
         storage.check_bucket(uri)
-    if storage.exists(manifest_uri):
-        if not overwrite:
-            raise PipelineError(f"run {cfg.run.name}: already trained ({manifest_uri} exists); "
-                                "pass --overwrite to replace it or choose another run.name")
-        print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
-        storage.delete_dir(run_uri)
+    finished = storage.exists(manifest_uri)
+    if finished and not overwrite:
+        raise PipelineError(f"run {cfg.run.name}: already trained ({manifest_uri} exists); "
+                            "pass --overwrite to replace it or choose another run.name")
     storage.check_writable(run_uri)
     if output:
         storage.check_writable(cfg.output.uri)
-    return inspect_input(cfg.data, storage)
+    spec = inspect_input(cfg.data, storage)
+    if finished:  # only once the new run's input has passed its checks
+        print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
+        storage.delete_dir(run_uri)
+    return spec
 
 
 def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
