@@ -422,6 +422,10 @@ def test_tampered_or_foreign_artifact_is_refused(trained, s3_server, shared_buck
 def test_finished_run_is_not_overwritten_silently(trained, s3_server, shared_bucket, capsys):
     rc, _, err = in_process("jobs.train", base_args(s3_server, shared_bucket), capsys)
     assert_one_line_error(rc, err, "run base: already trained", "--overwrite")
+    # --overwrite with input that fails its checks keeps the old run
+    rc, _, err = in_process("jobs.train", base_args(s3_server, shared_bucket, data="nothing-here")
+                            + ["--overwrite"], capsys)
+    assert_one_line_error(rc, err, "no Parquet files found")
     assert manifest(s3_server, shared_bucket, "base")["model_version"] == trained["model_version"]
 
 
