@@ -102,6 +102,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         storage.delete_dir(run_uri)
     storage.check_writable(run_uri)
     spec = inspect_input(cfg.data, storage)
+    cfg.model.check_features(spec.num_features)
     prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
