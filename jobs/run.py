@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from pipeline.cli import base_parser, config_from_args, run_main
-from pipeline.cluster import connect
 from pipeline.jobs import evaluate_against_truth, score_job, train_job
 from pipeline.storage import Storage
 
@@ -18,7 +17,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> None:
         cfg = config_from_args(args)
-        connect(cfg.run.num_cpus)
         storage = Storage(cfg.storage)
         t = train_job(cfg, storage, overwrite=args.overwrite)
         s = score_job(cfg, storage)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from pipeline.cli import base_parser, config_from_args, run_main
-from pipeline.cluster import connect
 from pipeline.jobs import score_job
 
 
@@ -17,7 +16,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> None:
         cfg = config_from_args(args)
-        connect(cfg.run.num_cpus)
         score_job(cfg, model_run=args.model)
 
     return run_main(_run)

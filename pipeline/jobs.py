@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import MANIFEST, model_dir, save_artifact
+from pipeline.cluster import connect
 from pipeline.config import Config, join_uri
 from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
 from pipeline.errors import InputError, PipelineError
@@ -103,6 +104,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     storage.check_writable(run_uri)
     spec = inspect_input(cfg.data, storage)
     cfg.model.check_features(spec.num_features)
+    connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
