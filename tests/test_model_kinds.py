@@ -301,41 +301,59 @@ def test_recirculation_learns_without_autograd(code_activation):
     assert not loss.requires_grad
 
 
+def _recirculation_train(model, shard: torch.Tensor, batch_size: int, epochs: int) -> None:
+    step = make_step_fn(model, {"lr": 0.05, "recirculation_lambda": 0.5})
+    for _ in range(epochs):
+        train_epoch(batches(shard, batch_size, torch.Generator().manual_seed(1)), model, None, step_fn=step)
+
+
 def _recirculation_worker(rank: int, world: int, port: int, x: torch.Tensor, out) -> None:
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = recirc_model(x.shape[1], 3, code_activation="tanh")
-        step = make_step_fn(model, {"lr": 0.05, "recirculation_lambda": 0.5})
-        shard = x.chunk(world)[rank]
-        step(shard)
+        one_step = recirc_model(x.shape[1], 3, code_activation="tanh")
+        make_step_fn(one_step, {"lr": 0.05, "recirculation_lambda": 0.5})(x[:64].chunk(world)[rank])
+        trained = recirc_model(x.shape[1], 3, code_activation="tanh")
+        # as Ray Train shards: each worker its own half, half the rows per step (same rows per update)
+        _recirculation_train(trained, x.chunk(world)[rank], 64 // world, epochs=3)
         if rank == 0:
-            out.put({k: v.clone() for k, v in model.state_dict().items()})
+            with torch.no_grad():
+                out.put((one_step.state_dict(), float(torch.mean((trained(x) - x) ** 2))))
     finally:
         dist.destroy_process_group()
 
 
-def test_recirculation_all_reduce_equals_one_worker_on_the_whole_batch():
+def test_recirculation_on_two_workers_averages_updates_and_matches_one_worker():
     import torch.multiprocessing as mp
 
     from tests.conftest import free_port
 
-    x = manifold_data(64, features=8)
+    x = manifold_data(2048, features=8)
     single = recirc_model(8, 3, code_activation="tanh")
-    make_step_fn(single, {"lr": 0.05, "recirculation_lambda": 0.5})(x)
+    make_step_fn(single, {"lr": 0.05, "recirculation_lambda": 0.5})(x[:64])
+    trained = recirc_model(8, 3, code_activation="tanh")
+    _recirculation_train(trained, x, 64, epochs=3)
+    with torch.no_grad():
+        start = float(torch.mean((recirc_model(8, 3, code_activation="tanh")(x) - x) ** 2))
+        loss_one = float(torch.mean((trained(x) - x) ** 2))
+
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_recirculation_worker, args=(r, 2, port, x, out)) for r in range(2)]
     for p in procs:
         p.start()
-    state = out.get(timeout=120)
+    state, loss_two = out.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    # one step: the all-reduced update is exactly the single-worker update on the combined batch
     for k, v in single.state_dict().items():
         assert torch.allclose(state[k], v, atol=1e-6), k
+    # training: the same loss up to minibatch noise (the workers' batches are other rows)
+    assert loss_one < 0.6 * start and loss_two == pytest.approx(loss_one, rel=0.1), (start, loss_one, loss_two)
 
 
 # ------------------------------------------------------------------------------------------- config
