@@ -421,7 +421,9 @@ def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True):
 
     fs = storage.filesystem(spec.files[0])
     paths = [storage.resolve(f)[1] for f in spec.files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=spec.columns, include_paths=with_paths)
+    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=with_paths)
+    # Projection is pushed down into the Parquet reader: only these columns are read.
+    return ds.select_columns(spec.columns + ([PATH_COLUMN] if with_paths else []))
 
 
 def compute_moments(spec: InputSpec, data: DataSection, storage: Storage,

@@ -243,6 +243,9 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
 
     import ray.data
 
+    from pipeline.cluster import connect
+
+    connect(cfg.run.num_cpus)  # only once the cheap checks (model, storage, schema) have passed
     sc = cfg.score
     ds = read_dataset(spec, storage).map_batches(
         ScoringActor,
