@@ -22,7 +22,7 @@ from pipeline.config import Config, join_uri
 from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
-from pipeline.score import ErrorScorer, ScoreResult, check_score, score
+from pipeline.score import ErrorScorer, ScoreResult, score
 from pipeline.storage import Storage
 from pipeline.train import fit
 
@@ -108,7 +108,6 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
     if output:
         storage.check_writable(cfg.output.uri)
     spec = inspect_input(cfg.data, storage)
-    cfg.model.check_features(spec.num_features)
     if finished:  # only once the new run's input has passed its checks
         print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
         storage.delete_dir(run_uri)
@@ -116,13 +115,13 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
 
 
 def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
-              spec: Optional[InputSpec] = None) -> TrainSummary:
-    """`spec` from `check_train` (run before starting Ray) skips repeating those checks."""
+              check_output: bool = False) -> TrainSummary:
+    """`check_output`: also check that `output.uri` is writable before training (for train-then-score)."""
     start = time.perf_counter()
     storage = storage or Storage(cfg.storage)
     run_uri = cfg.run_uri
-    spec = spec or check_train(cfg, storage, overwrite)
-    connect(cfg.run.num_cpus)  # a no-op when the entrypoint (or a test) already did
+    spec = check_train(cfg, storage, overwrite, output=check_output)
+    connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
@@ -168,17 +167,12 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
                         threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest)
 
 
-def model_run_uri(cfg: Config, model_run: Optional[str] = None) -> str:
-    return join_uri(cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
-
-
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,
-              as_of: Optional[dt.datetime] = None, spec: Optional[InputSpec] = None) -> ScoreResult:
-    """Score `data.input` with the model of run `model_run` (default: this run) into `output.uri`.
-
-    `spec` from `check_score` (run before starting Ray) skips repeating those checks."""
+              as_of: Optional[dt.datetime] = None) -> ScoreResult:
+    """Score `data.input` with the model of run `model_run` (default: this run) into `output.uri`."""
     storage = storage or Storage(cfg.storage)
-    res = score(cfg, storage, model_run_uri(cfg, model_run), cfg.output.uri, as_of=as_of, spec=spec)
+    run_uri = join_uri(cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
+    res = score(cfg, storage, run_uri, cfg.output.uri, as_of=as_of)
     print(f"[score] {res.scored_rows} rows scored ({res.rejected_rows} rejected, {res.anomalies} anomalies) "
           f"with {res.model_version} -> {res.output_uri} in {res.seconds:.1f}s", flush=True)
     return res

@@ -169,6 +169,18 @@ def checkpoints(s3: str, bucket: str, run: str) -> list[str]:
     return [k for k in keys(s3, bucket, f"artifacts/{run}/train/") if "checkpoint_" in k and k.endswith("state.pt")]
 
 
+def checkpoint_registered(s3: str, bucket: str, run: str) -> bool:
+    """A checkpoint is resumable by a new driver once Ray Train's snapshot of the run lists it."""
+    key = f"artifacts/{run}/train/{run}/checkpoint_manager_snapshot.json"
+    if key not in keys(s3, bucket, f"artifacts/{run}/train/"):
+        return False
+    body = s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        return bool(json.loads(body).get("latest_checkpoint_result"))
+    except ValueError:  # caught mid-write
+        return False
+
+
 def manifest(s3: str, bucket: str, run: str) -> dict:
     body = s3_client(s3).get_object(Bucket=bucket, Key=f"artifacts/{run}/model/manifest.json")["Body"].read()
     return json.loads(body)
@@ -508,7 +520,8 @@ def test_killed_driver_rerun_resumes_from_checkpoint(trained, s3_server, shared_
     argv = base_args(s3_server, shared_bucket, run="driverkill")
     proc = start_job("jobs.train", argv, s3_server, log)
     try:
-        wait_until(lambda: checkpoints(s3_server, shared_bucket, "driverkill"), proc, log, what="a checkpoint")
+        wait_until(lambda: checkpoint_registered(s3_server, shared_bucket, "driverkill"), proc, log,
+                   what="a registered checkpoint")
     finally:
         kill_tree(proc)  # the driver and its whole local Ray, mid-training
     RUNS.append(log.read_text())
