@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from pipeline.cli import base_parser, config_from_args, run_main
-from pipeline.jobs import evaluate_against_truth, score_job, train_job
+from pipeline.cluster import connect
+from pipeline.jobs import check_train, evaluate_against_truth, score_job, train_job
 from pipeline.storage import Storage
 
 
@@ -18,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     def _run() -> None:
         cfg = config_from_args(args)
         storage = Storage(cfg.storage)
-        t = train_job(cfg, storage, overwrite=args.overwrite)
+        spec = check_train(cfg, storage, args.overwrite, output=True)  # fail before Ray starts
+        connect(cfg.run.num_cpus)
+        t = train_job(cfg, storage, spec=spec)
         s = score_job(cfg, storage)
         lines = [
             "", "== summary ==",

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from pipeline.cli import base_parser, config_from_args, run_main
-from pipeline.jobs import score_job
+from pipeline.cluster import connect
+from pipeline.jobs import check_score, model_run_uri, score_job
+from pipeline.storage import Storage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> None:
         cfg = config_from_args(args)
-        score_job(cfg, model_run=args.model)
+        storage = Storage(cfg.storage)
+        # model, input and storage problems fail before Ray starts
+        spec = check_score(cfg, storage, model_run_uri(cfg, args.model), cfg.output.uri)
+        connect(cfg.run.num_cpus)
+        score_job(cfg, storage, model_run=args.model, spec=spec)
 
     return run_main(_run)
 

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from pipeline.cli import base_parser, config_from_args, run_main
-from pipeline.jobs import train_job
+from pipeline.cluster import connect
+from pipeline.jobs import check_train, train_job
+from pipeline.storage import Storage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +18,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> None:
         cfg = config_from_args(args)
-        train_job(cfg, overwrite=args.overwrite)
+        storage = Storage(cfg.storage)
+        spec = check_train(cfg, storage, args.overwrite)  # storage and input problems fail before Ray starts
+        connect(cfg.run.num_cpus)
+        train_job(cfg, storage, spec=spec)
 
     return run_main(_run)
 

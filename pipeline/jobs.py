@@ -22,11 +22,12 @@ from pipeline.config import Config, join_uri
 from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
-from pipeline.score import ErrorScorer, ScoreResult, score
+from pipeline.score import ErrorScorer, ScoreResult, check_score, score
 from pipeline.storage import Storage
 from pipeline.train import fit
 
 PREPARE = "prepare.json"
+REJECTS = "rejects"  # <run>/rejects/: training rows dropped by data.nan_policy=drop, with the reason
 
 
 @dataclass
@@ -58,12 +59,14 @@ def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
             print(f"[prepare] reusing normalization statistics from {uri}", flush=True)
             return prev
     t0 = time.perf_counter()
-    moments, n_val, n_rej = compute_moments(spec, cfg.data, storage)
+    rejects_uri = join_uri(cfg.run_uri, REJECTS)
+    storage.delete_dir(rejects_uri)  # a recomputed pass rewrites them all
+    moments, n_val, n_rej = compute_moments(spec, cfg.data, storage, rejects_uri)
     if moments.n == 0:
         raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
     mean, scale = normalization_stats(moments)
     prep = {"key": key, "mean": mean.tolist(), "scale": scale.tolist(), "train_rows": moments.n,
-            "validation_rows": n_val, "rejected_rows": n_rej}
+            "validation_rows": n_val, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}
     storage.write_json(uri, prep)
     print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {moments.n} train, {n_val} validation, "
           f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -90,21 +93,36 @@ def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, me
     return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), feat_sum / max(n, 1)
 
 
-def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False) -> TrainSummary:
+def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: bool = False) -> InputSpec:
+    """Everything training can check before starting Ray: the run's state, that the artifact (and with
+    `output`, the output) location is writable, and the input's schema. Deletes the old run on overwrite."""
+    run_uri = cfg.run_uri
+    manifest_uri = join_uri(model_dir(run_uri), MANIFEST)
+    for uri in (run_uri, cfg.data.input) + ((cfg.output.uri,) if output else ()):
+        storage.check_bucket(uri)
+    finished = storage.exists(manifest_uri)
+    if finished and not overwrite:
+        raise PipelineError(f"run {cfg.run.name}: already trained ({manifest_uri} exists); "
+                            "pass --overwrite to replace it or choose another run.name")
+    storage.check_writable(run_uri)
+    if output:
+        storage.check_writable(cfg.output.uri)
+    spec = inspect_input(cfg.data, storage)
+    cfg.model.check_features(spec.num_features)
+    if finished:  # only once the new run's input has passed its checks
+        print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
+        storage.delete_dir(run_uri)
+    return spec
+
+
+def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
+              spec: Optional[InputSpec] = None) -> TrainSummary:
+    """`spec` from `check_train` (run before starting Ray) skips repeating those checks."""
     start = time.perf_counter()
     storage = storage or Storage(cfg.storage)
     run_uri = cfg.run_uri
-    manifest_uri = join_uri(model_dir(run_uri), MANIFEST)
-    if storage.exists(manifest_uri):
-        if not overwrite:
-            raise PipelineError(f"run {cfg.run.name}: already trained ({manifest_uri} exists); "
-                                "pass --overwrite to replace it or choose another run.name")
-        print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
-        storage.delete_dir(run_uri)
-    storage.check_writable(run_uri)
-    spec = inspect_input(cfg.data, storage)
-    cfg.model.check_features(spec.num_features)
-    connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
+    spec = spec or check_train(cfg, storage, overwrite)
+    connect(cfg.run.num_cpus)  # a no-op when the entrypoint (or a test) already did
     prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
@@ -136,7 +154,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         "threshold_quantile": q,
         "data": {"input": spec.uri, "files": len(spec.files), "input_rows": spec.num_rows,
                  "train_rows": prep["train_rows"], "validation_rows": prep["validation_rows"],
-                 "rejected_rows": prep["rejected_rows"]},
+                 "rejected_rows": prep["rejected_rows"], "rejects": prep.get("rejects")},
         "metrics": metrics,
         "history": hist,
         "per_feature_error": feat_err.tolist(),
@@ -150,12 +168,17 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
                         threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest)
 
 
+def model_run_uri(cfg: Config, model_run: Optional[str] = None) -> str:
+    return join_uri(cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
+
+
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,
-              as_of: Optional[dt.datetime] = None) -> ScoreResult:
-    """Score `data.input` with the model of run `model_run` (default: this run) into `output.uri`."""
+              as_of: Optional[dt.datetime] = None, spec: Optional[InputSpec] = None) -> ScoreResult:
+    """Score `data.input` with the model of run `model_run` (default: this run) into `output.uri`.
+
+    `spec` from `check_score` (run before starting Ray) skips repeating those checks."""
     storage = storage or Storage(cfg.storage)
-    run_uri = join_uri(cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
-    res = score(cfg, storage, run_uri, cfg.output.uri, as_of=as_of)
+    res = score(cfg, storage, model_run_uri(cfg, model_run), cfg.output.uri, as_of=as_of, spec=spec)
     print(f"[score] {res.scored_rows} rows scored ({res.rejected_rows} rejected, {res.anomalies} anomalies) "
           f"with {res.model_version} -> {res.output_uri} in {res.seconds:.1f}s", flush=True)
     return res

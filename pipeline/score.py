@@ -9,9 +9,14 @@ Output rows (one per input row, Parquet):
     event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
     scored_at          timestamp[us, UTC]
 
-Commit protocol: Ray writes to `<output>/_staging/<attempt>/`; only when the staged row count equals the
-input's does `publish` swap the files into `<output>/` and write `_SUCCESS` (with the counts) last.
-Readers take a directory only once `_SUCCESS` is there; `_`-prefixed paths are hidden from them.
+Commit protocol: Ray writes to `<output>/_staging/<attempt>/`; only when the staged scored rows plus the
+staged rejected rows equal the input's rows does `publish` swap the files into `<output>/` and write
+`_SUCCESS` (with the counts) last. Readers take a directory only once `_SUCCESS` is there; `_`-prefixed
+paths are hidden from them. A crash before `publish` leaves the published location as it was.
+
+Rejects (data.nan_policy=drop): rows with NaN/infinite features are not scored; they are written, with the
+id columns, raw features, `source_file` and `reason`, to `<output>/_rejects/` (published with the output,
+hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as `rejected_rows`.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ import torch
 
 from pipeline.artifacts import LoadedModel, load_artifact, read_manifest
 from pipeline.config import Config, DataSection, join_uri
-from pipeline.data import InputSpec, check_finite, feature_matrix, inspect_input, read_dataset
+from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
 from pipeline.storage import Storage, normalize_uri
 from pipeline.train import Normalizer
 
 SUCCESS = "_SUCCESS"
+STAGING = "_staging"
+REJECTS = "_rejects"
 UTC_US = pa.timestamp("us", tz="UTC")
 
 
@@ -62,8 +69,8 @@ class Predictor:
     """Plain-PyTorch scoring of Arrow batches (no Ray): the core of the scoring actor, usable on a GPU box."""
 
     def __init__(self, loaded: LoadedModel, data: DataSection, as_of: dt.datetime, device: str = "cpu",
-                 scored_at: Optional[dt.datetime] = None):
-        self.loaded, self.data = loaded, data
+                 scored_at: Optional[dt.datetime] = None, on_reject: Optional[RejectWriter] = None):
+        self.loaded, self.data, self.on_reject = loaded, data, on_reject
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         self.normalizer = Normalizer(loaded.mean, loaded.scale, self.device)
@@ -78,6 +85,8 @@ class Predictor:
         x = feature_matrix(table, self.data, self.n_features)
         keep = check_finite(table, x, self.data)
         if not keep.all():
+            if self.on_reject is not None:
+                self.on_reject(table, x, keep)
             table, x = table.filter(pa.array(keep)), x[keep]
         n = len(x)
         xt = torch.from_numpy(x)
@@ -110,10 +119,12 @@ class ScoringActor:
     """Ray Data actor: loads (and checksum-verifies) the model once, then scores batch after batch."""
 
     def __init__(self, storage: Storage, model_uri: str, data: DataSection, as_of: dt.datetime,
-                 use_gpu: bool = False, torch_threads: int = 1):
+                 use_gpu: bool = False, torch_threads: int = 1, rejects_uri: Optional[str] = None):
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor(load_artifact(storage, model_uri, device), data, as_of, device)
+        on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri else None
+        self.predictor = Predictor(load_artifact(storage, model_uri, device), data, as_of, device,
+                                   on_reject=on_reject)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self.predictor(table)
@@ -160,11 +171,15 @@ def publish(storage: Storage, staging: str, out: str, success: dict[str, Any]) -
     storage.delete_file(join_uri(out, SUCCESS))
     for old in storage.list_files(out):
         storage.delete_file(old)
+    storage.delete_dir(join_uri(out, REJECTS))
     published = []
     for f in storage.list_files(staging):
         dst = join_uri(out, f[len(staging):].lstrip("/"))
         storage.move(f, dst)
         published.append(dst)
+    staged_rejects = join_uri(staging, REJECTS)
+    for f in storage.list_files(staged_rejects):
+        storage.move(f, join_uri(out, REJECTS, f[len(staged_rejects):].lstrip("/")))
     storage.write_json(join_uri(out, SUCCESS), {**success, "files": [p.rsplit("/", 1)[-1] for p in published]})
     storage.delete_dir(staging)
     return published
@@ -194,17 +209,37 @@ def check_features_match(manifest: dict[str, Any], spec: InputSpec) -> None:
     raise InputError(f"data.input {spec.uri}: features differ from the model's manifest (missing {missing[:5]})")
 
 
+def check_score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str) -> InputSpec:
+    """Everything scoring can check before starting Ray: the model artifact (checksum included), the
+    input's schema against the model's features, and that the output location is writable."""
+    for uri in (model_run_uri, cfg.data.input, output_uri):
+        storage.check_bucket(uri)
+    manifest = load_artifact(storage, model_run_uri).manifest
+    spec = inspect_input(cfg.data, storage)
+    check_features_match(manifest, spec)
+    storage.check_writable(normalize_uri(output_uri))
+    return spec
+
+
+def remove_abandoned_staging(storage: Storage, out: str) -> None:
+    """Staging attempts left by crashed runs are hidden from readers; a new run of the partition clears them."""
+    staging_root = join_uri(out, STAGING)
+    if storage.exists(staging_root):
+        print(f"[score] removing staging left by an earlier, unfinished run: {staging_root}", flush=True)
+        storage.delete_dir(staging_root)
+
+
 def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
           as_of: Optional[dt.datetime] = None, spec: Optional[InputSpec] = None) -> ScoreResult:
     """Score every input row with the model at `model_run_uri`; publish to `output_uri` atomically."""
     start = time.perf_counter()
     as_of = as_of or dt.datetime.now(dt.timezone.utc)
     manifest = read_manifest(storage, model_run_uri)
-    spec = spec or inspect_input(cfg.data, storage)
-    check_features_match(manifest, spec)
+    spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
     out = normalize_uri(output_uri)
-    storage.check_writable(out)
-    staging = join_uri(out, "_staging", f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
+    remove_abandoned_staging(storage, out)
+    staging = join_uri(out, STAGING, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
+    rejects_uri = join_uri(staging, REJECTS) if cfg.data.nan_policy == "drop" else None
 
     import ray.data
 
@@ -215,7 +250,8 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     ds = read_dataset(spec, storage).map_batches(
         ScoringActor,
         fn_constructor_kwargs=dict(storage=storage, model_uri=model_run_uri, data=cfg.data, as_of=as_of,
-                                   use_gpu=sc.use_gpu, torch_threads=int(max(1, sc.cpus_per_actor))),
+                                   use_gpu=sc.use_gpu, torch_threads=int(max(1, sc.cpus_per_actor)),
+                                   rejects_uri=rejects_uri),
         batch_size=sc.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.cpus_per_actor, num_gpus=1 if sc.use_gpu else 0,
     )
@@ -224,14 +260,16 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
         ds.write_parquet(staging_path, filesystem=fs)
         staged = storage.list_files(staging, suffix=".parquet")
         scored = count_parquet_rows(storage, staged)
-        rejected = spec.num_rows - scored
-        if rejected < 0 or (rejected and cfg.data.nan_policy == "error"):
-            raise PipelineError(f"output {out}: staged {scored} rows for {spec.num_rows} input rows; not published")
+        rejected = count_parquet_rows(storage, storage.list_files(rejects_uri)) if rejects_uri else 0
+        if scored + rejected != spec.num_rows:
+            raise PipelineError(f"output {out}: staged {scored} scored + {rejected} rejected rows for "
+                                f"{spec.num_rows} input rows; not published")
         anomalies = _count_true(storage, staged, "is_anomaly")
         success = {
             "input_rows": spec.num_rows, "scored_rows": scored, "rejected_rows": rejected,
             "anomalies": anomalies, "model_version": manifest["model_version"],
             "model_uri": model_run_uri, "input_uri": spec.uri, "as_of": as_of.isoformat(),
+            "rejects": f"{REJECTS}/" if rejected else None,
             "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         files = publish(storage, staging, out, success)

@@ -118,3 +118,17 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
     assert bad.stderr.strip() == "error: config train.epochz: unknown key (known: algorithm, batch_size, " \
                                  "cpus_per_worker, epochs, lr, max_failures, min_delta, num_workers, patience, " \
                                  "shuffle_buffer_rows, use_gpu, weight_decay)"
+
+
+def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):
+    """Untuned defaults on tiny data: the batch size drops so training still takes enough steps."""
+    from pipeline.config import config_from_dict
+
+    write_sample(str(tmp_path / "in"), storage, rows=400, shards=1, features=8, seed=11)
+    cfg = config_from_dict({"data": {"input": str(tmp_path / "in")}, "artifacts": {"uri": str(tmp_path / "a")},
+                            "output": {"uri": str(tmp_path / "o")}, "run": {"name": "tiny"},
+                            "train": {"cpus_per_worker": 0.5, "epochs": 10}})
+    t = train_job(cfg, storage)
+    assert t.manifest["metrics"]["batch_size"] < cfg.train.batch_size
+    assert t.best_val_loss < t.first_val_loss
+    assert score_job(cfg, storage).scored_rows == 400
