@@ -21,7 +21,8 @@ lambda near 1 approximates gradient descent on the reconstruction error when W_e
 
 Data-parallel: every worker computes the update of its own minibatch; the updates (weighted by rows) are
 summed with one all-reduce and divided by the total rows, so all replicas apply the same update and the
-result is that of a single worker with the combined minibatch. Everything runs under torch.no_grad().
+result is that of a single worker with the combined minibatch (rank 0's initial weights are broadcast first,
+as DDP does). Everything runs under torch.no_grad().
 """
 
 from __future__ import annotations
@@ -77,10 +78,18 @@ def _all_reduce_mean(updates: dict[str, torch.Tensor], rows: int) -> dict[str, t
 
 
 def make_step_fn(model: Autoencoder, config: dict[str, Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
-    """`step_fn(x) -> (loss, parts)` applying one recirculation update to `model` in place."""
+    """`step_fn(x) -> (loss, parts)` applying one recirculation update to `model` in place.
+
+    Under torch.distributed, rank 0's weights are first copied to every rank (what DDP does for backprop):
+    the replicas must start equal for the same averaged updates to keep them equal.
+    """
     enc, dec = _single_layers(model)
     params = {"encoder.weight": enc.weight, "encoder.bias": enc.bias,
               "decoder.weight": dec.weight, "decoder.bias": dec.bias}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for p in params.values():
+                dist.broadcast(p.data, src=0)
     lr = float(config["lr"])
     lam = float(config.get("recirculation_lambda", 0.75))
 

@@ -313,9 +313,10 @@ def _recirculation_worker(rank: int, world: int, port: int, x: torch.Tensor, out
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        one_step = recirc_model(x.shape[1], 3, code_activation="tanh")
+        # each rank starts from its own random weights, as Ray Train seeds ranks apart: rank 0's must win
+        one_step = recirc_model(x.shape[1], 3, seed=rank, code_activation="tanh")
         make_step_fn(one_step, {"lr": 0.05, "recirculation_lambda": 0.5})(x[:64].chunk(world)[rank])
-        trained = recirc_model(x.shape[1], 3, code_activation="tanh")
+        trained = recirc_model(x.shape[1], 3, seed=rank, code_activation="tanh")
         # as Ray Train shards: each worker its own half, half the rows per step (same rows per update)
         _recirculation_train(trained, x.chunk(world)[rank], 64 // world, epochs=3)
         if rank == 0:
