@@ -108,6 +108,7 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
     if output:
         storage.check_writable(cfg.output.uri)
     spec = inspect_input(cfg.data, storage)
+    cfg.model.check_features(spec.num_features)
     if finished:  # only once the new run's input has passed its checks
         print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
         storage.delete_dir(run_uri)
