@@ -87,17 +87,20 @@ def _png(fig) -> str:
 
 
 def _figure(w: float = 7.0, h: float = 3.6):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend needed
 
     return Figure(figsize=(w, h))
 
 
 def loss_chart(history: list[dict[str, Any]]) -> str:
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure()
     ax = fig.subplots()
     ep = [h["epoch"] + 1 for h in history]
     ax.plot(ep, [h["train_loss"] for h in history], marker="o", label="train")
     ax.plot(ep, [h["val_loss"] for h in history], marker="o", label="validation")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
