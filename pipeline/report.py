@@ -92,6 +92,14 @@ def _figure(w: float = 7.0, h: float = 3.6):
     return Figure(figsize=(w, h))
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def loss_chart(history: list[dict[str, Any]]) -> str:
     from matplotlib.ticker import MaxNLocator
 
@@ -101,12 +109,8 @@ def loss_chart(history: list[dict[str, Any]]) -> str:
     ax.plot(ep, [h["train_loss"] for h in history], marker="o", label="train")
     ax.plot(ep, [h["val_loss"] for h in history], marker="o", label="validation")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "epoch", "loss")
 
 
 def histogram_chart(edges: Sequence[float], series: list[tuple[str, np.ndarray]], threshold: float) -> str:
@@ -119,11 +123,7 @@ def histogram_chart(edges: Sequence[float], series: list[tuple[str, np.ndarray]]
         ax.stairs(c / max(c.sum(), 1), e, label=label, fill=len(series) == 1, alpha=0.8 if len(series) == 1 else 1)
     ax.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:.4g}")
     ax.set_xscale("log")
-    ax.set_xlabel("reconstruction error (normalized MSE)")
-    ax.set_ylabel("share of rows")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "reconstruction error (normalized MSE)", "share of rows")
 
 
 def feature_error_chart(names: list[str], errors: Sequence[float], top: int = 40) -> str:
