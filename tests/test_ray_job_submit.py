@@ -25,7 +25,8 @@ from pipeline.sample import write_sample
 from pipeline.storage import Storage
 from tests.conftest import ROOT, free_port, wait_for_port
 
-pytestmark = pytest.mark.integration
+# Each test may wait on a whole training job; on a loaded 2-core CI box that can pass 10 minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 RAY = str(ROOT / ".venv" / "bin" / "ray")
 
 
@@ -88,7 +89,7 @@ def stop_head(temp_dir: str) -> None:
             time.sleep(0.5)
 
 
-def submit(address: str, env: dict[str, str], *entrypoint: str, timeout: float = 900) -> tuple[str, subprocess.CompletedProcess]:
+def submit(address: str, env: dict[str, str], *entrypoint: str, timeout: float = 1400) -> tuple[str, subprocess.CompletedProcess]:
     sid = f"test-{uuid.uuid4().hex[:8]}"
     proc = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", sid,
                            "--runtime-env", "infra/runtime_env.yaml", "--working-dir", ".", "--", *entrypoint],
@@ -112,29 +113,40 @@ def test_job_submit_uploads_a_small_working_dir(ray_head):
     assert status(address, sid) == "SUCCEEDED"
 
 
-def test_pipeline_runs_under_ray_job_submit(ray_head, tmp_path):
+@pytest.fixture(scope="module")
+def submitted(ray_head, tmp_path_factory):
+    """Train and score through `ray job submit` once; the tests below look at the result."""
     address, env = ray_head
-    write_sample(str(tmp_path / "data"), Storage(StorageSection()), rows=2000, shards=2, features=8, seed=5)
-    sets = [f"data.input={tmp_path / 'data'}", f"artifacts.uri={tmp_path / 'artifacts'}",
-            f"output.uri={tmp_path / 'output'}", "run.name=submitted", "train.epochs=2", "model.hidden_dims=[16]",
+    tmp = tmp_path_factory.mktemp("submitted")
+    write_sample(str(tmp / "data"), Storage(StorageSection()), rows=1500, shards=2, features=8, seed=5)
+    sets = [f"data.input={tmp / 'data'}", f"artifacts.uri={tmp / 'artifacts'}", f"output.uri={tmp / 'output'}",
+            "run.name=submitted", "train.epochs=2", "train.num_workers=1", "model.hidden_dims=[16]",
             "model.latent_dim=3"]
-    args = ["python", "-m", "jobs.run", "--config", "jobs/configs/demo.yaml", "--run-date", "2026-01-02"]
-    for s in sets:
-        args += ["--set", s]
-    sid, p = submit(address, env, *args)
+    overrides = [a for s in sets for a in ("--set", s)]
+    sid, p = submit(address, env, "python", "-m", "jobs.run", "--config", "jobs/configs/demo.yaml",
+                    "--run-date", "2026-01-02", *overrides)
+    return {"address": address, "env": env, "tmp": tmp, "overrides": overrides, "sid": sid, "proc": p}
+
+
+def test_pipeline_trains_and_scores_under_ray_job_submit(submitted):
+    p, tmp = submitted["proc"], submitted["tmp"]
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
-    assert status(address, sid) == "SUCCEEDED", out[-2000:]
-    assert "== summary ==" in out and "rows scored      2000 of 2000" in out
-    part = tmp_path / "output" / "run_date=2026-01-02"
-    assert (part / "_SUCCESS").exists() and pq.read_table(part).num_rows == 2000
-    assert (tmp_path / "artifacts" / "submitted" / "report.html").exists()
+    assert status(submitted["address"], submitted["sid"]) == "SUCCEEDED", out[-2000:]
+    assert "== summary ==" in out and "rows scored      1500 of 1500" in out
+    part = tmp / "output" / "run_date=2026-01-02"
+    assert (part / "_SUCCESS").exists() and pq.read_table(part).num_rows == 1500
+    assert (tmp / "artifacts" / "submitted" / "report.html").exists()
 
-    # the nightly form: score with the latest stored model, no training
-    sid2, p2 = submit(address, env, "python", "-m", "jobs.run", "--config", "jobs/configs/demo.yaml", "--model", "latest",
-                      "--run-date", "2026-01-03", *[a for s in sets for a in ("--set", s)])
-    out2 = p2.stdout + p2.stderr
-    assert p2.returncode == 0, out2[-4000:]
-    assert status(address, sid2) == "SUCCEEDED"
-    assert "[train]" not in out2 and "with submitted@" in out2
-    assert pq.read_table(tmp_path / "output" / "run_date=2026-01-03").num_rows == 2000
+
+def test_nightly_scoring_with_the_latest_model_under_ray_job_submit(submitted):
+    """The nightly form: score with the latest stored model, no training."""
+    assert submitted["proc"].returncode == 0, "the training job failed (see the test above)"
+    address, env = submitted["address"], submitted["env"]
+    sid, p = submit(address, env, "python", "-m", "jobs.run", "--config", "jobs/configs/demo.yaml", "--model",
+                    "latest", "--run-date", "2026-01-03", *submitted["overrides"])
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert status(address, sid) == "SUCCEEDED"
+    assert "[train]" not in out and "with submitted@" in out
+    assert pq.read_table(submitted["tmp"] / "output" / "run_date=2026-01-03").num_rows == 1500
