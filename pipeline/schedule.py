@@ -90,7 +90,7 @@ def resolve_model_run(storage: Storage, artifacts_uri: str, name: str) -> str:
 # ------------------------------------------------------------------------------------------ incremental
 
 
-def input_partitions(storage: Storage, input_uri: str, files: list[str]) -> dict[str, list[str]]:
+def input_partitions(input_uri: str, files: list[str]) -> dict[str, list[str]]:
     """Group input files by their first-level `key=value` directory under `input_uri`."""
     base = normalize_uri(input_uri).rstrip("/") + "/"
     out: dict[str, list[str]] = {}
@@ -142,7 +142,7 @@ def plan_incremental(storage: Storage, input_uri: str, files: list[str], output_
     state = read_state(storage, s_uri, model_version)
     done = state["partitions"]
     plan = IncrementalPlan(s_uri, state)
-    for name, part_files in input_partitions(storage, input_uri, files).items():
+    for name, part_files in input_partitions(input_uri, files).items():
         prev = done.get(name)
         if prev is None or prev.get("run_date") == run_date.isoformat():
             plan.partitions[name] = part_files

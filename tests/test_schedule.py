@@ -35,11 +35,11 @@ def test_run_date_parsing_and_partition_uri(tmp_path):
 def test_input_partitions_groups_by_first_level_directory():
     files = ["s3://b/in/date=2026-01-02/part-1.parquet", "s3://b/in/date=2026-01-01/part-0.parquet",
              "s3://b/in/date=2026-01-01/hour=3/part-2.parquet"]
-    parts = input_partitions(None, "s3://b/in/", files)
+    parts = input_partitions("s3://b/in/", files)
     assert list(parts) == ["date=2026-01-01", "date=2026-01-02"]
     assert parts["date=2026-01-01"] == [files[1], files[2]]
     with pytest.raises(InputError, match=r"file s3://b/in/part-9.parquet: not inside a key=value partition"):
-        input_partitions(None, "s3://b/in", files + ["s3://b/in/part-9.parquet"])
+        input_partitions("s3://b/in", files + ["s3://b/in/part-9.parquet"])
 
 
 def test_incremental_plan_skips_scored_partitions_and_redoes_the_same_run_date(tmp_path, local):
