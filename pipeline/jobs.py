@@ -188,8 +188,8 @@ def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optiona
         record_scored(storage, plan, run_date, spec.file_rows)
     print(f"[score] {res.scored_rows} rows scored ({res.rejected_rows} rejected, {res.anomalies} anomalies) "
           f"with {res.model_version} -> {res.output_uri} in {res.seconds:.1f}s", flush=True)
-    if "validation_error_histogram" in manifest:
-        counts = output_error_counts(storage, res.files, manifest["validation_error_histogram"]["edges"])
+    if "deciles" in manifest.get("validation_error_histogram", {}):
+        counts = output_error_counts(storage, res.files, manifest["validation_error_histogram"])
         r_uri = report_uri(cfg.output.uri, run_date)
         storage.write_bytes(r_uri, scoring_report(manifest, run_date, counts, res.scored_rows, res.anomalies,
                                                   res.rejected_rows, res.output_uri).encode())

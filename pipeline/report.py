@@ -32,7 +32,8 @@ PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enoug
 
 
 def error_histogram(scores: np.ndarray, bins: int = HIST_BINS) -> dict[str, list[float]]:
-    """Log-spaced bins spanning the validation errors with room on both sides for a drifted scoring run."""
+    """Log-spaced bins spanning the validation errors with room on both sides for a drifted scoring run,
+    plus the errors' deciles (the bins the drift index uses: 10% of validation rows each by construction)."""
     s = np.asarray(scores, np.float64)
     s = s[np.isfinite(s)]
     pos = s[s > 0]
@@ -40,7 +41,14 @@ def error_histogram(scores: np.ndarray, bins: int = HIST_BINS) -> dict[str, list
     hi = float(s.max()) * 4 if len(s) and s.max() > 0 else 1.0
     hi = max(hi, lo * 10)
     edges = np.geomspace(lo, hi, bins + 1)
-    return {"edges": edges.tolist(), "counts": histogram_counts(s, edges).tolist()}
+    deciles = np.quantile(s, np.linspace(0.1, 0.9, 9)) if len(s) else np.zeros(9)
+    return {"edges": edges.tolist(), "counts": histogram_counts(s, edges).tolist(), "deciles": deciles.tolist()}
+
+
+def decile_counts(values: np.ndarray, deciles: Sequence[float]) -> np.ndarray:
+    """Counts in the 10 bins cut at the training deciles (open-ended at both sides)."""
+    return np.bincount(np.searchsorted(np.asarray(deciles), np.asarray(values), side="left"),
+                       minlength=len(deciles) + 1).astype(np.int64)
 
 
 def histogram_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
@@ -51,7 +59,10 @@ def histogram_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
 
 
 def population_stability_index(expected: np.ndarray, actual: np.ndarray) -> float:
-    """PSI between two histograms on the same bins (< 0.1 stable, 0.1-0.25 moderate shift, > 0.25 major)."""
+    """PSI between two histograms on the same bins (< 0.1 stable, 0.1-0.25 moderate shift, > 0.25 major).
+
+    Meant for a few well-filled bins (the training deciles): on many sparse bins sampling noise alone inflates it.
+    """
     e = np.asarray(expected, np.float64) + 0.5  # Laplace smoothing: empty bins must not give log(0)
     a = np.asarray(actual, np.float64) + 0.5
     e, a = e / e.sum(), a / a.sum()
@@ -222,26 +233,29 @@ def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.
     return render_html(f"Training report: {manifest.get('run_name')}", facts, sections)
 
 
-def scoring_report(manifest: dict[str, Any], run_date: dt.date, counts: np.ndarray, scored_rows: int,
+def scoring_report(manifest: dict[str, Any], run_date: dt.date, counts: dict[str, np.ndarray], scored_rows: int,
                    anomalies: int, rejected_rows: int, output_uri: str) -> str:
-    """This run's error histogram against the training validation histogram, on the manifest's bins."""
+    """This run's error histogram against the training validation histogram, on the manifest's bins.
+
+    `counts`: {"counts": on the histogram's edges, "deciles": on the training deciles} (`output_error_counts`).
+    """
     hist = manifest["validation_error_histogram"]
     train_counts = np.asarray(hist["counts"])
     thr = float(manifest["threshold"])
     expected = 1.0 - float(manifest.get("threshold_quantile", 0.99))
     rate = anomalies / max(scored_rows, 1)
-    psi = population_stability_index(train_counts, counts)
+    psi = population_stability_index(np.ones(10), counts["deciles"])  # training: 10% of rows per decile
     facts = [
         ("run date", run_date.isoformat()), ("model version", manifest.get("model_version")),
         ("output", output_uri), ("rows scored", f"{scored_rows} ({rejected_rows} rejected)"),
         ("anomalies", f"{anomalies} ({rate:.3%}; {expected:.3%} expected from the training threshold)"),
-        ("error distribution vs training", f"PSI {psi:.3f}: {drift_verdict(psi)}"),
+        ("error distribution vs training", f"PSI {psi:.3f} over the training deciles: {drift_verdict(psi)}"),
     ]
     sections = [("Reconstruction errors: this run vs training",
                  "Share of rows per error bin, this run against the validation rows the model was trained with; "
                  "a shift to the right is the first sign of data drift.",
                  histogram_chart(hist["edges"], [("training (validation rows)", train_counts),
-                                                 (f"run {run_date.isoformat()}", counts)], thr))]
+                                                 (f"run {run_date.isoformat()}", counts["counts"])], thr))]
     return render_html(f"Scoring report: {run_date.isoformat()}", facts, sections)
 
 
@@ -294,12 +308,15 @@ def write_training_report(cfg, storage, spec, manifest: dict[str, Any], model, v
     return uri
 
 
-def output_error_counts(storage, files: list[str], edges: Sequence[float]) -> np.ndarray:
-    """Histogram of `recon_error` over published files, streamed one column of one file at a time."""
-    counts = np.zeros(len(edges) - 1, np.int64)
+def output_error_counts(storage, files: list[str], hist: dict[str, Any]) -> dict[str, np.ndarray]:
+    """`recon_error` of published files counted on the histogram's edges and on its deciles, streamed one
+    column of one file at a time (the driver never holds more than one file's errors)."""
+    counts = np.zeros(len(hist["edges"]) - 1, np.int64)
+    deciles = np.zeros(len(hist["deciles"]) + 1, np.int64)
     for f in files:
         fs, path = storage.resolve(f)
         with fs.open_input_file(path) as fh:
-            col = pq.read_table(fh, columns=["recon_error"]).column("recon_error")
-            counts += histogram_counts(col.to_numpy(), edges)
-    return counts
+            err = pq.read_table(fh, columns=["recon_error"]).column("recon_error").to_numpy()
+        counts += histogram_counts(err, hist["edges"])
+        deciles += decile_counts(err, hist["deciles"])
+    return {"counts": counts, "deciles": deciles}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report import error_histogram, histogram_counts, scoring_report, training_report
+from pipeline.report import decile_counts, error_histogram, histogram_counts, scoring_report, training_report
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -68,7 +68,8 @@ def test_training_and_scoring_reports_render_with_all_images(tmp_path):
     train_page = tmp_path / "report.html"
     train_page.write_text(training_report(manifest, val, codes, flags, truth))
     scored = rng.lognormal(-1.5, 0.6, 3000)
-    counts = histogram_counts(scored, manifest["validation_error_histogram"]["edges"])
+    hist = manifest["validation_error_histogram"]
+    counts = {"counts": histogram_counts(scored, hist["edges"]), "deciles": decile_counts(scored, hist["deciles"])}
     score_page = tmp_path / "run_date=2026-01-02.html"
     score_page.write_text(scoring_report(manifest, dt.date(2026, 1, 2), counts, 3000, int((scored > manifest["threshold"]).sum()),
                                          0, "s3://b/out/run_date=2026-01-02"))
