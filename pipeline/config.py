@@ -200,6 +200,8 @@ class ScoreSection:
     """CPUs per scoring actor."""
     use_gpu: bool = False
     """Score on GPUs (one per actor)."""
+    incremental: bool = False
+    """Input is partitioned (`<data.input>/<key>=<value>/`): score only partitions this model has not scored."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.threshold_quantile < 1.0, "score.threshold_quantile", "must be in (0, 1)")
@@ -220,10 +222,17 @@ class ArtifactsSection:
 @dataclass
 class OutputSection:
     uri: str = "output"
-    """Where scored Parquet goes; a `_SUCCESS` file written last marks it complete."""
+    """Where scored Parquet goes: `<uri>/run_date=YYYY-MM-DD/`, each with a `_SUCCESS` file written last."""
+    flat_latent: bool = False
+    """Also write the latent code as float32 columns `z_0 … z_{k-1}`, for feature stores without array types."""
+    feature_errors: bool = False
+    """Also write `feature_errors`, list<float32>: each feature's squared error (normalized), in input order."""
+    top_k_features: int = 0
+    """Also write `top_features`, list<string>: the k features with the largest error per row (0: off)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", "must be set")
+        _check(self.top_k_features >= 0, "output.top_k_features", f"{self.top_k_features} must be >= 0")
 
 
 @dataclass

@@ -3,8 +3,11 @@
 Output rows (one per input row, Parquet):
     <id columns>       unchanged
     latent             list<float32> of length latent_dim (a plain list: feature stores read it)
+    z_0 … z_{k-1}      float32, the latent code as scalar columns (only with output.flat_latent)
     recon_error        float32, mean squared error in normalized space (the model's anomaly score)
     is_anomaly         bool, recon_error > the threshold stored in the model manifest
+    feature_errors     list<float32>, squared error per feature in input order (only with output.feature_errors)
+    top_features       list<string>, the output.top_k_features features with the largest error, largest first
     model_version      string, `<run.name>@<weights sha256 prefix>`
     event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
     scored_at          timestamp[us, UTC]
@@ -34,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.artifacts import LoadedModel, load_artifact, read_manifest
-from pipeline.config import Config, DataSection, join_uri
+from pipeline.config import Config, DataSection, OutputSection, join_uri
 from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
@@ -65,12 +68,35 @@ def to_utc(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
     return arr.cast(UTC_US)
 
 
+def explanation_columns(h: np.ndarray, sq: np.ndarray, feature_names: list[str],
+                        output: OutputSection) -> dict[str, pa.Array]:
+    """The optional columns: flat latent `z_i`, `feature_errors` and `top_features`, as `output` asks."""
+    cols: dict[str, pa.Array] = {}
+    if output.flat_latent:
+        for i in range(h.shape[1]):
+            cols[f"z_{i}"] = pa.array(np.ascontiguousarray(h[:, i], np.float32))
+    if output.feature_errors:
+        cols["feature_errors"] = latent_list(sq)
+    k = min(output.top_k_features, sq.shape[1])
+    if k:
+        # argpartition finds the k largest in O(d); only those k are then sorted, largest first
+        top = np.argpartition(-sq, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(sq, top, axis=1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, axis=1)
+        names = np.asarray(feature_names, dtype=object)[top.reshape(-1)]
+        offsets = pa.array(np.arange(0, (len(sq) + 1) * k, k, dtype=np.int32))
+        cols["top_features"] = pa.ListArray.from_arrays(offsets, pa.array(names, pa.string()))
+    return cols
+
+
 class Predictor:
     """Plain-PyTorch scoring of Arrow batches (no Ray): the core of the scoring actor, usable on a GPU box."""
 
     def __init__(self, loaded: LoadedModel, data: DataSection, as_of: dt.datetime, device: str = "cpu",
-                 scored_at: Optional[dt.datetime] = None, on_reject: Optional[RejectWriter] = None):
+                 scored_at: Optional[dt.datetime] = None, on_reject: Optional[RejectWriter] = None,
+                 output: Optional[OutputSection] = None):
         self.loaded, self.data, self.on_reject = loaded, data, on_reject
+        self.output = output or OutputSection()
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         self.normalizer = Normalizer(loaded.mean, loaded.scale, self.device)
@@ -92,13 +118,16 @@ class Predictor:
         xt = torch.from_numpy(x)
         if self.device.type == "cuda":
             xt = xt.pin_memory().to(self.device, non_blocking=True)
-        score, h, _ = self.model.score_and_latent(self.normalizer(xt))
+        score, h, sq = self.model.score_and_latent(self.normalizer(xt))
         err = score.float().cpu().numpy().astype(np.float32, copy=False)
         h = h.float().cpu().numpy()
+        extra = explanation_columns(h, sq.float().cpu().numpy(), self.loaded.feature_names, self.output)
         cols: dict[str, Any] = {c: table.column(c) for c in self.data.id_columns}
         cols["latent"] = latent_list(h)
+        cols.update({k: v for k, v in extra.items() if k.startswith("z_")})
         cols["recon_error"] = pa.array(err, pa.float32())
         cols["is_anomaly"] = pa.array(err > self.threshold)
+        cols.update({k: v for k, v in extra.items() if not k.startswith("z_")})
         cols["model_version"] = pa.array([self.version] * n, pa.string())
         if self.data.timestamp_column:
             cols["event_timestamp"] = to_utc(table.column(self.data.timestamp_column))
@@ -119,12 +148,13 @@ class ScoringActor:
     """Ray Data actor: loads (and checksum-verifies) the model once, then scores batch after batch."""
 
     def __init__(self, storage: Storage, model_uri: str, data: DataSection, as_of: dt.datetime,
-                 use_gpu: bool = False, torch_threads: int = 1, rejects_uri: Optional[str] = None):
+                 use_gpu: bool = False, torch_threads: int = 1, rejects_uri: Optional[str] = None,
+                 output: Optional[OutputSection] = None):
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri else None
         self.predictor = Predictor(load_artifact(storage, model_uri, device), data, as_of, device,
-                                   on_reject=on_reject)
+                                   on_reject=on_reject, output=output)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self.predictor(table)
@@ -251,7 +281,7 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
         ScoringActor,
         fn_constructor_kwargs=dict(storage=storage, model_uri=model_run_uri, data=cfg.data, as_of=as_of,
                                    use_gpu=sc.use_gpu, torch_threads=int(max(1, sc.cpus_per_actor)),
-                                   rejects_uri=rejects_uri),
+                                   rejects_uri=rejects_uri, output=cfg.output),
         batch_size=sc.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.cpus_per_actor, num_gpus=1 if sc.use_gpu else 0,
     )
@@ -273,6 +303,7 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
             "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         files = publish(storage, staging, out, success)
+        storage.delete_dir(join_uri(out, STAGING))  # earlier attempts were cleared at the start: it is empty
     except BaseException:
         _cleanup(storage, staging)
         raise

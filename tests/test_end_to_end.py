@@ -68,12 +68,13 @@ def test_train_and_score_through_s3(ray_cluster, s3_server, bucket, storage):
         out.select(["id", "event_timestamp"]), keys="id")
     assert inp.column("event_time").equals(inp.column("event_timestamp"))
 
-    success = storage.read_json(f"s3://{bucket}/output/_SUCCESS")
+    assert s.output_uri.startswith(f"s3://{bucket}/output/run_date=")
+    success = storage.read_json(f"{s.output_uri}/_SUCCESS")
     assert success["input_rows"] == success["scored_rows"] + success["rejected_rows"] == 6000
     assert success["model_version"] == manifest["model_version"]
-    assert not storage.list_files(f"s3://{bucket}/output/_staging")
+    assert not storage.exists(f"{s.output_uri}/_staging")
 
-    ev = evaluate_against_truth(cfg, storage, f"s3://{bucket}/output")
+    ev = evaluate_against_truth(cfg, storage, s.output_uri)
     assert ev["planted"] > 20
     assert ev["auroc"] >= 0.9, ev
 
@@ -103,11 +104,11 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
     args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input=s3://{bucket}/input",
             "--set", f"artifacts.uri=s3://{bucket}/artifacts", "--set", f"output.uri=s3://{bucket}/output",
             "--set", "run.name=cli", "--set", "train.epochs=3", "--set", "train.num_workers=1"]
-    p = run_job("jobs.run", *args, env=env)
+    p = run_job("jobs.run", *args, "--run-date", "2026-03-04", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "== summary ==" in p.stdout and "AUROC" in p.stdout
     assert "[train] epoch 3/3" in p.stdout + p.stderr
-    assert json.loads(storage.read_bytes(f"s3://{bucket}/output/_SUCCESS"))["scored_rows"] == 3000
+    assert json.loads(storage.read_bytes(f"s3://{bucket}/output/run_date=2026-03-04/_SUCCESS"))["scored_rows"] == 3000
 
     again = run_job("jobs.train", *args, env=env)
     assert again.returncode == 2
@@ -115,9 +116,8 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
 
     bad = run_job("jobs.train", *args, "--set", "train.epochz=3", env=env)
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: config train.epochz: unknown key (known: algorithm, batch_size, " \
-                                 "cpus_per_worker, epochs, lr, max_failures, min_delta, num_workers, patience, " \
-                                 "shuffle_buffer_rows, use_gpu, weight_decay)"
+    assert bad.stderr.strip().startswith("error: config train.epochz: unknown key (known: algorithm, batch_size,")
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):

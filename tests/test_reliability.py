@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import datetime as dt
 import json
 import os
 import signal
@@ -29,6 +30,8 @@ from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, ROOT, free_port, job_env, r
 pytestmark = pytest.mark.integration
 
 ROWS, SHARDS, FEATURES = 6000, 4, 16
+RUN_DATE = "2026-01-02"  # scoring output goes to <output.uri>/run_date=RUN_DATE/
+PART = f"run_date={RUN_DATE}"
 RUNS: list[str] = []  # stdout + stderr of every job run here, for the credentials check
 
 
@@ -346,15 +349,15 @@ def test_nan_policy_drop_counts_and_writes_rejects(trained, s3_server, shared_bu
 
     argv = base_args(s3_server, shared_bucket, data="indrop", out="outdrop") + ["--set", "data.nan_policy=drop"]
     cfg = config_from_args(base_parser("").parse_args(argv))
-    res = score_job(cfg, storage, model_run="base")
-    success = json.loads(s3_client(s3_server).get_object(Bucket=shared_bucket, Key="outdrop/_SUCCESS")["Body"].read())
+    res = score_job(cfg, storage, model_run="base", run_date=dt.date.fromisoformat(RUN_DATE))
+    success = json.loads(s3_client(s3_server).get_object(Bucket=shared_bucket, Key=f"outdrop/{PART}/_SUCCESS")["Body"].read())
     assert success["input_rows"] == 1500
     assert success["rejected_rows"] == 3 and success["scored_rows"] == 1497
     assert success["input_rows"] == success["scored_rows"] + success["rejected_rows"]
     assert (res.scored_rows, res.rejected_rows) == (1497, 3)
-    published = read_published(s3_server, shared_bucket, "outdrop")
+    published = read_published(s3_server, shared_bucket, f"outdrop/{PART}")
     assert published.num_rows == 1497 and not set(bad_ids) & set(published.column("id").to_pylist())
-    rejects = read_published(s3_server, shared_bucket, "outdrop/_rejects")
+    rejects = read_published(s3_server, shared_bucket, f"outdrop/{PART}/_rejects")
     assert sorted(rejects.column("id").to_pylist()) == bad_ids
     reasons = dict(zip(rejects.column("id").to_pylist(), rejects.column("reason").to_pylist()))
     ids = t.column("id").to_pylist()
@@ -541,10 +544,10 @@ def test_killed_scoring_publishes_nothing_and_rerun_replaces_cleanly(trained, s3
                                                                       storage, tmp_path):
     rows = 40_000
     write_input(storage, shared_bucket, "inbig", rows=rows, shards=8)
-    argv = base_args(s3_server, shared_bucket, data="inbig", out="outbig") + ["--model", "base"]
+    argv = base_args(s3_server, shared_bucket, data="inbig", out="outbig") + ["--model", "base", "--run-date", RUN_DATE]
 
     def staged() -> bool:
-        return any(k.endswith(".parquet") for k in keys(s3_server, shared_bucket, "outbig/_staging/"))
+        return any(k.endswith(".parquet") for k in keys(s3_server, shared_bucket, f"outbig/{PART}/_staging/"))
 
     def killed_mid_write(log: Path) -> None:
         proc = start_job("jobs.score", argv, s3_server, log)
@@ -556,28 +559,28 @@ def test_killed_scoring_publishes_nothing_and_rerun_replaces_cleanly(trained, s3
 
     # 1. killed mid-write with nothing published yet: the published location shows nothing
     killed_mid_write(tmp_path / "score1.log")
-    visible = [k for k in keys(s3_server, shared_bucket, "outbig/") if not k.startswith("outbig/_staging/")]
+    visible = [k for k in keys(s3_server, shared_bucket, "outbig/") if "/_staging/" not in k]
     assert visible == [], visible
 
     # 2. a rerun clears the abandoned staging and publishes every row exactly once
     p = job("jobs.score", argv, s3_server)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "removing staging left by an earlier, unfinished run" in p.stdout
-    published = read_published(s3_server, shared_bucket, "outbig")
+    published = read_published(s3_server, shared_bucket, f"outbig/{PART}")
     ids = published.column("id").to_numpy()
     assert published.num_rows == rows and len(np.unique(ids)) == rows
-    success_key = "outbig/_SUCCESS"
+    success_key = f"outbig/{PART}/_SUCCESS"
     success = s3_client(s3_server).get_object(Bucket=shared_bucket, Key=success_key)["Body"].read()
     assert json.loads(success)["scored_rows"] == rows
-    before = [k for k in keys(s3_server, shared_bucket, "outbig/") if not k.startswith("outbig/_staging/")]
+    before = [k for k in keys(s3_server, shared_bucket, "outbig/") if "/_staging/" not in k]
     assert not any("_staging" in k for k in keys(s3_server, shared_bucket, "outbig/"))
 
     # 3. killed again: the published output is untouched, complete, and still marked complete
     killed_mid_write(tmp_path / "score3.log")
-    after = [k for k in keys(s3_server, shared_bucket, "outbig/") if not k.startswith("outbig/_staging/")]
+    after = [k for k in keys(s3_server, shared_bucket, "outbig/") if "/_staging/" not in k]
     assert after == before
     assert s3_client(s3_server).get_object(Bucket=shared_bucket, Key=success_key)["Body"].read() == success
-    assert read_published(s3_server, shared_bucket, "outbig").num_rows == rows
+    assert read_published(s3_server, shared_bucket, f"outbig/{PART}").num_rows == rows
 
 
 # ------------------------------------------------------------------------------------------ credentials
