@@ -102,7 +102,8 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
     env = job_env(s3_server)
     args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input=s3://{bucket}/input",
             "--set", f"artifacts.uri=s3://{bucket}/artifacts", "--set", f"output.uri=s3://{bucket}/output",
-            "--set", "run.name=cli", "--set", "train.epochs=3", "--set", "train.num_workers=1"]
+            "--set", "run.name=cli", "--set", "train.epochs=3", "--set", "train.num_workers=1",
+            "--set", "model.latent_dim=4"]  # dense must be undercomplete: 8 features
     p = run_job("jobs.run", *args, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "== summary ==" in p.stdout and "AUROC" in p.stdout
