@@ -103,7 +103,8 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
     env = job_env(s3_server)
     args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input=s3://{bucket}/input",
             "--set", f"artifacts.uri=s3://{bucket}/artifacts", "--set", f"output.uri=s3://{bucket}/output",
-            "--set", "run.name=cli", "--set", "train.epochs=3", "--set", "train.num_workers=1"]
+            "--set", "run.name=cli", "--set", "train.epochs=3", "--set", "train.num_workers=1",
+            "--set", "model.latent_dim=4"]  # dense must be undercomplete: 8 features
     p = run_job("jobs.run", *args, "--run-date", "2026-03-04", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "== summary ==" in p.stdout and "AUROC" in p.stdout
@@ -124,7 +125,7 @@ def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):
     """Untuned defaults on tiny data: the batch size drops so training still takes enough steps."""
     from pipeline.config import config_from_dict
 
-    write_sample(str(tmp_path / "in"), storage, rows=400, shards=1, features=8, seed=11)
+    write_sample(str(tmp_path / "in"), storage, rows=400, shards=1, features=12, seed=11)
     cfg = config_from_dict({"data": {"input": str(tmp_path / "in")}, "artifacts": {"uri": str(tmp_path / "a")},
                             "output": {"uri": str(tmp_path / "o")}, "run": {"name": "tiny"},
                             "train": {"cpus_per_worker": 0.5, "epochs": 10}})
