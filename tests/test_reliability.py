@@ -165,10 +165,6 @@ def wait_until(cond, proc: subprocess.Popen, log: Path, timeout: float = 600, wh
     pytest.fail(f"timed out waiting for {what}")
 
 
-def checkpoints(s3: str, bucket: str, run: str) -> list[str]:
-    return [k for k in keys(s3, bucket, f"artifacts/{run}/train/") if "checkpoint_" in k and k.endswith("state.pt")]
-
-
 def checkpoint_registered(s3: str, bucket: str, run: str) -> bool:
     """A checkpoint is resumable by a new driver once Ray Train's snapshot of the run lists it."""
     key = f"artifacts/{run}/train/{run}/checkpoint_manager_snapshot.json"
