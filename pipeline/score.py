@@ -264,8 +264,8 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     """Score every input row with the model at `model_run_uri`; publish to `output_uri` atomically."""
     start = time.perf_counter()
     as_of = as_of or dt.datetime.now(dt.timezone.utc)
-    manifest = read_manifest(storage, model_run_uri)
     spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
+    manifest = read_manifest(storage, model_run_uri)
     out = normalize_uri(output_uri)
     remove_abandoned_staging(storage, out)
     staging = join_uri(out, STAGING, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")

@@ -168,10 +168,6 @@ def wait_until(cond, proc: subprocess.Popen, log: Path, timeout: float = 600, wh
     pytest.fail(f"timed out waiting for {what}")
 
 
-def checkpoints(s3: str, bucket: str, run: str) -> list[str]:
-    return [k for k in keys(s3, bucket, f"artifacts/{run}/train/") if "checkpoint_" in k and k.endswith("state.pt")]
-
-
 def checkpoint_registered(s3: str, bucket: str, run: str) -> bool:
     """A checkpoint is resumable by a new driver once Ray Train's snapshot of the run lists it."""
     key = f"artifacts/{run}/train/{run}/checkpoint_manager_snapshot.json"
@@ -496,7 +492,9 @@ def test_killed_training_worker_is_replaced_and_resumes_from_checkpoint(trained,
     log = tmp_path / "train.log"
     proc = start_job("jobs.train", base_args(s3_server, shared_bucket, run="workerkill"), s3_server, log)
     try:
-        wait_until(lambda: checkpoints(s3_server, shared_bucket, "workerkill"), proc, log, what="a checkpoint")
+        # a checkpoint uploaded but not yet registered is (rightly) not resumed from: wait for registration
+        wait_until(lambda: checkpoint_registered(s3_server, shared_bucket, "workerkill"), proc, log,
+                   what="a registered checkpoint")
         workers = [p for p in descendants(proc.pid) if "RayTrainWorker" in cmdline(p)]
         assert len(workers) == 1, [cmdline(p) for p in descendants(proc.pid)]
         killed = workers[0].pid
