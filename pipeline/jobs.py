@@ -185,6 +185,8 @@ def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optiona
     """
     storage = storage or Storage(cfg.storage)
     run_date = run_date or parse_run_date(None)
+    for uri in (cfg.artifacts.uri, cfg.data.input, cfg.output.uri):
+        storage.check_bucket(uri)  # a missing bucket must not read as "no trained model here"
     run_uri = resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
     manifest = read_manifest(storage, run_uri)
     n_features = len(manifest["feature_names"])
