@@ -3,12 +3,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+FEAST_VENV ?= .venv-feast
+FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 
 # Local Ray binds 127.0.0.1 rather than the machine's interface address.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test bench clean
+.PHONY: setup feast-env browser run test bench clean
 
 setup: $(STAMP)
 
@@ -18,13 +20,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+## make feast-env: the Feast SDK in its own venv (Feast pins pandas<3; the pipeline's venv has pandas 3)
+feast-env: $(FEAST_STAMP)
+
+$(FEAST_STAMP): infra/feast/requirements.txt
+	python3 -m venv $(FEAST_VENV)
+	$(FEAST_VENV)/bin/pip install -q -U pip
+	$(FEAST_VENV)/bin/pip install -q -r infra/feast/requirements.txt
+	touch $@
+
+## make browser: headless Chromium for the report-rendering test (Debian's package; needs root or sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 ## make run: sample data -> train -> score -> summary, on a local Ray with local storage
 run: setup
 	$(PY) -m jobs.make_sample_data --out data/sample --rows 20000 --shards 4
 	$(PY) -m jobs.run --config jobs/configs/demo.yaml --overwrite
 
 ## make test: every test (unit, then integration on a local Ray and a loopback S3 server)
-test: setup
+test: setup feast-env browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## make bench: pipeline vs plain PyTorch / pyarrow; writes bench-results.json and bench-results.md

@@ -86,11 +86,62 @@ class ModelSection:
     """Nonlinearity between layers; `linear` with MSE learns the PCA subspace."""
     dropout: float = 0.0
     """Dropout after each hidden layer while training."""
+    code_activation: Optional[Literal["relu", "gelu", "tanh", "sigmoid", "linear"]] = None
+    """Nonlinearity on the code itself; unset: linear, except sparse (relu for l1, sigmoid for kl)."""
+    # Settings of one kind are ignored by the others, so `--set model.kind=...` alone switches kinds.
+    noise: Literal["gaussian", "mask"] = "gaussian"
+    """denoising: corruption; gaussian adds noise_level * N(0,1), mask zeroes features with p = noise_level."""
+    noise_level: float = 0.2
+    """denoising: noise std in normalized units (gaussian) or share of features masked (mask, < 1)."""
+    sparsity: Literal["l1", "kl"] = "l1"
+    """sparse: penalty on the code; l1 on |h|, or KL from sparsity_target to each unit's mean activation."""
+    sparsity_weight: float = 1e-3
+    """sparse: weight of the sparsity penalty in the loss."""
+    sparsity_target: float = 0.05
+    """sparse (kl): target mean activation of each code unit, in (0, 1)."""
+    contractive_weight: float = 1e-3
+    """contractive: weight of the mean squared Frobenius norm of the encoder Jacobian."""
+    kl_weight: float = 1.0
+    """variational: weight of KL(q(h|x) || N(0, I)) in the negative ELBO (1 is the true ELBO; beta-VAE)."""
+    score: Literal["recon", "elbo"] = "recon"
+    """variational: the anomaly score; mean squared reconstruction error of the posterior mean, or -ELBO."""
+    pretrain_epochs: int = 2
+    """stacked: epochs of greedy pretraining per layer pair before end-to-end fine-tuning."""
 
     def __post_init__(self) -> None:
         _check(self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
         _check(all(h >= 1 for h in self.hidden_dims), "model.hidden_dims", "widths must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
+        _check(self.noise_level > 0, "model.noise_level", f"{self.noise_level} must be > 0")
+        if self.noise == "mask":
+            _check(self.noise_level < 1, "model.noise_level", f"{self.noise_level} must be < 1 for mask noise")
+        _check(self.sparsity_weight >= 0, "model.sparsity_weight", f"{self.sparsity_weight} must be >= 0")
+        _check(0.0 < self.sparsity_target < 1.0, "model.sparsity_target",
+               f"{self.sparsity_target} must be in (0, 1)")
+        _check(self.contractive_weight >= 0, "model.contractive_weight", f"{self.contractive_weight} must be >= 0")
+        _check(self.kl_weight > 0, "model.kl_weight", f"{self.kl_weight} must be > 0")
+        _check(self.pretrain_epochs >= 1, "model.pretrain_epochs", f"{self.pretrain_epochs} must be >= 1")
+        if self.kind == "sparse" and self.sparsity == "kl":
+            _check(self.code_activation in (None, "sigmoid"), "model.code_activation",
+                   f"{self.code_activation}: the kl sparsity penalty needs codes in (0, 1); use sigmoid or unset")
+        if self.kind == "variational":
+            _check(self.code_activation in (None, "linear"), "model.code_activation",
+                   "a variational code is a Gaussian mean; leave it unset")
+        if self.kind == "stacked":
+            _check(len(self.hidden_dims) >= 1, "model.hidden_dims",
+                   "stacked needs at least one hidden layer to pretrain layer by layer")
+
+    @property
+    def pretrain_epochs_total(self) -> int:
+        """Epochs before fine-tuning starts: one stage per layer pair for stacked, none otherwise."""
+        return self.pretrain_epochs * (len(self.hidden_dims) + 1) if self.kind == "stacked" else 0
+
+    def check_features(self, n_features: int) -> None:
+        """Constraints that need the input width: dense and stacked codes must be narrower than the input."""
+        if self.kind in ("dense", "stacked"):
+            _check(self.latent_dim < n_features, "model.latent_dim",
+                   f"{self.latent_dim} must be < the {n_features} input features for kind {self.kind} "
+                   "(undercomplete); sparse, denoising and contractive allow a wider code")
 
 
 @dataclass
@@ -119,6 +170,8 @@ class TrainSection:
     """Learning rule: gradient descent on the loss, or recirculation (one hidden layer, no backward pass)."""
     shuffle_buffer_rows: int = 0
     """Rows in each worker's local shuffle buffer (0: block order is randomized, rows are not)."""
+    recirculation_lambda: float = 0.75
+    """recirculation: regression factor; the second visible state is lambda * x + (1 - lambda) * g(f(x))."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
@@ -131,6 +184,8 @@ class TrainSection:
         _check(self.min_delta >= 0, "train.min_delta", "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.shuffle_buffer_rows >= 0, "train.shuffle_buffer_rows", "must be >= 0")
+        _check(0.0 <= self.recirculation_lambda < 1.0, "train.recirculation_lambda",
+               f"{self.recirculation_lambda} must be in [0, 1)")
 
 
 @dataclass
@@ -145,6 +200,8 @@ class ScoreSection:
     """CPUs per scoring actor."""
     use_gpu: bool = False
     """Score on GPUs (one per actor)."""
+    incremental: bool = False
+    """Input is partitioned (`<data.input>/<key>=<value>/`): score only partitions this model has not scored."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.threshold_quantile < 1.0, "score.threshold_quantile", "must be in (0, 1)")
@@ -165,10 +222,17 @@ class ArtifactsSection:
 @dataclass
 class OutputSection:
     uri: str = "output"
-    """Where scored Parquet goes; a `_SUCCESS` file written last marks it complete."""
+    """Where scored Parquet goes: `<uri>/run_date=YYYY-MM-DD/`, each with a `_SUCCESS` file written last."""
+    flat_latent: bool = False
+    """Also write the latent code as float32 columns `z_0 … z_{k-1}`, for feature stores without array types."""
+    feature_errors: bool = False
+    """Also write `feature_errors`, list<float32>: each feature's squared error (normalized), in input order."""
+    top_k_features: int = 0
+    """Also write `top_features`, list<string>: the k features with the largest error per row (0: off)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", "must be set")
+        _check(self.top_k_features >= 0, "output.top_k_features", f"{self.top_k_features} must be >= 0")
 
 
 @dataclass
@@ -200,6 +264,18 @@ class Config:
     artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
     output: OutputSection = field(default_factory=OutputSection)
     storage: StorageSection = field(default_factory=StorageSection)
+
+    def __post_init__(self) -> None:
+        m, t = self.model, self.train
+        if t.algorithm == "recirculation":
+            _check(m.kind == "dense", "model.kind",
+                   f"{m.kind}: train.algorithm recirculation trains a dense autoencoder with one hidden layer")
+            _check(not m.hidden_dims, "model.hidden_dims",
+                   f"{m.hidden_dims}: recirculation trains one hidden layer (the code); set model.hidden_dims: []")
+        if m.kind == "stacked":
+            _check(t.epochs > m.pretrain_epochs_total, "train.epochs",
+                   f"{t.epochs} leaves no fine-tuning after {m.pretrain_epochs_total} pretraining epochs "
+                   f"(model.pretrain_epochs {m.pretrain_epochs} x {len(m.hidden_dims) + 1} layers)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,6 +331,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config {key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config {key}: expected a number, got {value!r}")
         return float(value)

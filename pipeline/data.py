@@ -11,6 +11,7 @@ worker counts.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -25,6 +26,8 @@ from pipeline.errors import InputError, StorageError
 from pipeline.storage import Storage, normalize_uri, scheme_of
 
 PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): names the shard in error messages
+REJECT_SOURCE = "source_file"
+REJECT_REASON = "reason"
 
 
 @dataclass
@@ -162,9 +165,13 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
 # ------------------------------------------------------------------------------------------ batches
 
 
-def _source_of(table: pa.Table) -> str:
+def _source_of(table: pa.Table, rows: Optional[np.ndarray] = None) -> str:
+    """The shard(s) of a batch, or of the rows selected by the boolean mask `rows` (the offending ones)."""
     if PATH_COLUMN in table.column_names and table.num_rows:
-        paths = pc.unique(table.column(PATH_COLUMN)).to_pylist()
+        col = table.column(PATH_COLUMN)
+        if rows is not None:
+            col = col.filter(pa.array(rows))
+        paths = pc.unique(col).to_pylist()
         return ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
     return "input"
 
@@ -186,7 +193,7 @@ def feature_matrix(table: pa.Table, data: DataSection, num_features: int) -> np.
             bad = np.flatnonzero(lengths != num_features)
             if bad.size:
                 raise InputError(
-                    f"file {_source_of(table)}: column {col!r} has {bad.size} vectors whose length is not "
+                    f"file {_source_of(table, lengths != num_features)}: column {col!r} has {bad.size} vectors whose length is not "
                     f"{num_features} (e.g. {int(lengths[bad[0]])})")
         elif arr.type.list_size != num_features:
             raise InputError(f"file {_source_of(table)}: column {col!r} has vectors of length "
@@ -253,9 +260,56 @@ def check_finite(table: pa.Table, x: np.ndarray, data: DataSection) -> np.ndarra
     if data.nan_policy == "error" and not ok.all():
         bad_cols = np.flatnonzero(~np.isfinite(x).all(axis=0))
         col = data.feature_columns[0] if data.vector_column else data.feature_columns[int(bad_cols[0])]
-        raise InputError(f"file {_source_of(table)}: column {col!r} has {int((~ok).sum())} rows with NaN or "
+        raise InputError(f"file {_source_of(table, ~ok)}: column {col!r} has {int((~ok).sum())} rows with NaN or "
                          "infinite values (set data.nan_policy=drop to skip them)")
     return ok
+
+
+def feature_name(data: DataSection, j: int) -> str:
+    return f"{data.feature_columns[0]}[{j}]" if data.vector_column else data.feature_columns[j]
+
+
+def rejects_table(table: pa.Table, x: np.ndarray, keep: np.ndarray, data: DataSection) -> pa.Table:
+    """The rows `keep` drops: id columns, raw features, the shard they came from and why they were dropped."""
+    idx = np.flatnonzero(~keep)
+    first_bad = (~np.isfinite(x[idx])).argmax(axis=1)
+    take = pa.array(idx)
+    cols: dict[str, Any] = {c: table.column(c).take(take) for c in data.id_columns}
+    for c in data.feature_columns:
+        cols[c] = table.column(c).take(take)
+    if PATH_COLUMN in table.column_names:
+        cols[REJECT_SOURCE] = table.column(PATH_COLUMN).take(take)
+    else:
+        cols[REJECT_SOURCE] = pa.array(["input"] * len(idx), pa.string())
+    cols[REJECT_REASON] = pa.array([f"NaN or infinite value in {feature_name(data, int(j))}" for j in first_bad],
+                                   pa.string())
+    return pa.table(cols)
+
+
+def write_rejects(storage: Storage, dir_uri: str, rejects: pa.Table) -> str:
+    """Write a rejects batch under `dir_uri`, named by a hash of its content: a retried task rewrites the same
+    file instead of adding a duplicate. Returns the file's URI."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rejects.schema) as w:
+        w.write_table(rejects)
+    name = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:32]
+    uri = f"{dir_uri.rstrip('/')}/rejects-{name}.parquet"
+    fs, path = storage.resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(rejects, f)
+    return uri
+
+
+class RejectWriter:
+    """Writes the rows a batch drops (nan_policy=drop) to a rejects table under `dir_uri`."""
+
+    def __init__(self, storage: Storage, dir_uri: str, data: DataSection):
+        self.storage, self.dir_uri, self.data = storage, dir_uri, data
+
+    def __call__(self, table: pa.Table, x: np.ndarray, keep: np.ndarray) -> None:
+        if not keep.all():
+            write_rejects(self.storage, self.dir_uri, rejects_table(table, x, keep, self.data))
 
 
 def to_fixed_size_list(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -329,12 +383,14 @@ def normalization_stats(m: Moments) -> tuple[np.ndarray, np.ndarray]:
 class BatchMoments:
     """Ray Data UDF: one row of partial statistics per batch (train rows), plus split and reject counts."""
 
-    def __init__(self, data: DataSection, num_features: int):
-        self.data, self.num_features = data, num_features
+    def __init__(self, data: DataSection, num_features: int, on_reject: Optional[RejectWriter] = None):
+        self.data, self.num_features, self.on_reject = data, num_features, on_reject
 
     def __call__(self, table: pa.Table) -> dict[str, Any]:
         x = feature_matrix(table, self.data, self.num_features)
         keep = check_finite(table, x, self.data)
+        if self.on_reject is not None:
+            self.on_reject(table, x, keep)
         val = validation_mask(table, self.data, x)
         m = Moments.of(x[keep & ~val])
         return {
@@ -370,10 +426,14 @@ def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True):
     return ds.select_columns(spec.columns + ([PATH_COLUMN] if with_paths else []))
 
 
-def compute_moments(spec: InputSpec, data: DataSection, storage: Storage) -> tuple[Moments, int, int]:
-    """One distributed pass: normalization moments of the training rows, validation and reject counts."""
-    ds = read_dataset(spec, storage).map_batches(BatchMoments(data, spec.num_features), batch_format="pyarrow",
-                                                 batch_size=None)
+def compute_moments(spec: InputSpec, data: DataSection, storage: Storage,
+                    rejects_uri: Optional[str] = None) -> tuple[Moments, int, int]:
+    """One distributed pass: normalization moments of the training rows, validation and reject counts.
+
+    With `rejects_uri` (and nan_policy=drop), the dropped rows are written there with the reason."""
+    on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri and data.nan_policy == "drop" else None
+    ds = read_dataset(spec, storage).map_batches(BatchMoments(data, spec.num_features, on_reject),
+                                                 batch_format="pyarrow", batch_size=None)
     rows = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for i in range(len(batch["n"])):

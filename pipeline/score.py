@@ -3,15 +3,23 @@
 Output rows (one per input row, Parquet):
     <id columns>       unchanged
     latent             list<float32> of length latent_dim (a plain list: feature stores read it)
+    z_0 … z_{k-1}      float32, the latent code as scalar columns (only with output.flat_latent)
     recon_error        float32, mean squared error in normalized space (the model's anomaly score)
     is_anomaly         bool, recon_error > the threshold stored in the model manifest
+    feature_errors     list<float32>, squared error per feature in input order (only with output.feature_errors)
+    top_features       list<string>, the output.top_k_features features with the largest error, largest first
     model_version      string, `<run.name>@<weights sha256 prefix>`
     event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
     scored_at          timestamp[us, UTC]
 
-Commit protocol: Ray writes to `<output>/_staging/<attempt>/`; only when the staged row count equals the
-input's does `publish` swap the files into `<output>/` and write `_SUCCESS` (with the counts) last.
-Readers take a directory only once `_SUCCESS` is there; `_`-prefixed paths are hidden from them.
+Commit protocol: Ray writes to `<output>/_staging/<attempt>/`; only when the staged scored rows plus the
+staged rejected rows equal the input's rows does `publish` swap the files into `<output>/` and write
+`_SUCCESS` (with the counts) last. Readers take a directory only once `_SUCCESS` is there; `_`-prefixed
+paths are hidden from them. A crash before `publish` leaves the published location as it was.
+
+Rejects (data.nan_policy=drop): rows with NaN/infinite features are not scored; they are written, with the
+id columns, raw features, `source_file` and `reason`, to `<output>/_rejects/` (published with the output,
+hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as `rejected_rows`.
 """
 
 from __future__ import annotations
@@ -29,14 +37,16 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.artifacts import LoadedModel, load_artifact, read_manifest
-from pipeline.config import Config, DataSection, join_uri
-from pipeline.data import InputSpec, check_finite, feature_matrix, inspect_input, read_dataset
+from pipeline.config import Config, DataSection, OutputSection, join_uri
+from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
 from pipeline.storage import Storage, normalize_uri
 from pipeline.train import Normalizer, autocast_for
 
 SUCCESS = "_SUCCESS"
+STAGING = "_staging"
+REJECTS = "_rejects"
 UTC_US = pa.timestamp("us", tz="UTC")
 
 
@@ -58,12 +68,35 @@ def to_utc(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
     return arr.cast(UTC_US)
 
 
+def explanation_columns(h: np.ndarray, sq: np.ndarray, feature_names: list[str],
+                        output: OutputSection) -> dict[str, pa.Array]:
+    """The optional columns: flat latent `z_i`, `feature_errors` and `top_features`, as `output` asks."""
+    cols: dict[str, pa.Array] = {}
+    if output.flat_latent:
+        for i in range(h.shape[1]):
+            cols[f"z_{i}"] = pa.array(np.ascontiguousarray(h[:, i], np.float32))
+    if output.feature_errors:
+        cols["feature_errors"] = latent_list(sq)
+    k = min(output.top_k_features, sq.shape[1])
+    if k:
+        # argpartition finds the k largest in O(d); only those k are then sorted, largest first
+        top = np.argpartition(-sq, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(sq, top, axis=1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, axis=1)
+        names = np.asarray(feature_names, dtype=object)[top.reshape(-1)]
+        offsets = pa.array(np.arange(0, (len(sq) + 1) * k, k, dtype=np.int32))
+        cols["top_features"] = pa.ListArray.from_arrays(offsets, pa.array(names, pa.string()))
+    return cols
+
+
 class Predictor:
     """Plain-PyTorch scoring of Arrow batches (no Ray): the core of the scoring actor, usable on a GPU box."""
 
     def __init__(self, loaded: LoadedModel, data: DataSection, as_of: dt.datetime, device: str = "cpu",
-                 scored_at: Optional[dt.datetime] = None):
-        self.loaded, self.data = loaded, data
+                 scored_at: Optional[dt.datetime] = None, on_reject: Optional[RejectWriter] = None,
+                 output: Optional[OutputSection] = None):
+        self.loaded, self.data, self.on_reject = loaded, data, on_reject
+        self.output = output or OutputSection()
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         self.normalizer = Normalizer(loaded.mean, loaded.scale, self.device)
@@ -78,19 +111,24 @@ class Predictor:
         x = feature_matrix(table, self.data, self.n_features)
         keep = check_finite(table, x, self.data)
         if not keep.all():
+            if self.on_reject is not None:
+                self.on_reject(table, x, keep)
             table, x = table.filter(pa.array(keep)), x[keep]
         n = len(x)
         xt = torch.from_numpy(x)
         if self.device.type == "cuda":
             xt = xt.pin_memory().to(self.device, non_blocking=True)
         with autocast_for(self.device):
-            score, h, _ = self.model.score_and_latent(self.normalizer(xt))
+            score, h, sq = self.model.score_and_latent(self.normalizer(xt))
         err = score.float().cpu().numpy().astype(np.float32, copy=False)
         h = h.float().cpu().numpy()
+        extra = explanation_columns(h, sq.float().cpu().numpy(), self.loaded.feature_names, self.output)
         cols: dict[str, Any] = {c: table.column(c) for c in self.data.id_columns}
         cols["latent"] = latent_list(h)
+        cols.update({k: v for k, v in extra.items() if k.startswith("z_")})
         cols["recon_error"] = pa.array(err, pa.float32())
         cols["is_anomaly"] = pa.array(err > self.threshold)
+        cols.update({k: v for k, v in extra.items() if not k.startswith("z_")})
         cols["model_version"] = pa.array([self.version] * n, pa.string())
         if self.data.timestamp_column:
             cols["event_timestamp"] = to_utc(table.column(self.data.timestamp_column))
@@ -111,10 +149,13 @@ class ScoringActor:
     """Ray Data actor: loads (and checksum-verifies) the model once, then scores batch after batch."""
 
     def __init__(self, storage: Storage, model_uri: str, data: DataSection, as_of: dt.datetime,
-                 use_gpu: bool = False, torch_threads: int = 1):
+                 use_gpu: bool = False, torch_threads: int = 1, rejects_uri: Optional[str] = None,
+                 output: Optional[OutputSection] = None):
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor(load_artifact(storage, model_uri, device), data, as_of, device)
+        on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri else None
+        self.predictor = Predictor(load_artifact(storage, model_uri, device), data, as_of, device,
+                                   on_reject=on_reject, output=output)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self.predictor(table)
@@ -161,11 +202,15 @@ def publish(storage: Storage, staging: str, out: str, success: dict[str, Any]) -
     storage.delete_file(join_uri(out, SUCCESS))
     for old in storage.list_files(out):
         storage.delete_file(old)
+    storage.delete_dir(join_uri(out, REJECTS))
     published = []
     for f in storage.list_files(staging):
         dst = join_uri(out, f[len(staging):].lstrip("/"))
         storage.move(f, dst)
         published.append(dst)
+    staged_rejects = join_uri(staging, REJECTS)
+    for f in storage.list_files(staged_rejects):
+        storage.move(f, join_uri(out, REJECTS, f[len(staged_rejects):].lstrip("/")))
     storage.write_json(join_uri(out, SUCCESS), {**success, "files": [p.rsplit("/", 1)[-1] for p in published]})
     storage.delete_dir(staging)
     return published
@@ -195,25 +240,49 @@ def check_features_match(manifest: dict[str, Any], spec: InputSpec) -> None:
     raise InputError(f"data.input {spec.uri}: features differ from the model's manifest (missing {missing[:5]})")
 
 
+def check_score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str) -> InputSpec:
+    """Everything scoring can check before starting Ray: the model artifact (checksum included), the
+    input's schema against the model's features, and that the output location is writable."""
+    for uri in (model_run_uri, cfg.data.input, output_uri):
+        storage.check_bucket(uri)
+    manifest = load_artifact(storage, model_run_uri).manifest
+    spec = inspect_input(cfg.data, storage)
+    check_features_match(manifest, spec)
+    storage.check_writable(normalize_uri(output_uri))
+    return spec
+
+
+def remove_abandoned_staging(storage: Storage, out: str) -> None:
+    """Staging attempts left by crashed runs are hidden from readers; a new run of the partition clears them."""
+    staging_root = join_uri(out, STAGING)
+    if storage.exists(staging_root):
+        print(f"[score] removing staging left by an earlier, unfinished run: {staging_root}", flush=True)
+        storage.delete_dir(staging_root)
+
+
 def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
           as_of: Optional[dt.datetime] = None, spec: Optional[InputSpec] = None) -> ScoreResult:
     """Score every input row with the model at `model_run_uri`; publish to `output_uri` atomically."""
     start = time.perf_counter()
     as_of = as_of or dt.datetime.now(dt.timezone.utc)
+    spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
     manifest = read_manifest(storage, model_run_uri)
-    spec = spec or inspect_input(cfg.data, storage)
-    check_features_match(manifest, spec)
     out = normalize_uri(output_uri)
-    storage.check_writable(out)
-    staging = join_uri(out, "_staging", f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
+    remove_abandoned_staging(storage, out)
+    staging = join_uri(out, STAGING, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
+    rejects_uri = join_uri(staging, REJECTS) if cfg.data.nan_policy == "drop" else None
 
     import ray.data
 
+    from pipeline.cluster import connect
+
+    connect(cfg.run.num_cpus)  # only once the cheap checks (model, storage, schema) have passed
     sc = cfg.score
     ds = read_dataset(spec, storage).map_batches(
         ScoringActor,
         fn_constructor_kwargs=dict(storage=storage, model_uri=model_run_uri, data=cfg.data, as_of=as_of,
-                                   use_gpu=sc.use_gpu, torch_threads=int(max(1, sc.cpus_per_actor))),
+                                   use_gpu=sc.use_gpu, torch_threads=int(max(1, sc.cpus_per_actor)),
+                                   rejects_uri=rejects_uri, output=cfg.output),
         batch_size=sc.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.cpus_per_actor, num_gpus=1 if sc.use_gpu else 0,
     )
@@ -222,17 +291,20 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
         ds.write_parquet(staging_path, filesystem=fs)
         staged = storage.list_files(staging, suffix=".parquet")
         scored = count_parquet_rows(storage, staged)
-        rejected = spec.num_rows - scored
-        if rejected < 0 or (rejected and cfg.data.nan_policy == "error"):
-            raise PipelineError(f"output {out}: staged {scored} rows for {spec.num_rows} input rows; not published")
+        rejected = count_parquet_rows(storage, storage.list_files(rejects_uri)) if rejects_uri else 0
+        if scored + rejected != spec.num_rows:
+            raise PipelineError(f"output {out}: staged {scored} scored + {rejected} rejected rows for "
+                                f"{spec.num_rows} input rows; not published")
         anomalies = _count_true(storage, staged, "is_anomaly")
         success = {
             "input_rows": spec.num_rows, "scored_rows": scored, "rejected_rows": rejected,
             "anomalies": anomalies, "model_version": manifest["model_version"],
             "model_uri": model_run_uri, "input_uri": spec.uri, "as_of": as_of.isoformat(),
+            "rejects": f"{REJECTS}/" if rejected else None,
             "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
         files = publish(storage, staging, out, success)
+        storage.delete_dir(join_uri(out, STAGING))  # earlier attempts were cleared at the start: it is empty
     except BaseException:
         _cleanup(storage, staging)
         raise

@@ -49,10 +49,13 @@ def describe_os_error(err: BaseException, uri: str, endpoint: Optional[str] = No
     text = str(err)
     low = text.lower()
     where = f" at {endpoint}" if endpoint else ""
-    if any(s in low for s in ("nosuchbucket", "bucket does not exist", "the specified bucket does not exist")):
+    if any(s in low for s in ("nosuchbucket", "no_such_bucket", "bucket does not exist")) or re.search(
+            r"bucket '[^']*' not found", low):
         return f"{uri}: bucket not found{where}"
-    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "accessdenied",
-                              "forbidden", "http status code 403", "invalidtoken", "expiredtoken")):
+    if any(s in low for s in ("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch",
+                              "signature_does_not_match", "access denied", "accessdenied", "access_denied",
+                              "forbidden", "http status code 403", "invalidtoken", "expiredtoken",
+                              "expired_token", "invalid_token")):
         return f"{uri}: access denied{where} (check the AWS credentials)"
     if any(s in low for s in ("curl", "connection refused", "couldn't connect", "could not connect",
                               "timed out", "timeout", "unreachable", "network_connection", "resolve host",
@@ -211,8 +214,22 @@ class Storage:
 
         self._wrap(src, _move)
 
+    def check_bucket(self, uri: str) -> None:
+        """For s3:// URIs, fail fast when the endpoint is unreachable, credentials are refused or the bucket
+        is missing (object reads in a missing bucket look like "no such file", which would mislead)."""
+        uri = normalize_uri(uri)
+        if scheme_of(uri) not in ("s3", "s3a"):
+            return
+        fs, path = self.resolve(uri)
+        bucket = path.split("/", 1)[0]
+        info = self._wrap(uri, fs.get_file_info, bucket)
+        if info.type == pafs.FileType.NotFound:
+            where = f" at {self.endpoint}" if self.endpoint else ""
+            raise StorageError(f"{uri}: bucket not found{where}")
+
     def check_writable(self, uri: str) -> None:
         """Fail fast (endpoint, credentials, bucket) by writing and deleting a marker under `uri`."""
+        self.check_bucket(uri)
         probe = join_uri(normalize_uri(uri), "_write_check")
         self.write_bytes(probe, b"ok")
         self.delete_file(probe)

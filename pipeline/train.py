@@ -256,7 +256,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[train] resumed from checkpoint after epoch {start_epoch - 1}", flush=True)
 
     ae = model
-    model = ray.train.torch.prepare_model(LossForward(ae)) if algorithm == "backprop" else ae.to(device)
+    if algorithm == "backprop":
+        # a stacked model's pretraining stage trains one layer pair: DDP must expect unused parameters
+        ddp_kw = {"find_unused_parameters": True} if config["model"].get("kind") == "stacked" else None
+        model = ray.train.torch.prepare_model(LossForward(ae), parallel_strategy_kwargs=ddp_kw)
+    else:
+        model = ae.to(device)
     step_fn = None
     if algorithm != "backprop":
         from pipeline.recirculation import make_step_fn  # noqa: PLC0415 - only this path needs it
@@ -275,6 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epochs = start_epoch  # a finished run resumed: nothing left to do but report the final checkpoint
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
+        stage = ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a stacked model
         stats = train_epoch(tensor_batches(train_shard.iter_batches(**iter_kw), normalizer, device),
                             model, optimizer, device, step_fn=step_fn)
         val_sum, val_rows = evaluate(
@@ -285,7 +291,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
              stats.data_wait_seconds])
         train_loss = tr_sum / max(tr_rows, 1)
         val_loss = v_sum / max(v_rows, 1) if v_rows else train_loss
-        improved = stopper.update(val_loss, epoch)
+        pretraining = stage is not None and stage != "finetune"
+        # the full model is not what pretraining optimizes: early stopping and the best model wait for fine-tuning
+        improved = False if pretraining else stopper.update(val_loss, epoch)
         if improved or best_state is None:
             best_state = _state_to_cpu(model)
         elapsed = time.perf_counter() - t0
@@ -298,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "worker_rows_per_s": steady_rows / steady_secs if steady_secs > 0 else 0.0,
             "data_wait_fraction": wait_secs / steady_secs if steady_secs > 0 else 0.0,
             **{f"train_{k}": v for k, v in stats.parts.items() if k != "recon"},
+            **({"stage": stage} if stage is not None else {}),
         }
         history.append(metrics)
         stop = stopper.should_stop
@@ -308,6 +317,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[train] epoch {epoch + 1}/{epochs} train_loss={train_loss:.5f} val_loss={val_loss:.5f}"
                   f" best={stopper.best:.5f}@{stopper.best_epoch + 1} rows={int(tr_rows)}"
                   f" {metrics['rows_per_s']:,.0f} rows/s epoch={elapsed:.1f}s eta={eta:.0f}s"
+                  + (f" stage={stage}" if stage is not None else "")
                   + ("  (early stop)" if stop else ""), flush=True)
         _report(metrics, rank, model, optimizer, best_state, stopper, epoch, history)
         if stop:
@@ -365,6 +375,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         "lr": tr.lr, "weight_decay": tr.weight_decay, "epochs": tr.epochs, "batch_size": batch_size,
         "patience": tr.patience, "min_delta": tr.min_delta, "seed": cfg.run.seed,
         "shuffle_buffer_rows": tr.shuffle_buffer_rows, "mean": mean.tolist(), "scale": scale.tolist(),
+        "recirculation_lambda": tr.recirculation_lambda,
         "torch_threads": max(1, int(tr.cpus_per_worker)),
     }
     resources = {"CPU": tr.cpus_per_worker}

@@ -1,0 +1,41 @@
+"""Feast definitions over the pipeline's output (`output.uri`, all `run_date=…/` partitions).
+
+One row per scored input row: the entity is the input's `id` column (data.id_columns), `event_timestamp` is
+the event time, `scored_at` the created timestamp (so a rescored row supersedes the older score for the same
+event). `SCORES_URI` names the output prefix; on S3, FileSource also takes `s3_endpoint_override`.
+"""
+
+import os
+from datetime import timedelta
+
+from feast import Entity, FeatureView, Field, FileSource
+from feast.data_format import ParquetFormat
+from feast.types import Array, Bool, Float32, String
+from feast.value_type import ValueType
+
+scored_row = Entity(name="scored_row", join_keys=["id"], value_type=ValueType.INT64,
+                    description="One input row, by data.id_columns")
+
+anomaly_scores_source = FileSource(
+    name="anomaly_scores",
+    path=os.environ.get("SCORES_URI", "s3://example-features/anomaly-scores/"),
+    file_format=ParquetFormat(),
+    timestamp_field="event_timestamp",
+    created_timestamp_column="scored_at",
+    s3_endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None,
+)
+
+anomaly_scores = FeatureView(
+    name="anomaly_scores",
+    entities=[scored_row],
+    ttl=timedelta(days=30),
+    schema=[
+        Field(name="latent", dtype=Array(Float32), description="the autoencoder's code for the row"),
+        Field(name="recon_error", dtype=Float32, description="reconstruction error (the anomaly score)"),
+        Field(name="is_anomaly", dtype=Bool, description="recon_error above the model's threshold"),
+        Field(name="top_features", dtype=Array(String), description="features with the largest error"),
+        Field(name="model_version", dtype=String, description="<run.name>@<weights sha256 prefix>"),
+    ],
+    online=True,
+    source=anomaly_scores_source,
+)

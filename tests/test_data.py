@@ -1,0 +1,159 @@
+"""Ingest without Ray: schema checks over every shard, feature matrices, the split, normalization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import DataSection, StorageSection
+from pipeline.data import (Moments, SplitFeatures, feature_matrix, inspect_input, merge_moment_rows,
+                           normalization_stats, validation_mask, BatchMoments)
+from pipeline.errors import InputError
+from pipeline.storage import Storage
+
+LOCAL = Storage(StorageSection())
+
+
+def vec_table(n: int, d: int, start: int = 0, fixed: bool = False) -> pa.Table:
+    x = np.arange(start * d, (start + n) * d, dtype=np.float32).reshape(n, d)
+    if fixed:
+        feats = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)
+    else:
+        feats = pa.array(list(x), pa.list_(pa.float32()))
+    return pa.table({"id": pa.array(np.arange(start, start + n, dtype=np.int64)), "features": feats})
+
+
+def write(tmp_path, name: str, table: pa.Table) -> str:
+    p = tmp_path / name
+    pq.write_table(table, p)
+    return str(p)
+
+
+def test_inspect_vector_input(tmp_path):
+    write(tmp_path, "a.parquet", vec_table(10, 4))
+    write(tmp_path, "b.parquet", vec_table(5, 4, start=10))
+    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    assert spec.num_rows == 15 and len(spec.files) == 2
+    assert spec.feature_names == [f"features[{i}]" for i in range(4)]
+    assert set(spec.columns) == {"features", "id"}
+
+
+def test_inspect_fixed_size_and_columns(tmp_path):
+    write(tmp_path, "a.parquet", vec_table(3, 6, fixed=True))
+    assert inspect_input(DataSection(input=str(tmp_path)), LOCAL).num_features == 6
+    cols = tmp_path / "cols"
+    cols.mkdir()
+    write(cols, "a.parquet", pa.table({"id": [1, 2], "a": [1.0, 2.0], "b": pa.array([1, 2], pa.int32())}))
+    spec = inspect_input(DataSection(input=str(cols), features=["b", "a"]), LOCAL)
+    assert spec.feature_names == ["b", "a"]
+
+
+@pytest.mark.parametrize("table, data, match", [
+    (pa.table({"id": [1], "other": [[1.0]]}), {}, r"b\.parquet: missing column 'features'"),
+    (pa.table({"id": [1], "features": ["x"]}), {}, r"feature column 'features' is string"),
+    (pa.table({"id": [1], "a": ["x"]}), {"features": ["a"]}, r"feature column 'a' is string"),
+    (pa.table({"features": [[1.0]]}), {}, r"missing column 'id'"),
+])
+def test_schema_errors_name_file_and_column(tmp_path, table, data, match):
+    write(tmp_path, "b.parquet", table)
+    with pytest.raises(InputError, match=match) as e:
+        inspect_input(DataSection(input=str(tmp_path), **data), LOCAL)
+    assert "\n" not in str(e.value)
+
+
+def test_schema_must_agree_across_shards(tmp_path):
+    write(tmp_path, "a.parquet", vec_table(3, 4))
+    write(tmp_path, "b.parquet", vec_table(3, 4, fixed=True))
+    with pytest.raises(InputError, match=r"b\.parquet: column 'features' is fixed_size_list.*a\.parquet"):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+
+
+def test_empty_and_missing_input(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        inspect_input(DataSection(input=str(tmp_path / "nope")), LOCAL)
+    with pytest.raises(InputError, match="no Parquet files"):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    write(tmp_path, "a.parquet", vec_table(0, 4))
+    with pytest.raises(InputError, match="empty"):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+
+
+def test_corrupt_file_is_named(tmp_path):
+    write(tmp_path, "a.parquet", vec_table(3, 4))
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match=r"c\.parquet: not a readable Parquet file"):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+
+
+def test_feature_matrix_layouts_agree():
+    var, fixed = vec_table(5, 3), vec_table(5, 3, fixed=True)
+    data = DataSection()
+    a, b = feature_matrix(var, data, 3), feature_matrix(fixed, data, 3)
+    assert a.dtype == np.float32 and a.shape == (5, 3)
+    np.testing.assert_array_equal(a, b)
+    # a sliced batch (non-zero offset) still lines up
+    np.testing.assert_array_equal(feature_matrix(fixed.slice(2, 2), data, 3), a[2:4])
+    cols = pa.table({"id": [1, 2], "a": [1.0, 2.0], "b": pa.array([3, 4], pa.int64())})
+    np.testing.assert_array_equal(feature_matrix(cols, DataSection(features=["a", "b"]), 2), [[1, 3], [2, 4]])
+
+
+def test_wrong_vector_length_and_nan_are_refused():
+    t = pa.table({"id": [1, 2], "features": [[1.0, 2.0], [1.0]], "path": ["s3://b/x.parquet"] * 2})
+    with pytest.raises(InputError, match=r"s3://b/x\.parquet: column 'features' has 1 vectors whose length is not 2"):
+        feature_matrix(t, DataSection(), 2)
+    t = pa.table({"id": [1, 2], "features": [[1.0, float("nan")], [1.0, 2.0]], "path": ["f.parquet"] * 2})
+    with pytest.raises(InputError, match=r"f\.parquet: column 'features' has 1 rows with NaN"):
+        SplitFeatures(DataSection(), 2, "all")(t)
+    kept = SplitFeatures(DataSection(nan_policy="drop"), 2, "all")(t)
+    assert kept.num_rows == 1
+
+
+def test_split_is_deterministic_and_independent_of_batching():
+    t = vec_table(20_000, 2)
+    data = DataSection(validation_fraction=0.2)
+    whole = validation_mask(t, data)
+    parts = np.concatenate([validation_mask(t.slice(i, 777), data) for i in range(0, 20_000, 777)])
+    np.testing.assert_array_equal(whole, parts)
+    assert 0.18 < whole.mean() < 0.22
+    # string ids and no ids at all also split stably
+    s = pa.table({"id": [f"user-{i}" for i in range(5000)], "features": t.column("features").slice(0, 5000)})
+    m1, m2 = validation_mask(s, data), validation_mask(s, data)
+    np.testing.assert_array_equal(m1, m2)
+    x = feature_matrix(t, data, 2)
+    no_ids = DataSection(validation_fraction=0.2, id_columns=[])
+    np.testing.assert_array_equal(validation_mask(t, no_ids, x), validation_mask(t, no_ids, x.copy()))
+
+
+def test_moments_merge_matches_numpy_on_wild_scales():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(10_000, 4)) * [1e-3, 1.0, 1e4, 0.0] + [0.0, -5.0, 1e6, 42.0]).astype(np.float32)
+    chunks = [Moments.of(x[i:i + 999]) for i in range(0, len(x), 999)]
+    total = chunks[0]
+    for c in chunks[1:]:
+        total = total.merge(c)
+    assert total.n == len(x)
+    np.testing.assert_allclose(total.mean, x.astype(np.float64).mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(total.std[:3], x.astype(np.float64).std(0, ddof=1)[:3], rtol=1e-6)
+    mean, scale = normalization_stats(total)
+    assert scale[3] == 1.0  # constant feature: scale 1, so it normalizes to 0 rather than NaN
+    z = (x - mean) / scale
+    assert np.isfinite(z).all()
+    np.testing.assert_allclose(z[:, :3].std(0), 1.0, rtol=1e-2)
+    np.testing.assert_allclose(z[:, 3], 0.0)
+
+
+def test_batch_moments_rows_merge_to_train_split_stats():
+    t = vec_table(3000, 3)
+    data = DataSection(validation_fraction=0.25)
+    bm = BatchMoments(data, 3)
+    rows = []
+    for i in range(0, 3000, 1000):
+        out = bm(t.slice(i, 1000))
+        rows.append({k: v[0] for k, v in out.items()})
+    m, n_val, n_rej = merge_moment_rows(rows, 3)
+    x = feature_matrix(t, data, 3)
+    val = validation_mask(t, data)
+    assert m.n + n_val == 3000 and n_rej == 0
+    np.testing.assert_allclose(m.mean, x[~val].astype(np.float64).mean(0), rtol=1e-9)

@@ -1,0 +1,184 @@
+"""Integration: one small model trained on a real local Ray, then what operations need from it — the
+training and scoring reports, Feast-ready output read back by real Feast, nightly incremental scoring on the
+loopback S3 server with `--model latest`, and the `--dry-run` / flag errors of the entrypoints."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import StorageSection, load_config
+from pipeline.jobs import score_job, train_job
+from pipeline.report import TRUTH_COLUMN
+from pipeline.sample import write_sample
+from pipeline.schedule import report_uri
+from pipeline.storage import Storage
+from tests.conftest import ROOT, job_env, run_job
+from tests.test_report import render
+
+# The first test waits on the module's training run; on a loaded 2-core CI box that can pass 10 minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+D1 = dt.date(2026, 1, 1)
+FEAST_PYTHON = ROOT / ".venv-feast" / "bin" / "python"
+
+
+def small_config(tmp: Path, **more: str):
+    sets = {
+        "run.name": "ops", "data.input": str(tmp / "data"), "data.timestamp_column": "event_time",
+        "model.hidden_dims": "[32, 16]", "model.latent_dim": "4", "train.epochs": "3", "train.batch_size": "128",
+        "train.lr": "0.003", "train.num_workers": "1", "train.cpus_per_worker": "1",
+        "artifacts.uri": str(tmp / "artifacts"), "output.uri": str(tmp / "output"),
+        "output.flat_latent": "true", "output.feature_errors": "true", "output.top_k_features": "3", **more,
+    }
+    return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ops")
+    local = Storage(StorageSection())
+    write_sample(str(tmp / "data"), local, rows=3000, shards=2, features=16, seed=3)
+    cfg = small_config(tmp)
+    t = train_job(cfg, local)
+    s = score_job(cfg, local, run_date=D1)
+    return {"tmp": tmp, "cfg": cfg, "train": t, "score": s, "storage": local}
+
+
+def test_training_report_is_written_next_to_the_model_and_renders(trained, tmp_path):
+    page = Path(trained["cfg"].run_uri) / "report.html"
+    html = page.read_text()
+    for heading in ("Loss per epoch", "Validation reconstruction errors", "Per-feature mean error",
+                    "Latent codes (2-D PCA)", "planted truth"):
+        assert heading in html
+    assert trained["train"].model_version in html
+    assert render(page, tmp_path) == {"images": "4", "loaded": "4", "errors": "0", "text": "rendered"}
+    hist = trained["train"].manifest["validation_error_histogram"]
+    assert sum(hist["counts"]) == trained["train"].validation_rows
+
+
+def test_scoring_report_compares_with_training(trained, tmp_path):
+    s = trained["score"]
+    page = Path(report_uri(trained["cfg"].output.uri, D1))
+    html = page.read_text()
+    assert f"<th>anomalies</th><td>{s.anomalies} (" in html and "PSI" in html
+    assert "against the validation rows the model was trained with" in html
+    assert render(page, tmp_path) == {"images": "1", "loaded": "1", "errors": "0", "text": "rendered"}
+
+
+def test_output_is_one_run_date_partition_with_feast_ready_columns(trained):
+    s, cfg = trained["score"], trained["cfg"]
+    assert s.output_uri.endswith("/output/run_date=2026-01-01")
+    assert (Path(s.output_uri) / "_SUCCESS").exists()
+    t = pq.read_table(s.output_uri)
+    assert t.num_rows == 3000
+    types = dict(zip(t.schema.names, t.schema.types))
+    assert types["id"] == pa.int64() and types["latent"] == pa.list_(pa.float32())
+    assert types["event_timestamp"] == pa.timestamp("us", tz="UTC") and types["scored_at"] == types["event_timestamp"]
+    assert types["feature_errors"] == pa.list_(pa.float32()) and types["top_features"] == pa.list_(pa.string())
+    assert [c for c in t.schema.names if c.startswith("z_")] == ["z_0", "z_1", "z_2", "z_3"]
+    latent = np.array(t.column("latent").to_pylist(), np.float32)
+    np.testing.assert_array_equal(latent[:, 2], t.column("z_2").to_numpy())
+    fe = np.array(t.column("feature_errors").to_pylist(), np.float32)
+    assert fe.shape == (3000, 16)
+    # recon_error is the mean of the per-feature errors; top_features are the largest of them, largest first
+    np.testing.assert_allclose(fe.mean(axis=1), t.column("recon_error").to_numpy(), rtol=1e-4, atol=1e-7)
+    names = trained["train"].manifest["feature_names"]
+    want = [[names[j] for j in np.argsort(-row, kind="stable")[:3]] for row in fe[:200]]
+    assert t.column("top_features").to_pylist()[:200] == want
+    # what a person investigating an anomaly wants: the planted anomalies' top feature errors are large
+    truth = pq.read_table(cfg.data.input, columns=["id", TRUTH_COLUMN]).join(t.select(["id", "recon_error"]), "id")
+    flag = truth.column(TRUTH_COLUMN).to_numpy(zero_copy_only=False)
+    err = truth.column("recon_error").to_numpy()
+    assert err[flag].mean() > 3 * err[~flag].mean()
+
+
+def test_feast_reads_back_what_the_pipeline_wrote(trained, tmp_path):
+    assert FEAST_PYTHON.exists(), f"{FEAST_PYTHON} missing: run `make feast-env` (make test does)"
+    repo = tmp_path / "feast"
+    subprocess.run(["cp", "-r", str(ROOT / "infra" / "feast"), str(repo)], check=True)
+    out = pq.read_table(trained["score"].output_uri)
+    rows = out.slice(0, 40).to_pylist()
+    req = {"ids": [r["id"] for r in rows], "event_timestamps": [r["event_timestamp"].isoformat() for r in rows],
+           "materialize_start": "2025-01-01T00:00:00+00:00",
+           "materialize_end": dt.datetime.now(dt.timezone.utc).isoformat()}
+    (tmp_path / "req.json").write_text(json.dumps(req))
+    env = job_env()
+    env["SCORES_URI"] = str(Path(trained["cfg"].output.uri)) + "/"
+    proc = subprocess.run([str(FEAST_PYTHON), str(ROOT / "tests" / "helpers" / "feast_roundtrip.py"), str(repo),
+                           str(tmp_path / "req.json"), str(tmp_path / "res.json")], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    for kind in ("historical", "online"):
+        got = res[kind]
+        assert len(got) == len(rows), kind
+        for r in rows:
+            g = got[str(r["id"])]
+            np.testing.assert_allclose(g["latent"], r["latent"], rtol=1e-6, err_msg=kind)
+            assert g["recon_error"] == pytest.approx(r["recon_error"], rel=1e-6), kind
+            assert g["is_anomaly"] == r["is_anomaly"] and g["top_features"] == r["top_features"], kind
+            assert g["model_version"] == trained["train"].model_version, kind
+
+
+def _partition_state(storage: Storage, uri: str) -> tuple[list[str], dict]:
+    return storage.list_files(uri), storage.read_json(f"{uri}/_SUCCESS")
+
+
+def test_nightly_incremental_scoring_on_s3_with_latest_model(trained, storage, bucket):
+    inp, out = f"s3://{bucket}/events", f"s3://{bucket}/scores"
+    write_sample(f"{inp}/date=2026-01-01", storage, rows=600, shards=2, features=16, seed=11)
+    write_sample(f"{inp}/date=2026-01-02", storage, rows=500, shards=1, features=16, seed=12)
+    cfg = small_config(trained["tmp"], **{"data.input": inp, "output.uri": out, "score.incremental": "true",
+                                          "run.name": "nightly"})
+    version = trained["train"].model_version
+
+    r1 = score_job(cfg, storage, model_run="latest", run_date=dt.date(2026, 1, 2))
+    assert r1.scored_rows == 1100 and r1.model_version == version
+    state = storage.read_json(f"{out}/_state/{version.replace('@', '_')}.json")
+    assert {k: v["rows"] for k, v in state["partitions"].items()} == {"date=2026-01-01": 600, "date=2026-01-02": 500}
+    before = _partition_state(storage, r1.output_uri)
+
+    write_sample(f"{inp}/date=2026-01-03", storage, rows=300, shards=1, features=16, seed=13)
+    r2 = score_job(cfg, storage, model_run="latest", run_date=dt.date(2026, 1, 3))
+    assert r2.scored_rows == 300 and r2.output_uri.endswith("run_date=2026-01-03")
+    # rerunning a date replaces that partition only, with the same partitions scored again
+    r2b = score_job(cfg, storage, model_run="latest", run_date=dt.date(2026, 1, 3))
+    assert r2b.scored_rows == 300
+    assert storage.list_files(r2.output_uri) == r2b.files
+    assert _partition_state(storage, r1.output_uri) == before
+    assert storage.exists(report_uri(out, dt.date(2026, 1, 3)))
+    # nothing new: nothing published
+    assert score_job(cfg, storage, model_run="latest", run_date=dt.date(2026, 1, 4)) is None
+    assert not storage.exists(f"{out}/run_date=2026-01-04")
+
+
+def test_dry_run_checks_without_ray_and_flags_fail_in_one_line(trained, storage, bucket):
+    cfg_path = trained["tmp"] / "ops.yaml"
+    cfg_path.write_text(json.dumps(trained["cfg"].to_dict()))  # JSON is YAML
+    env = job_env(storage.endpoint)
+
+    ok = run_job("jobs.run", "--config", str(cfg_path), "--dry-run", "--model", "latest", "--run-date",
+                 "2026-01-05", env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "[dry-run] input ok:" in ok.stdout and "3000 rows in 2 files, 16 features" in ok.stdout
+    assert f"model ok: {trained['train'].model_version}" in ok.stdout and "run_date=2026-01-05" in ok.stdout
+    assert "Started a local Ray instance" not in ok.stdout + ok.stderr
+
+    cases = [
+        (["jobs.run", "--run-date", "2026-02-30"], "error: --run-date '2026-02-30': expected a date as YYYY-MM-DD"),
+        (["jobs.score", "--dry-run", "--model", "nope"], "error: --model nope: no finished run at"),
+        (["jobs.train", "--dry-run", "--set", f"output.uri=s3://{bucket}-missing/x"], f"{bucket}-missing' not found"),
+        (["jobs.run", "--dry-run", "--set", "data.input=/nonexistent/in"], "error: data.input /nonexistent/in: no such"),
+    ]
+    for args, msg in cases:
+        p = run_job(args[0], "--config", str(cfg_path), *args[1:], env=env, timeout=120)
+        assert p.returncode == 2, (args, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], (args, p.stderr)
