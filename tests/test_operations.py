@@ -174,7 +174,7 @@ def test_dry_run_checks_without_ray_and_flags_fail_in_one_line(trained, storage,
     cases = [
         (["jobs.run", "--run-date", "2026-02-30"], "error: --run-date '2026-02-30': expected a date as YYYY-MM-DD"),
         (["jobs.score", "--dry-run", "--model", "nope"], "error: --model nope: no finished run at"),
-        (["jobs.train", "--dry-run", "--set", f"output.uri=s3://{bucket}-missing/x"], f"{bucket}-missing' not found"),
+        (["jobs.train", "--dry-run", "--set", f"output.uri=s3://{bucket}-missing/x"], f"s3://{bucket}-missing/x: bucket not found"),
         (["jobs.run", "--dry-run", "--set", "data.input=/nonexistent/in"], "error: data.input /nonexistent/in: no such"),
     ]
     for args, msg in cases:
