@@ -128,7 +128,7 @@ def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):
     write_sample(str(tmp_path / "in"), storage, rows=400, shards=1, features=12, seed=11)
     cfg = config_from_dict({"data": {"input": str(tmp_path / "in")}, "artifacts": {"uri": str(tmp_path / "a")},
                             "output": {"uri": str(tmp_path / "o")}, "run": {"name": "tiny"},
-                            "train": {"cpus_per_worker": 0.5, "epochs": 10}})
+                            "train": {"cpus_per_worker": 0.5, "epochs": 5}})
     t = train_job(cfg, storage)
     assert t.manifest["metrics"]["batch_size"] < cfg.train.batch_size
     assert t.best_val_loss < t.first_val_loss
