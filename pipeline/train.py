@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(config["seed"] + rank)
 
