@@ -195,11 +195,15 @@ class ScoreSection:
     batch_size: int = 4096
     """Rows per scoring batch."""
     concurrency: int = 1
-    """Scoring actors (each loads the model once)."""
+    """Scoring workers at once (tasks or actors; each loads the model once)."""
     cpus_per_actor: float = 1.0
-    """CPUs per scoring actor."""
+    """CPUs (and torch threads) per scoring worker, task or actor."""
     use_gpu: bool = False
     """Score on GPUs (one per actor)."""
+    compute: str = "auto"
+    """`tasks`: read, score and write fused into one Ray task per file (CPU); `actors`: an actor pool that
+    keeps the model loaded, fed by separate read and write tasks (needed for GPUs); `auto`: actors with
+    use_gpu, else tasks."""
     incremental: bool = False
     """Input is partitioned (`<data.input>/<key>=<value>/`): score only partitions this model has not scored."""
 
@@ -208,6 +212,13 @@ class ScoreSection:
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
         _check(self.concurrency >= 1, "score.concurrency", "must be >= 1")
         _check(self.cpus_per_actor > 0, "score.cpus_per_actor", "must be > 0")
+        _check(self.compute in ("auto", "tasks", "actors"), "score.compute", "must be auto, tasks or actors")
+        _check(not (self.use_gpu and self.compute == "tasks"), "score.compute",
+               "must be actors (or auto) with score.use_gpu: a GPU model stays loaded in an actor")
+
+    @property
+    def uses_actors(self) -> bool:
+        return self.compute == "actors" or (self.compute == "auto" and self.use_gpu)
 
 
 @dataclass

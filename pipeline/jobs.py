@@ -210,7 +210,8 @@ def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optiona
     if plan is not None:
         record_scored(storage, plan, run_date, spec.file_rows)
     print(f"[score] {res.scored_rows} rows scored ({res.rejected_rows} rejected, {res.anomalies} anomalies) "
-          f"with {res.model_version} -> {res.output_uri} in {res.seconds:.1f}s", flush=True)
+          f"with {res.model_version} -> {res.output_uri} in {res.seconds:.1f}s "
+          f"({', '.join(f'{k} {v:.1f}s' for k, v in res.phases.items())})", flush=True)
     if "deciles" in manifest.get("validation_error_histogram", {}):
         counts = output_error_counts(storage, res.files, manifest["validation_error_histogram"])
         r_uri = report_uri(cfg.output.uri, run_date)

@@ -24,10 +24,11 @@ hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as `reje
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import datetime as dt
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -146,7 +147,8 @@ def _us(t: dt.datetime) -> int:
 
 
 class ScoringActor:
-    """Ray Data actor: loads (and checksum-verifies) the model once, then scores batch after batch."""
+    """Ray Data actor (GPU scoring, `score.compute: actors`): loads (and checksum-verifies) the model once,
+    then scores batch after batch."""
 
     def __init__(self, storage: Storage, model_uri: str, data: DataSection, as_of: dt.datetime,
                  use_gpu: bool = False, torch_threads: int = 1, rejects_uri: Optional[str] = None,
@@ -159,6 +161,48 @@ class ScoringActor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self.predictor(table)
+
+
+_WORKER_PREDICTOR: dict[tuple, Predictor] = {}
+"""The scoring task's model, per worker process: loaded by the first task of a run that lands there."""
+
+
+@dataclass(frozen=True)
+class ScoreBatches:
+    """Ray Data function (CPU scoring, `score.compute: tasks`): scores in plain tasks, so Ray fuses
+    read -> score -> write into one task per file (no actor start to wait for, no block handed between
+    processes). Each worker process loads and verifies the model once per run and keeps it."""
+
+    storage: Storage
+    model_uri: str
+    data: DataSection
+    as_of: dt.datetime
+    torch_threads: int = 1
+    rejects_uri: Optional[str] = None
+    output: Optional[OutputSection] = None
+    batch_size: int = 4096
+    """Rows the model scores at a time."""
+    run_id: str = ""
+    """Names the run: a worker never reuses a model loaded for an earlier run (the artifact may have changed)."""
+
+    def predictor(self) -> Predictor:
+        key = (self.run_id, self.model_uri)
+        if key not in _WORKER_PREDICTOR:
+            _WORKER_PREDICTOR.clear()  # one model per worker process, the current run's
+            on_reject = RejectWriter(self.storage, self.rejects_uri, self.data) if self.rejects_uri else None
+            _WORKER_PREDICTOR[key] = Predictor(load_artifact(self.storage, self.model_uri), self.data, self.as_of,
+                                               on_reject=on_reject, output=self.output)
+        return _WORKER_PREDICTOR[key]
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        # Ray hands over whole blocks (a `batch_size` on map_batches would stop it fusing the read into this
+        # task); the model sees slices of `batch_size` rows.
+        torch.set_num_threads(max(1, self.torch_threads))
+        predict = self.predictor()
+        if table.num_rows <= self.batch_size:
+            return predict(table)
+        return pa.concat_tables([predict(table.slice(i, self.batch_size))
+                                 for i in range(0, table.num_rows, self.batch_size)])
 
 
 class ErrorScorer:
@@ -184,33 +228,56 @@ class ErrorScorer:
 # ------------------------------------------------------------------------------------------ publishing
 
 
+IO_THREADS = 16
+"""Object-store requests in flight at once when verifying and publishing output (each file is a round trip)."""
+
+
+def _each(fn, items: list) -> list:
+    """`fn` over `items` on a thread pool (object-store round trips overlap), results in order."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with cf.ThreadPoolExecutor(min(IO_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def count_parquet_rows(storage: Storage, files: list[str]) -> int:
-    total = 0
-    for f in files:
+    def rows(f: str) -> int:
         fs, path = storage.resolve(f)
         with fs.open_input_file(path) as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
+            return pq.ParquetFile(fh).metadata.num_rows
+
+    return sum(_each(rows, files))
+
+
+def count_rows_and_true(storage: Storage, files: list[str], column: str) -> tuple[int, int]:
+    """Rows (from the footers) and true values of a bool `column` over Parquet `files`."""
+    def one(f: str) -> tuple[int, int]:
+        fs, path = storage.resolve(f)
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            col = pf.read(columns=[column]).column(column)
+            return pf.metadata.num_rows, int(pc.sum(col).as_py() or 0)
+
+    counts = _each(one, files)
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def publish(storage: Storage, staging: str, out: str, success: dict[str, Any]) -> list[str]:
     """Replace `out`'s data files with the staged ones and write `_SUCCESS` last. Returns the new files.
 
     `_SUCCESS` goes first, so during the swap readers see an incomplete partition (and skip it), never a
-    mix of old and new rows presented as complete.
+    mix of old and new rows presented as complete. Deletes and moves run IO_THREADS at a time.
     """
     storage.delete_file(join_uri(out, SUCCESS))
-    for old in storage.list_files(out):
-        storage.delete_file(old)
+    _each(storage.delete_file, storage.list_files(out))
     storage.delete_dir(join_uri(out, REJECTS))
-    published = []
-    for f in storage.list_files(staging):
-        dst = join_uri(out, f[len(staging):].lstrip("/"))
-        storage.move(f, dst)
-        published.append(dst)
+    # list_files hides `_` names: the staged data files, then the staged rejects
+    moves = [(f, join_uri(out, f[len(staging):].lstrip("/"))) for f in storage.list_files(staging)]
+    published = [dst for _, dst in moves]
     staged_rejects = join_uri(staging, REJECTS)
-    for f in storage.list_files(staged_rejects):
-        storage.move(f, join_uri(out, REJECTS, f[len(staged_rejects):].lstrip("/")))
+    moves += [(f, join_uri(out, REJECTS, f[len(staged_rejects):].lstrip("/")))
+              for f in storage.list_files(staged_rejects)]
+    _each(lambda m: storage.move(*m), moves)
     storage.write_json(join_uri(out, SUCCESS), {**success, "files": [p.rsplit("/", 1)[-1] for p in published]})
     storage.delete_dir(staging)
     return published
@@ -226,6 +293,8 @@ class ScoreResult:
     model_version: str
     seconds: float
     files: list[str]
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase (checks, score_and_write, verify, publish): where a run's time went."""
 
 
 def check_features_match(manifest: dict[str, Any], spec: InputSpec) -> None:
@@ -260,10 +329,39 @@ def remove_abandoned_staging(storage: Storage, out: str) -> None:
         storage.delete_dir(staging_root)
 
 
+def scoring_dataset(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: str, as_of: dt.datetime,
+                    rejects_uri: Optional[str] = None, run_id: str = "") -> tuple[Any, dict[str, Any]]:
+    """The Ray Dataset of scored rows, and the arguments its write_parquet needs to stay fused with it."""
+    import ray.data
+
+    sc = cfg.score
+    threads = int(max(1, sc.cpus_per_actor))
+    if sc.uses_actors:
+        ds = read_dataset(spec, storage).map_batches(
+            ScoringActor,
+            fn_constructor_kwargs=dict(storage=storage, model_uri=model_run_uri, data=cfg.data, as_of=as_of,
+                                       use_gpu=sc.use_gpu, torch_threads=threads, rejects_uri=rejects_uri,
+                                       output=cfg.output),
+            batch_size=sc.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
+            num_cpus=sc.cpus_per_actor, num_gpus=1 if sc.use_gpu else 0,
+        )
+        return ds, {}
+    fn = ScoreBatches(storage, model_run_uri, cfg.data, as_of, threads, rejects_uri, cfg.output,
+                      batch_size=sc.batch_size, run_id=run_id)
+    # The same CPUs on read, score and write, no per-operator concurrency, whole blocks into the map: Ray
+    # fuses the three into one task per file. `score.concurrency` caps the dataset's CPUs instead.
+    cpus = {"num_cpus": sc.cpus_per_actor}
+    ds = read_dataset(spec, storage, **cpus).map_batches(fn, batch_size=None, batch_format="pyarrow", **cpus)
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources(cpu=sc.concurrency * sc.cpus_per_actor)
+    return ds, {"ray_remote_args": cpus}
+
+
 def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
           as_of: Optional[dt.datetime] = None, spec: Optional[InputSpec] = None) -> ScoreResult:
     """Score every input row with the model at `model_run_uri`; publish to `output_uri` atomically."""
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+    lap = _Lap(phases)
     as_of = as_of or dt.datetime.now(dt.timezone.utc)
     spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
     manifest = read_manifest(storage, model_run_uri)
@@ -272,30 +370,22 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     staging = join_uri(out, STAGING, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
     rejects_uri = join_uri(staging, REJECTS) if cfg.data.nan_policy == "drop" else None
 
-    import ray.data
-
     from pipeline.cluster import connect
 
     connect(cfg.run.num_cpus)  # only once the cheap checks (model, storage, schema) have passed
-    sc = cfg.score
-    ds = read_dataset(spec, storage).map_batches(
-        ScoringActor,
-        fn_constructor_kwargs=dict(storage=storage, model_uri=model_run_uri, data=cfg.data, as_of=as_of,
-                                   use_gpu=sc.use_gpu, torch_threads=int(max(1, sc.cpus_per_actor)),
-                                   rejects_uri=rejects_uri, output=cfg.output),
-        batch_size=sc.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
-        num_cpus=sc.cpus_per_actor, num_gpus=1 if sc.use_gpu else 0,
-    )
+    ds, write_args = scoring_dataset(cfg, storage, spec, model_run_uri, as_of, rejects_uri, run_id=staging)
     fs, staging_path = storage.resolve(staging)
+    lap("checks")
     try:
-        ds.write_parquet(staging_path, filesystem=fs)
+        ds.write_parquet(staging_path, filesystem=fs, **write_args)
+        lap("score_and_write")
         staged = storage.list_files(staging, suffix=".parquet")
-        scored = count_parquet_rows(storage, staged)
+        scored, anomalies = count_rows_and_true(storage, staged, "is_anomaly")
         rejected = count_parquet_rows(storage, storage.list_files(rejects_uri)) if rejects_uri else 0
         if scored + rejected != spec.num_rows:
             raise PipelineError(f"output {out}: staged {scored} scored + {rejected} rejected rows for "
                                 f"{spec.num_rows} input rows; not published")
-        anomalies = _count_true(storage, staged, "is_anomaly")
+        lap("verify")
         success = {
             "input_rows": spec.num_rows, "scored_rows": scored, "rejected_rows": rejected,
             "anomalies": anomalies, "model_version": manifest["model_version"],
@@ -305,11 +395,24 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
         }
         files = publish(storage, staging, out, success)
         storage.delete_dir(join_uri(out, STAGING))  # earlier attempts were cleared at the start: it is empty
+        lap("publish")
     except BaseException:
         _cleanup(storage, staging)
         raise
     return ScoreResult(out, spec.num_rows, scored, rejected, anomalies, manifest["model_version"],
-                       time.perf_counter() - start, files)
+                       time.perf_counter() - start, files, phases)
+
+
+class _Lap:
+    """Records the seconds since the previous lap under a phase name."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into, self.t = into, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = round(now - self.t, 3)
+        self.t = now
 
 
 def _cleanup(storage: Storage, staging: str) -> None:
@@ -317,12 +420,3 @@ def _cleanup(storage: Storage, staging: str) -> None:
         storage.delete_dir(staging)
     except Exception:  # noqa: BLE001 - best effort; the original error matters more
         pass
-
-
-def _count_true(storage: Storage, files: list[str], column: str) -> int:
-    total = 0
-    for f in files:
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            total += int(pc.sum(pq.read_table(fh, columns=[column]).column(column)).as_py() or 0)
-    return total

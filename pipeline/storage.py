@@ -208,7 +208,7 @@ class Storage:
         parent = dpath.rsplit("/", 1)[0]
 
         def _move() -> None:
-            if parent:
+            if parent and isinstance(fs, pafs.LocalFileSystem):  # object stores have no directories to make
                 fs.create_dir(parent, recursive=True)
             fs.move(spath, dpath)
 

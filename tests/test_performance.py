@@ -1,0 +1,109 @@
+"""The structure the benchmark's figures rest on: how data is read and how scoring is planned on a real local
+Ray, and what a scoring worker loads. Speed itself is measured by `make bench`, not asserted here."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+from contextlib import redirect_stdout
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import score as score_mod
+from pipeline.artifacts import save_artifact
+from pipeline.config import Config, DataSection, ModelSection, ScoreSection, StorageSection
+from pipeline.data import PATH_COLUMN, inspect_input, read_dataset
+from pipeline.errors import ConfigError
+from pipeline.models import build_model
+from pipeline.sample import write_sample
+from pipeline.storage import Storage
+
+DATA = dict(features="features", id_columns=["id"], timestamp_column="event_time")
+
+
+def _spec(tmp_path, rows=4000, shards=4):
+    storage = Storage(StorageSection())
+    uri = str(tmp_path / "in")
+    write_sample(uri, storage, rows=rows, shards=shards, features=8)
+    data = DataSection(input=uri, **DATA)
+    return storage, data, inspect_input(data, storage)
+
+
+@pytest.mark.integration
+def test_read_dataset_reads_each_file_in_its_own_task_and_block(tmp_path, ray_cluster):
+    # Ray 2.60's default reader planned every file into one task and one block (no parallel reads, memory
+    # growing with the input); the pipeline's reader must give a block per file.
+    storage, _, spec = _spec(tmp_path, rows=4000, shards=4)
+    ds = read_dataset(spec, storage).materialize()
+    assert ds.num_blocks() == 4
+    assert ds.count() == 4000
+    assert set(ds.columns()) == set(spec.columns) | {PATH_COLUMN}
+    files = {r[PATH_COLUMN] for r in ds.select_columns([PATH_COLUMN]).take_all()}
+    assert len(files) == 4
+    assert set(read_dataset(spec, storage, with_paths=False).columns()) == set(spec.columns)
+
+
+def _plan(ds) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        ds.explain()
+    text = out.getvalue()
+    return text[text.index("Physical Plan (Optimized)"):]
+
+
+@pytest.mark.integration
+def test_cpu_scoring_runs_read_and_score_in_one_task_and_gpu_scoring_in_actors(tmp_path, ray_cluster):
+    storage, data, spec = _spec(tmp_path)
+    cfg = Config(data=data, score=ScoreSection(concurrency=2, cpus_per_actor=0.5))
+    now = dt.datetime.now(dt.timezone.utc)
+    ds, write_args = score_mod.scoring_dataset(cfg, storage, spec, str(tmp_path / "model-run"), now)
+    plan = _plan(ds)
+    assert "ReadParquet->MapBatches(ScoreBatches)" in plan, plan
+    assert write_args == {"ray_remote_args": {"num_cpus": 0.5}}  # the write fuses only with the same CPUs
+    assert ds.context.execution_options.resource_limits.cpu == pytest.approx(1.0)  # concurrency x CPUs
+
+    actors = dataclasses.replace(cfg, score=ScoreSection(compute="actors"))
+    ds, write_args = score_mod.scoring_dataset(actors, storage, spec, str(tmp_path / "model-run"), now)
+    assert "ActorPoolMapOperator" in _plan(ds) and write_args == {}
+
+
+def test_score_compute_setting_is_checked():
+    assert ScoreSection().uses_actors is False
+    assert ScoreSection(use_gpu=True).uses_actors is True
+    assert ScoreSection(compute="actors").uses_actors is True
+    with pytest.raises(ConfigError, match="score.compute"):
+        ScoreSection(compute="threads")
+    with pytest.raises(ConfigError, match="score.compute"):
+        ScoreSection(compute="tasks", use_gpu=True)
+
+
+def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
+    storage, data, spec = _spec(tmp_path, rows=1000, shards=1)
+    run_uri = str(tmp_path / "run")
+    model = build_model(spec.num_features, **dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=2)))
+    save_artifact(storage, run_uri, model, {
+        "run_name": "perf", "n_features": spec.num_features, "feature_names": spec.feature_names,
+        "latent_dim": 2, "model": dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=2)),
+        "normalization": {"mean": [0.0] * spec.num_features, "scale": [1.0] * spec.num_features},
+        "threshold": 1.0,
+    })
+    loads = []
+    real_load = score_mod.load_artifact
+    monkeypatch.setattr(score_mod, "load_artifact", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
+    monkeypatch.setattr(score_mod, "_WORKER_PREDICTOR", {})
+    table = pq.read_table(spec.files[0], columns=spec.columns)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    fn = score_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-1")
+    out = [fn(table), fn(table)]
+    assert loads == [run_uri]  # the second block reuses the loaded model
+    assert all(o.num_rows == table.num_rows for o in out)  # sliced into batches of 300, put back in order
+    assert out[0].column("id").to_pylist() == table.column("id").to_pylist()
+    np.testing.assert_allclose(out[0].column("recon_error").to_numpy(), out[1].column("recon_error").to_numpy())
+
+    score_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-2")(table)
+    assert loads == [run_uri, run_uri]  # a new run never reuses an earlier run's model
+    assert len(score_mod._WORKER_PREDICTOR) == 1
