@@ -34,6 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -377,7 +378,9 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     fs, staging_path = storage.resolve(staging)
     lap("checks")
     try:
-        ds.write_parquet(staging_path, filesystem=fs, **write_args)
+        # S3 has no directories: making them costs a round trip per file for nothing
+        ds.write_parquet(staging_path, filesystem=fs, try_create_dir=not isinstance(fs, pafs.S3FileSystem),
+                         **write_args)
         lap("score_and_write")
         staged = storage.list_files(staging, suffix=".parquet")
         scored, anomalies = count_rows_and_true(storage, staged, "is_anomaly")
