@@ -10,7 +10,6 @@ worker counts.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataSection
 from pipeline.errors import InputError, StorageError
-from pipeline.storage import Storage, normalize_uri, scheme_of
+from pipeline.storage import Storage, map_io, normalize_uri, scheme_of
 
 PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): names the shard in error messages
 REJECT_SOURCE = "source_file"
@@ -105,8 +104,7 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     if not files:
         raise InputError(f"data.input {uri}: no Parquet files found")
 
-    with cf.ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-        footers = list(pool.map(lambda u: _read_footer(storage, u), files))
+    footers = map_io(lambda u: _read_footer(storage, u), files)
 
     feature_cols = data.feature_columns
     required = list(dict.fromkeys(feature_cols + data.id_columns

@@ -24,7 +24,6 @@ hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as `reje
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime as dt
 import time
 import uuid
@@ -43,7 +42,7 @@ from pipeline.config import Config, DataSection, OutputSection, join_uri
 from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
-from pipeline.storage import Storage, normalize_uri
+from pipeline.storage import Storage, map_io, normalize_uri
 from pipeline.train import Normalizer, autocast_for
 
 SUCCESS = "_SUCCESS"
@@ -229,25 +228,13 @@ class ErrorScorer:
 # ------------------------------------------------------------------------------------------ publishing
 
 
-IO_THREADS = 16
-"""Object-store requests in flight at once when verifying and publishing output (each file is a round trip)."""
-
-
-def _each(fn, items: list) -> list:
-    """`fn` over `items` on a thread pool (object-store round trips overlap), results in order."""
-    if len(items) <= 1:
-        return [fn(x) for x in items]
-    with cf.ThreadPoolExecutor(min(IO_THREADS, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
 def count_parquet_rows(storage: Storage, files: list[str]) -> int:
     def rows(f: str) -> int:
         fs, path = storage.resolve(f)
         with fs.open_input_file(path) as fh:
             return pq.ParquetFile(fh).metadata.num_rows
 
-    return sum(_each(rows, files))
+    return sum(map_io(rows, files))
 
 
 def count_rows_and_true(storage: Storage, files: list[str], column: str) -> tuple[int, int]:
@@ -259,7 +246,7 @@ def count_rows_and_true(storage: Storage, files: list[str], column: str) -> tupl
             col = pf.read(columns=[column]).column(column)
             return pf.metadata.num_rows, int(pc.sum(col).as_py() or 0)
 
-    counts = _each(one, files)
+    counts = map_io(one, files)
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
@@ -267,10 +254,10 @@ def publish(storage: Storage, staging: str, out: str, success: dict[str, Any]) -
     """Replace `out`'s data files with the staged ones and write `_SUCCESS` last. Returns the new files.
 
     `_SUCCESS` goes first, so during the swap readers see an incomplete partition (and skip it), never a
-    mix of old and new rows presented as complete. Deletes and moves run IO_THREADS at a time.
+    mix of old and new rows presented as complete. Deletes and moves overlap (`map_io`).
     """
     storage.delete_file(join_uri(out, SUCCESS))
-    _each(storage.delete_file, storage.list_files(out))
+    map_io(storage.delete_file, storage.list_files(out))
     storage.delete_dir(join_uri(out, REJECTS))
     # list_files hides `_` names: the staged data files, then the staged rejects
     moves = [(f, join_uri(out, f[len(staging):].lstrip("/"))) for f in storage.list_files(staging)]
@@ -278,7 +265,7 @@ def publish(storage: Storage, staging: str, out: str, success: dict[str, Any]) -
     staged_rejects = join_uri(staging, REJECTS)
     moves += [(f, join_uri(out, REJECTS, f[len(staged_rejects):].lstrip("/")))
               for f in storage.list_files(staged_rejects)]
-    _each(lambda m: storage.move(*m), moves)
+    map_io(lambda m: storage.move(*m), moves)
     storage.write_json(join_uri(out, SUCCESS), {**success, "files": [p.rsplit("/", 1)[-1] for p in published]})
     storage.delete_dir(staging)
     return published

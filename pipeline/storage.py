@@ -12,12 +12,13 @@ Errors reaching storage become a one-line `StorageError` naming the URI (never a
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow.fs as pafs
 
@@ -63,6 +64,18 @@ def describe_os_error(err: BaseException, uri: str, endpoint: Optional[str] = No
         return f"{uri}: cannot reach the storage endpoint{where or ''}"
     first = text.strip().splitlines()[0] if text.strip() else err.__class__.__name__
     return f"{uri}: {first[:300]}"
+
+
+IO_THREADS = 16
+"""Object-store requests in flight at once when a step touches many files (each file is a round trip)."""
+
+
+def map_io(fn: Callable[[Any], Any], items: list) -> list:
+    """`fn` over `items` on IO_THREADS threads, so object-store round trips overlap; results in order."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with cf.ThreadPoolExecutor(max_workers=min(IO_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 @dataclass
