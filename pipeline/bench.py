@@ -298,11 +298,14 @@ def measure_training(bc: BenchConfig, storage: Storage, data_uri: str) -> dict[s
 
 def plain_score(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: str, output_uri: str,
                 threads: int) -> float:
-    """pyarrow read -> the same Predictor -> pyarrow write, file by file, on one thread. Returns rows/s."""
+    """pyarrow read -> the same Predictor -> pyarrow write, file by file, with the CPU budget of the scoring
+    worker it is compared with: `threads` torch threads and `threads` Arrow CPU threads (Ray sets
+    OMP_NUM_THREADS to a task's CPUs, and Arrow sizes its CPU pool by it). Returns rows/s."""
     from pipeline.score import Predictor
 
-    prev_threads = torch.get_num_threads()
+    prev_threads, prev_arrow = torch.get_num_threads(), pa.cpu_count()
     torch.set_num_threads(threads)
+    pa.set_cpu_count(threads)
     try:
         t0 = time.perf_counter()
         predictor = Predictor(load_artifact(storage, model_run_uri), cfg.data, dt.datetime.now(dt.timezone.utc))
@@ -319,6 +322,7 @@ def plain_score(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: s
         return rows / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(prev_threads)
+        pa.set_cpu_count(prev_arrow)
 
 
 def measure_scoring(bc: BenchConfig, storage: Storage, data_uri: str, training: dict[str, Any]) -> dict[str, Any]:

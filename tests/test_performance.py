@@ -101,6 +101,7 @@ def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
     out = [fn(table), fn(table)]
     assert loads == [run_uri]  # the second block reuses the loaded model
     assert all(o.num_rows == table.num_rows for o in out)  # sliced into batches of 300, put back in order
+    assert all(c.num_chunks == 1 for c in out[0].columns)  # one chunk: one Parquet row group, not one per slice
     assert out[0].column("id").to_pylist() == table.column("id").to_pylist()
     np.testing.assert_allclose(out[0].column("recon_error").to_numpy(), out[1].column("recon_error").to_numpy())
 
