@@ -33,7 +33,6 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -42,7 +41,7 @@ from pipeline.config import Config, DataSection, OutputSection, join_uri
 from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
-from pipeline.storage import Storage, map_io, normalize_uri
+from pipeline.storage import Storage, makes_dirs, map_io, normalize_uri
 from pipeline.train import Normalizer, autocast_for
 
 SUCCESS = "_SUCCESS"
@@ -146,6 +145,14 @@ def _us(t: dt.datetime) -> int:
     return int(t.timestamp() * 1_000_000)
 
 
+def worker_predictor(storage: Storage, model_uri: str, data: DataSection, as_of: dt.datetime,
+                     rejects_uri: Optional[str], output: Optional[OutputSection], device: str = "cpu") -> Predictor:
+    """A scoring worker's predictor: the model loaded and checksum-verified, rejects written to `rejects_uri`."""
+    on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri else None
+    return Predictor(load_artifact(storage, model_uri, device), data, as_of, device, on_reject=on_reject,
+                     output=output)
+
+
 class ScoringActor:
     """Ray Data actor (GPU scoring, `score.compute: actors`): loads (and checksum-verifies) the model once,
     then scores batch after batch."""
@@ -155,9 +162,7 @@ class ScoringActor:
                  output: Optional[OutputSection] = None):
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri else None
-        self.predictor = Predictor(load_artifact(storage, model_uri, device), data, as_of, device,
-                                   on_reject=on_reject, output=output)
+        self.predictor = worker_predictor(storage, model_uri, data, as_of, rejects_uri, output, device)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self.predictor(table)
@@ -189,9 +194,8 @@ class ScoreBatches:
         key = (self.run_id, self.model_uri)
         if key not in _WORKER_PREDICTOR:
             _WORKER_PREDICTOR.clear()  # one model per worker process, the current run's
-            on_reject = RejectWriter(self.storage, self.rejects_uri, self.data) if self.rejects_uri else None
-            _WORKER_PREDICTOR[key] = Predictor(load_artifact(self.storage, self.model_uri), self.data, self.as_of,
-                                               on_reject=on_reject, output=self.output)
+            _WORKER_PREDICTOR[key] = worker_predictor(self.storage, self.model_uri, self.data, self.as_of,
+                                                      self.rejects_uri, self.output)
         return _WORKER_PREDICTOR[key]
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -230,22 +234,15 @@ class ErrorScorer:
 # ------------------------------------------------------------------------------------------ publishing
 
 
-def count_parquet_rows(storage: Storage, files: list[str]) -> int:
-    def rows(f: str) -> int:
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            return pq.ParquetFile(fh).metadata.num_rows
-
-    return sum(map_io(rows, files))
-
-
-def count_rows_and_true(storage: Storage, files: list[str], column: str) -> tuple[int, int]:
-    """Rows (from the footers) and true values of a bool `column` over Parquet `files`."""
+def count_rows(storage: Storage, files: list[str], true_column: Optional[str] = None) -> tuple[int, int]:
+    """Rows of Parquet `files` (from the footers) and, with `true_column`, that bool column's true values."""
     def one(f: str) -> tuple[int, int]:
         fs, path = storage.resolve(f)
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
-            col = pf.read(columns=[column]).column(column)
+            if true_column is None:
+                return pf.metadata.num_rows, 0
+            col = pf.read(columns=[true_column]).column(true_column)
             return pf.metadata.num_rows, int(pc.sum(col).as_py() or 0)
 
     counts = map_io(one, files)
@@ -367,13 +364,12 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     fs, staging_path = storage.resolve(staging)
     lap("checks")
     try:
-        # S3 has no directories: making them costs a round trip per file for nothing
-        ds.write_parquet(staging_path, filesystem=fs, try_create_dir=not isinstance(fs, pafs.S3FileSystem),
-                         **write_args)
+        # on S3, making directories costs a round trip per file for nothing
+        ds.write_parquet(staging_path, filesystem=fs, try_create_dir=makes_dirs(fs), **write_args)
         lap("score_and_write")
         staged = storage.list_files(staging, suffix=".parquet")
-        scored, anomalies = count_rows_and_true(storage, staged, "is_anomaly")
-        rejected = count_parquet_rows(storage, storage.list_files(rejects_uri)) if rejects_uri else 0
+        scored, anomalies = count_rows(storage, staged, true_column="is_anomaly")
+        rejected = count_rows(storage, storage.list_files(rejects_uri))[0] if rejects_uri else 0
         if scored + rejected != spec.num_rows:
             raise PipelineError(f"output {out}: staged {scored} scored + {rejected} rejected rows for "
                                 f"{spec.num_rows} input rows; not published")

@@ -70,6 +70,11 @@ IO_THREADS = 16
 """Object-store requests in flight at once when a step touches many files (each file is a round trip)."""
 
 
+def makes_dirs(fs: pafs.FileSystem) -> bool:
+    """Whether writing under a path on `fs` needs its directories made first (not on S3: no directories)."""
+    return not isinstance(fs, pafs.S3FileSystem)
+
+
 def map_io(fn: Callable[[Any], Any], items: list) -> list:
     """`fn` over `items` on IO_THREADS threads, so object-store round trips overlap; results in order."""
     if len(items) <= 1:
@@ -221,7 +226,7 @@ class Storage:
         parent = dpath.rsplit("/", 1)[0]
 
         def _move() -> None:
-            if parent and isinstance(fs, pafs.LocalFileSystem):  # object stores have no directories to make
+            if parent and makes_dirs(fs):
                 fs.create_dir(parent, recursive=True)
             fs.move(spath, dpath)
 
