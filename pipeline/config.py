@@ -19,11 +19,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pipeline.errors import ConfigError
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config {key}: {msg}")
+from pipeline.errors import check_config as _check
+from pipeline.kinds import KINDS
+from pipeline.kinds.spec import KindSpec
 
 
 @dataclass
@@ -75,9 +73,14 @@ class DataSection:
 
 
 @dataclass
-class ModelSection:
-    kind: Literal["dense", "denoising", "sparse", "contractive", "variational", "stacked"] = "dense"
-    """Which autoencoder; see the README's table of kinds."""
+class SharedModelSection:
+    """The `model` settings every kind shares. `ModelSection` (below) adds each registered kind's own settings
+    (declared, documented and range-checked in its module under pipeline/kinds/) as flat `model.<setting>` keys.
+    A kind ignores the others' settings (their ranges are still checked), so `--set model.kind=...` alone
+    switches kinds."""
+
+    kind: str = "dense"
+    """Which autoencoder (a kind registered in pipeline/kinds/); see the README's table of kinds."""
     hidden_dims: list[int] = field(default_factory=lambda: [64, 32])
     """Widths of the encoder's hidden layers, input side first; the decoder mirrors them."""
     latent_dim: int = 8
@@ -88,60 +91,54 @@ class ModelSection:
     """Dropout after each hidden layer while training."""
     code_activation: Optional[Literal["relu", "gelu", "tanh", "sigmoid", "linear"]] = None
     """Nonlinearity on the code itself; unset: linear, except sparse (relu for l1, sigmoid for kl)."""
-    # Settings of one kind are ignored by the others, so `--set model.kind=...` alone switches kinds.
-    noise: Literal["gaussian", "mask"] = "gaussian"
-    """denoising: corruption; gaussian adds noise_level * N(0,1), mask zeroes features with p = noise_level."""
-    noise_level: float = 0.2
-    """denoising: noise std in normalized units (gaussian) or share of features masked (mask, < 1)."""
-    sparsity: Literal["l1", "kl"] = "l1"
-    """sparse: penalty on the code; l1 on |h|, or KL from sparsity_target to each unit's mean activation."""
-    sparsity_weight: float = 1e-3
-    """sparse: weight of the sparsity penalty in the loss."""
-    sparsity_target: float = 0.05
-    """sparse (kl): target mean activation of each code unit, in (0, 1)."""
-    contractive_weight: float = 1e-3
-    """contractive: weight of the mean squared Frobenius norm of the encoder Jacobian."""
-    kl_weight: float = 1.0
-    """variational: weight of KL(q(h|x) || N(0, I)) in the negative ELBO (1 is the true ELBO; beta-VAE)."""
-    score: Literal["recon", "elbo"] = "recon"
-    """variational: the anomaly score; mean squared reconstruction error of the posterior mean, or -ELBO."""
-    pretrain_epochs: int = 2
-    """stacked: epochs of greedy pretraining per layer pair before end-to-end fine-tuning."""
 
     def __post_init__(self) -> None:
+        _check(self.kind in KINDS, "model.kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
         _check(self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
         _check(all(h >= 1 for h in self.hidden_dims), "model.hidden_dims", "widths must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
-        _check(self.noise_level > 0, "model.noise_level", f"{self.noise_level} must be > 0")
-        if self.noise == "mask":
-            _check(self.noise_level < 1, "model.noise_level", f"{self.noise_level} must be < 1 for mask noise")
-        _check(self.sparsity_weight >= 0, "model.sparsity_weight", f"{self.sparsity_weight} must be >= 0")
-        _check(0.0 < self.sparsity_target < 1.0, "model.sparsity_target",
-               f"{self.sparsity_target} must be in (0, 1)")
-        _check(self.contractive_weight >= 0, "model.contractive_weight", f"{self.contractive_weight} must be >= 0")
-        _check(self.kl_weight > 0, "model.kl_weight", f"{self.kl_weight} must be > 0")
-        _check(self.pretrain_epochs >= 1, "model.pretrain_epochs", f"{self.pretrain_epochs} must be >= 1")
-        if self.kind == "sparse" and self.sparsity == "kl":
-            _check(self.code_activation in (None, "sigmoid"), "model.code_activation",
-                   f"{self.code_activation}: the kl sparsity penalty needs codes in (0, 1); use sigmoid or unset")
-        if self.kind == "variational":
-            _check(self.code_activation in (None, "linear"), "model.code_activation",
-                   "a variational code is a Gaussian mean; leave it unset")
-        if self.kind == "stacked":
-            _check(len(self.hidden_dims) >= 1, "model.hidden_dims",
-                   "stacked needs at least one hidden layer to pretrain layer by layer")
+        for spec in KINDS.values():
+            spec.settings_from(vars(self))  # range checks of every kind's settings, in its settings dataclass
+        self.spec.check(self)
+
+    @property
+    def spec(self) -> KindSpec:
+        """The kind's spec: its model class, settings dataclass and training hooks."""
+        return KINDS[self.kind]
+
+    @property
+    def kind_settings(self) -> Any:
+        """The kind's own settings dataclass, as its model receives it."""
+        return self.spec.settings_from(vars(self))
 
     @property
     def pretrain_epochs_total(self) -> int:
-        """Epochs before fine-tuning starts: one stage per layer pair for stacked, none otherwise."""
-        return self.pretrain_epochs * (len(self.hidden_dims) + 1) if self.kind == "stacked" else 0
+        """Epochs before the whole model trains (stacked: one stage per layer pair); 0 for most kinds."""
+        return self.spec.pretrain_epochs(self)
 
     def check_features(self, n_features: int) -> None:
-        """Constraints that need the input width: dense and stacked codes must be narrower than the input."""
-        if self.kind in ("dense", "stacked"):
+        """Constraints that need the input width: an undercomplete kind's code must be narrower than the input."""
+        if self.spec.undercomplete:
+            wider = ", ".join(k for k, s in KINDS.items() if not s.undercomplete)
             _check(self.latent_dim < n_features, "model.latent_dim",
                    f"{self.latent_dim} must be < the {n_features} input features for kind {self.kind} "
-                   "(undercomplete); sparse, denoising and contractive allow a wider code")
+                   f"(undercomplete); {wider} allow a wider code")
+
+
+def _model_section() -> type:
+    """SharedModelSection plus every registered kind's settings fields (same names, types and defaults)."""
+    extra = []
+    for spec in KINDS.values():
+        hints = typing.get_type_hints(spec.settings)
+        for f in dataclasses.fields(spec.settings):
+            extra.append((f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory)))
+    cls = dataclasses.make_dataclass("ModelSection", extra, bases=(SharedModelSection,))
+    cls.__module__ = __name__  # pickled by reference (Ray ships configs to workers)
+    cls.__doc__ = "The `model` section: the shared settings and, flat beside them, each kind's own."
+    return cls
+
+
+ModelSection = _model_section()
 
 
 @dataclass
@@ -151,7 +148,7 @@ class TrainSection:
     batch_size: int = 1024
     """Rows per minibatch per worker; lowered automatically so each worker takes >= 20 steps an epoch."""
     lr: float = 1e-3
-    """Adam learning rate."""
+    """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     num_workers: int = 1
@@ -283,10 +280,10 @@ class Config:
                    f"{m.kind}: train.algorithm recirculation trains a dense autoencoder with one hidden layer")
             _check(not m.hidden_dims, "model.hidden_dims",
                    f"{m.hidden_dims}: recirculation trains one hidden layer (the code); set model.hidden_dims: []")
-        if m.kind == "stacked":
-            _check(t.epochs > m.pretrain_epochs_total, "train.epochs",
-                   f"{t.epochs} leaves no fine-tuning after {m.pretrain_epochs_total} pretraining epochs "
-                   f"(model.pretrain_epochs {m.pretrain_epochs} x {len(m.hidden_dims) + 1} layers)")
+        pretraining = m.pretrain_epochs_total
+        if pretraining:
+            _check(t.epochs > pretraining, "train.epochs",
+                   f"{t.epochs} leaves no fine-tuning after the {pretraining} pretraining epochs of kind {m.kind}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,6 +17,12 @@ class ConfigError(PipelineError):
     """An invalid config key or value; the message names the dotted key."""
 
 
+def check_config(cond: bool, key: str, msg: str) -> None:
+    """Raise `ConfigError("config <key>: <msg>")` unless `cond`: every config check names its dotted key."""
+    if not cond:
+        raise ConfigError(f"config {key}: {msg}")
+
+
 class InputError(PipelineError):
     """Bad input data; the message names the file and column."""
 

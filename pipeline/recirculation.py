@@ -27,7 +27,7 @@ as DDP does). Everything runs under torch.no_grad().
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ from pipeline.models import Autoencoder, linear_layers
 
 def _single_layers(model: Autoencoder) -> tuple[nn.Linear, nn.Linear]:
     enc, dec = linear_layers(model.encoder), linear_layers(model.decoder)
-    if model.kind != "dense" or len(enc) != 1 or len(dec) != 1:
+    if type(model) is not Autoencoder or len(enc) != 1 or len(dec) != 1:  # the plain (dense) kind only
         raise ValueError("recirculation trains a dense autoencoder with one hidden layer (model.hidden_dims: [])")
     return enc[0], dec[0]
 
@@ -77,8 +77,9 @@ def _all_reduce_mean(updates: dict[str, torch.Tensor], rows: int) -> dict[str, t
     return out
 
 
-def make_step_fn(model: Autoencoder, config: dict[str, Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
-    """`step_fn(x) -> (loss, parts)` applying one recirculation update to `model` in place.
+def make_step_fn(model: Autoencoder, lr: float, lam: float) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
+    """`step_fn(x) -> (loss, parts)` applying one recirculation update to `model` in place: step size `lr`
+    (train.lr), regression factor `lam` (train.recirculation_lambda).
 
     Under torch.distributed, rank 0's weights are first copied to every rank (what DDP does for backprop):
     the replicas must start equal for the same averaged updates to keep them equal.
@@ -90,8 +91,7 @@ def make_step_fn(model: Autoencoder, config: dict[str, Any]) -> Callable[[torch.
         with torch.no_grad():
             for p in params.values():
                 dist.broadcast(p.data, src=0)
-    lr = float(config["lr"])
-    lam = float(config.get("recirculation_lambda", 0.75))
+    lr, lam = float(lr), float(lam)
 
     @torch.no_grad()
     def step_fn(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

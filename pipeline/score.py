@@ -40,9 +40,10 @@ from pipeline.artifacts import LoadedModel, load_artifact, read_manifest
 from pipeline.config import Config, DataSection, OutputSection, join_uri
 from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
+from pipeline.features import Normalizer
 from pipeline.models import build_model
 from pipeline.storage import Storage, makes_dirs, map_io, normalize_uri
-from pipeline.train import Normalizer, autocast_for
+from pipeline.train import autocast_for
 
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"

@@ -2,13 +2,15 @@
 
 Driver (`fit`): builds the train/validation datasets, `ScalingConfig`, `RunConfig(name, storage_path)` and
 a `TorchTrainer`; the run's checkpoints live in artifact storage, so rerunning the same `run.name` resumes.
-Worker (`train_loop_per_worker`): takes its shards, prepares the model, and per epoch trains, evaluates,
+Worker (`train_loop_per_worker`, told a typed `WorkerConfig`): builds the model and learning rule
+(`build_trainee`, restored from the last checkpoint), then `run_training` per epoch trains, evaluates,
 all-reduces the losses, and reports metrics with a checkpoint holding the latest and the best weights.
 Early stopping is decided from all-reduced validation loss, so every rank stops at the same epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -21,7 +23,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.models import Autoencoder, build_model
+from pipeline.config import ModelSection, TrainSection
+from pipeline.features import Normalizer
+from pipeline.kinds import build_model
+from pipeline.models import Autoencoder
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -31,17 +36,6 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 # ------------------------------------------------------------------------------------------ pure steps
-
-
-class Normalizer:
-    """(x - mean) / scale with the stored statistics, on whatever device the model is on."""
-
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, device: torch.device | str = "cpu"):
-        self.mean = torch.as_tensor(np.asarray(mean, np.float32), device=device)
-        self.inv_scale = 1.0 / torch.as_tensor(np.asarray(scale, np.float32), device=device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.inv_scale
 
 
 def arrow_to_tensor(table: pa.Table, column: str = "x") -> torch.Tensor:
@@ -223,120 +217,262 @@ def _state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in core.state_dict().items()}
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker. `config` holds plain values only (model settings, stats, knobs)."""
-    import ray.train
-    import ray.train.torch
+# The worker's parts, in the order it runs them: WorkerConfig (what it is told), build_trainee (model,
+# optimizer and learning rule, restored from a checkpoint), run_training (the epoch loop: train, evaluate,
+# reduce, decide, log, checkpoint). run_training takes the Ray-specific pieces (all-reduce, report) as
+# arguments, so it also runs in a plain process (tests/test_model_kinds.py trains a new kind through it).
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(config["torch_threads"])
-    torch.manual_seed(config["seed"] + rank)
 
-    device = ray.train.torch.get_device()
-    model = build_model(config["n_features"], **config["model"])
-    algorithm = config.get("algorithm", "backprop")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a training worker is told, typed; Ray pickles it to every worker."""
 
-    start_epoch, history = 0, []
-    stopper = EarlyStopping(config["patience"], config["min_delta"])
-    best_state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        best_state = state["best_model"]
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state["history"])
-        stopper = EarlyStopping(config["patience"], config["min_delta"], best=float(state["best_val"]),
-                                best_epoch=int(state["best_epoch"]), bad_epochs=int(state["bad_epochs"]))
-        if rank == 0:
-            print(f"[train] resumed from checkpoint after epoch {start_epoch - 1}", flush=True)
+    model: ModelSection
+    train: TrainSection
+    n_features: int
+    mean: list[float]
+    """Normalization statistics (per feature), as the manifest stores them."""
+    scale: list[float]
+    batch_size: int
+    """Rows per minibatch per worker: train.batch_size, lowered on small data (effective_batch_size)."""
+    seed: int
+    """run.seed; each rank seeds torch with seed + rank."""
 
-    ae = model
-    if algorithm == "backprop":
-        # a stacked model's pretraining stage trains one layer pair: DDP must expect unused parameters
-        ddp_kw = {"find_unused_parameters": True} if config["model"].get("kind") == "stacked" else None
-        model = ray.train.torch.prepare_model(LossForward(ae), parallel_strategy_kwargs=ddp_kw)
-    else:
-        model = ae.to(device)
-    step_fn = None
-    if algorithm != "backprop":
-        from pipeline.recirculation import make_step_fn  # noqa: PLC0415 - only this path needs it
+    @property
+    def torch_threads(self) -> int:
+        return max(1, int(self.train.cpus_per_worker))
 
-        step_fn = make_step_fn(model, config)
-    normalizer = Normalizer(config["mean"], config["scale"], device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
-    iter_kw = dict(batch_size=config["batch_size"], batch_format="pyarrow", prefetch_batches=2)
-    if config["shuffle_buffer_rows"]:
-        iter_kw["local_shuffle_buffer_size"] = config["shuffle_buffer_rows"]
-    epochs = config["epochs"]
-    run_start = time.perf_counter()
 
-    if stopper.should_stop or start_epoch >= epochs:
-        epochs = start_epoch  # a finished run resumed: nothing left to do but report the final checkpoint
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        stage = ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a stacked model
-        stats = train_epoch(tensor_batches(train_shard.iter_batches(**iter_kw), normalizer, device),
-                            model, optimizer, device, step_fn=step_fn)
-        val_sum, val_rows = evaluate(
-            tensor_batches(val_shard.iter_batches(batch_size=config["batch_size"] * 4, batch_format="pyarrow",
-                                                  prefetch_batches=2), normalizer, device), model)
-        tr_sum, tr_rows, v_sum, v_rows, steady_rows, steady_secs, wait_secs = _all_reduce_sum(
-            [stats.loss_sum, stats.rows, val_sum, val_rows, stats.steady_rows, stats.steady_seconds,
-             stats.data_wait_seconds])
-        train_loss = tr_sum / max(tr_rows, 1)
-        val_loss = v_sum / max(v_rows, 1) if v_rows else train_loss
-        pretraining = stage is not None and stage != "finetune"
-        # the full model is not what pretraining optimizes: early stopping and the best model wait for fine-tuning
-        improved = False if pretraining else stopper.update(val_loss, epoch)
-        if improved or best_state is None:
-            best_state = _state_to_cpu(model)
-        elapsed = time.perf_counter() - t0
-        metrics = {
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_val_loss": stopper.best,
-            "best_epoch": stopper.best_epoch, "train_rows": int(tr_rows), "val_rows": int(v_rows),
-            "rows_per_s": tr_rows / max(elapsed, 1e-9), "epoch_seconds": elapsed,
-            "first_batch_seconds": stats.first_batch_seconds,
-            # steady state per worker: training steps only, the first batch (warm-up) excluded
-            "worker_rows_per_s": steady_rows / steady_secs if steady_secs > 0 else 0.0,
-            "data_wait_fraction": wait_secs / steady_secs if steady_secs > 0 else 0.0,
-            **{f"train_{k}": v for k, v in stats.parts.items() if k != "recon"},
-            **({"stage": stage} if stage is not None else {}),
+StepFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Wrap = Callable[[torch.nn.Module, bool], torch.nn.Module]
+"""(module, find_unused_parameters) -> the module on the device, data-parallel (Ray: prepare_model -> DDP)."""
+
+
+@dataclass
+class Trainee:
+    """The model as one worker trains it."""
+
+    ae: Autoencoder
+    model: torch.nn.Module
+    """What train_epoch steps: the (DDP-wrapped) LossForward for backprop, the bare model for a step rule."""
+    optimizer: torch.optim.Optimizer
+    step_fn: Optional[StepFn] = None
+    """A learning rule without a backward pass (replaces the optimizer step)."""
+
+
+def _backprop(ae: Autoencoder, wc: WorkerConfig, device: torch.device, wrap: Wrap):
+    return wrap(LossForward(ae), wc.model.spec.find_unused_parameters), None
+
+
+def _recirculation(ae: Autoencoder, wc: WorkerConfig, device: torch.device, wrap: Wrap):
+    from pipeline.recirculation import make_step_fn  # noqa: PLC0415 - only this rule needs it
+
+    model = ae.to(device)
+    return model, make_step_fn(model, wc.train.lr, wc.train.recirculation_lambda)
+
+
+ALGORITHMS: dict[str, Callable[[Autoencoder, WorkerConfig, torch.device, Wrap],
+                               tuple[torch.nn.Module, Optional[StepFn]]]] = {
+    "backprop": _backprop,
+    "recirculation": _recirculation,
+}
+"""train.algorithm -> (model, step_fn) for train_epoch."""
+
+
+@dataclass
+class TrainState:
+    """Where a run is, beyond the weights; checkpointed every epoch with them."""
+
+    stopper: EarlyStopping
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_state: Optional[dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def restore(cls, saved: Optional[dict[str, Any]], ae: Autoencoder, optimizer: torch.optim.Optimizer,
+                train: TrainSection) -> "TrainState":
+        """A fresh state, or the one in a checkpoint's payload (weights and optimizer loaded in place)."""
+        if saved is None:
+            return cls(EarlyStopping(train.patience, train.min_delta))
+        ae.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        stopper = EarlyStopping(train.patience, train.min_delta, best=float(saved["best_val"]),
+                                best_epoch=int(saved["best_epoch"]), bad_epochs=int(saved["bad_epochs"]))
+        return cls(stopper, int(saved["epoch"]) + 1, list(saved["history"]), saved["best_model"])
+
+    def checkpoint(self, trainee: Trainee, epoch: int) -> dict[str, Any]:
+        """The checkpoint payload (saved as CHECKPOINT_FILE) after `epoch`."""
+        return {
+            "model": _state_to_cpu(trainee.model), "optimizer": trainee.optimizer.state_dict(),
+            "best_model": self.best_state, "epoch": epoch, "best_val": self.stopper.best,
+            "best_epoch": self.stopper.best_epoch, "bad_epochs": self.stopper.bad_epochs, "history": self.history,
         }
-        history.append(metrics)
-        stop = stopper.should_stop
+
+
+def build_trainee(wc: WorkerConfig, device: torch.device, wrap: Wrap,
+                  saved: Optional[dict[str, Any]] = None) -> tuple[Trainee, TrainState]:
+    """Model, optimizer and learning rule for `wc`, restored from a checkpoint payload if there is one."""
+    ae = build_model(wc.n_features, **dataclasses.asdict(wc.model))
+    optimizer = torch.optim.AdamW(ae.parameters(), lr=wc.train.lr, weight_decay=wc.train.weight_decay)
+    state = TrainState.restore(saved, ae, optimizer, wc.train)  # before wrapping: DDP broadcasts rank 0's weights
+    model, step_fn = ALGORITHMS[wc.train.algorithm](ae, wc, device, wrap)
+    return Trainee(ae, model, optimizer, step_fn), state
+
+
+@dataclass
+class EpochTotals:
+    """One epoch's sums over every worker (one all-reduce)."""
+
+    train_loss_sum: float
+    train_rows: float
+    val_loss_sum: float
+    val_rows: float
+    steady_rows: float
+    steady_seconds: float
+    data_wait_seconds: float
+
+    @classmethod
+    def of(cls, stats: EpochStats, val_sum: float, val_rows: int) -> "EpochTotals":
+        return cls(stats.loss_sum, stats.rows, val_sum, val_rows, stats.steady_rows, stats.steady_seconds,
+                   stats.data_wait_seconds)
+
+    def reduced(self, all_reduce_sum: Callable[[list[float]], list[float]]) -> "EpochTotals":
+        return EpochTotals(*all_reduce_sum(list(dataclasses.astuple(self))))
+
+    @property
+    def train_loss(self) -> float:
+        return self.train_loss_sum / max(self.train_rows, 1)
+
+    @property
+    def val_loss(self) -> float:
+        return self.val_loss_sum / max(self.val_rows, 1) if self.val_rows else self.train_loss
+
+
+def epoch_metrics(epoch: int, totals: EpochTotals, stats: EpochStats, stopper: EarlyStopping,
+                  stage: Optional[str], elapsed: float) -> dict[str, Any]:
+    """The metrics reported (and kept in the history) for one epoch."""
+    steady = totals.steady_seconds
+    return {
+        "epoch": epoch, "train_loss": totals.train_loss, "val_loss": totals.val_loss, "best_val_loss": stopper.best,
+        "best_epoch": stopper.best_epoch, "train_rows": int(totals.train_rows), "val_rows": int(totals.val_rows),
+        "rows_per_s": totals.train_rows / max(elapsed, 1e-9), "epoch_seconds": elapsed,
+        "first_batch_seconds": stats.first_batch_seconds,
+        # steady state per worker: training steps only, the first batch (warm-up) excluded
+        "worker_rows_per_s": totals.steady_rows / steady if steady > 0 else 0.0,
+        "data_wait_fraction": totals.data_wait_seconds / steady if steady > 0 else 0.0,
+        **{f"train_{k}": v for k, v in stats.parts.items() if k != "recon"},
+        **({"stage": stage} if stage is not None else {}),
+    }
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int, stopper: EarlyStopping, eta: float, stop: bool) -> str:
+    """The epoch's log line (rank 0 prints it)."""
+    stage = metrics.get("stage")
+    return (f"[train] epoch {metrics['epoch'] + 1}/{epochs} train_loss={metrics['train_loss']:.5f}"
+            f" val_loss={metrics['val_loss']:.5f} best={stopper.best:.5f}@{stopper.best_epoch + 1}"
+            f" rows={metrics['train_rows']} {metrics['rows_per_s']:,.0f} rows/s"
+            f" epoch={metrics['epoch_seconds']:.1f}s eta={eta:.0f}s"
+            + (f" stage={stage}" if stage is not None else "")
+            + ("  (early stop)" if stop else ""))
+
+
+Report = Callable[[dict[str, Any], Optional[dict[str, Any]]], None]
+"""(metrics, checkpoint payload or None) -> None; every rank calls it once per epoch (a barrier under Ray)."""
+
+
+def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
+                 train_batches: Callable[[], Iterable[torch.Tensor]],
+                 val_batches: Callable[[], Iterable[torch.Tensor]], device: torch.device, rank: int,
+                 report: Report, all_reduce_sum: Callable[[list[float]], list[float]] = _all_reduce_sum) -> None:
+    """The epoch loop from `state.start_epoch`: train, evaluate, all-reduce, early-stop, log, report.
+
+    Early stopping is decided from all-reduced validation loss, so every rank stops at the same epoch.
+    """
+    epochs = wc.train.epochs
+    if state.stopper.should_stop or state.start_epoch >= epochs:
+        epochs = state.start_epoch  # a finished run resumed: nothing left to do
+    pretraining = wc.model.pretrain_epochs_total
+    run_start = time.perf_counter()
+    for epoch in range(state.start_epoch, epochs):
+        t0 = time.perf_counter()
+        stage = trainee.ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a staged kind
+        stats = train_epoch(train_batches(), trainee.model, trainee.optimizer, device, step_fn=trainee.step_fn)
+        val_sum, val_rows = evaluate(val_batches(), trainee.model)
+        totals = EpochTotals.of(stats, val_sum, val_rows).reduced(all_reduce_sum)
+        # the full model is not what pretraining optimizes: early stopping and the best model wait for it
+        improved = epoch >= pretraining and state.stopper.update(totals.val_loss, epoch)
+        if improved or state.best_state is None:
+            state.best_state = _state_to_cpu(trainee.model)
+        metrics = epoch_metrics(epoch, totals, stats, state.stopper, stage, time.perf_counter() - t0)
+        state.history.append(metrics)
+        stop = state.stopper.should_stop
         if rank == 0:
-            done = epoch + 1 - start_epoch
-            left = (epochs - epoch - 1) if not stop else 0
+            done, left = epoch + 1 - state.start_epoch, (epochs - epoch - 1) if not stop else 0
             eta = (time.perf_counter() - run_start) / done * left
-            print(f"[train] epoch {epoch + 1}/{epochs} train_loss={train_loss:.5f} val_loss={val_loss:.5f}"
-                  f" best={stopper.best:.5f}@{stopper.best_epoch + 1} rows={int(tr_rows)}"
-                  f" {metrics['rows_per_s']:,.0f} rows/s epoch={elapsed:.1f}s eta={eta:.0f}s"
-                  + (f" stage={stage}" if stage is not None else "")
-                  + ("  (early stop)" if stop else ""), flush=True)
-        _report(metrics, rank, model, optimizer, best_state, stopper, epoch, history)
+            print(epoch_line(metrics, epochs, state.stopper, eta, stop), flush=True)
+        report(metrics, state.checkpoint(trainee, epoch) if rank == 0 else None)
         if stop:
             break
 
 
-def _report(metrics, rank, model, optimizer, best_state, stopper, epoch, history) -> None:
+# ------------------------------------------------------------------------------------------ Ray worker
+
+WORKER_CONFIG = "worker"
+"""The one key of Ray's train_loop_config: the WorkerConfig."""
+
+
+def _prepare_ddp(module: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
+    import ray.train.torch
+
+    kw = {"find_unused_parameters": True} if find_unused_parameters else None
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kw)
+
+
+def _ray_report(metrics: dict[str, Any], payload: Optional[dict[str, Any]]) -> None:
     import ray.train
 
-    if rank != 0:
+    if payload is None:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save({
-            "model": _state_to_cpu(model), "optimizer": optimizer.state_dict(), "best_model": best_state,
-            "epoch": epoch, "best_val": stopper.best, "best_epoch": stopper.best_epoch,
-            "bad_epochs": stopper.bad_epochs, "history": history,
-        }, os.path.join(d, CHECKPOINT_FILE))
+        torch.save(payload, os.path.join(d, CHECKPOINT_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _load_payload(ckpt) -> Optional[dict[str, Any]]:
+    """The payload of a Ray checkpoint (TrainState.checkpoint's dict), or None without one."""
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
+    """Runs on every Ray Train worker: seeds, restores, builds the model, feeds run_training its shards."""
+    import ray.train
+    import ray.train.torch
+
+    wc = config[WORKER_CONFIG]
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(wc.torch_threads)
+    torch.manual_seed(wc.seed + rank)
+    device = ray.train.torch.get_device()
+    saved = _load_payload(ray.train.get_checkpoint())
+    trainee, state = build_trainee(wc, device, _prepare_ddp, saved)
+    if saved is not None and rank == 0:
+        print(f"[train] resumed from checkpoint after epoch {state.start_epoch - 1}", flush=True)
+
+    normalizer = Normalizer(wc.mean, wc.scale, device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    iter_kw = dict(batch_size=wc.batch_size, batch_format="pyarrow", prefetch_batches=2)
+    if wc.train.shuffle_buffer_rows:
+        iter_kw["local_shuffle_buffer_size"] = wc.train.shuffle_buffer_rows
+    val_kw = dict(batch_size=wc.batch_size * 4, batch_format="pyarrow", prefetch_batches=2)
+    run_training(wc, trainee, state,
+                 lambda: tensor_batches(train_shard.iter_batches(**iter_kw), normalizer, device),
+                 lambda: tensor_batches(val_shard.iter_batches(**val_kw), normalizer, device),
+                 device, rank, _ray_report)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -370,14 +506,8 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     if batch_size != tr.batch_size:
         print(f"[train] train.batch_size lowered to {batch_size} so each worker takes >= 20 steps an epoch "
               f"({n_train} training rows, {tr.num_workers} workers)", flush=True)
-    loop_config = {
-        "n_features": spec.num_features, "model": _model_settings(cfg), "algorithm": tr.algorithm,
-        "lr": tr.lr, "weight_decay": tr.weight_decay, "epochs": tr.epochs, "batch_size": batch_size,
-        "patience": tr.patience, "min_delta": tr.min_delta, "seed": cfg.run.seed,
-        "shuffle_buffer_rows": tr.shuffle_buffer_rows, "mean": mean.tolist(), "scale": scale.tolist(),
-        "recirculation_lambda": tr.recirculation_lambda,
-        "torch_threads": max(1, int(tr.cpus_per_worker)),
-    }
+    worker = WorkerConfig(model=cfg.model, train=tr, n_features=spec.num_features, mean=mean.tolist(),
+                          scale=scale.tolist(), batch_size=batch_size, seed=cfg.run.seed)
     resources = {"CPU": tr.cpus_per_worker}
     if tr.use_gpu:
         resources["GPU"] = 1
@@ -385,7 +515,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     fs, train_path = storage.resolve(train_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={WORKER_CONFIG: worker},
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -398,15 +528,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run.name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    state = _load_payload(result.checkpoint)
     return FitResult(best_state=state["best_model"], history=list(state["history"]),
                      best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val"]),
                      batch_size=batch_size)
-
-
-def _model_settings(cfg) -> dict[str, Any]:
-    """The model section as build_model's keyword arguments."""
-    import dataclasses
-
-    return dataclasses.asdict(cfg.model)

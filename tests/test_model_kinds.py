@@ -15,7 +15,8 @@ import torch
 
 from pipeline.config import ModelSection, config_from_dict
 from pipeline.errors import ConfigError
-from pipeline.models import MODEL_KINDS, build_model, encoder_jacobian_sq_norm
+from pipeline.kinds import KINDS, build_model
+from pipeline.kinds.contractive import encoder_jacobian_sq_norm
 from pipeline.recirculation import make_step_fn, recirculation_update
 from pipeline.sample import generate
 from pipeline.train import evaluate, train_epoch
@@ -56,7 +57,7 @@ def make(kind: str, n_features: int = 16, seed: int = 0, **settings):
 # ------------------------------------------------------------------------------------------- every kind
 
 
-@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_kind_keeps_the_interface(kind):
     model = make(kind, hidden_dims=[12, 8], latent_dim=4)
     x = manifold_data(64)
@@ -83,6 +84,12 @@ def test_build_model_ignores_other_kinds_settings_and_names_unknown_kind():
     assert type(m).__name__ == "Autoencoder"
     with pytest.raises(ValueError, match="model.kind 'nope'"):
         build_model(8, kind="nope")
+
+
+def test_build_model_rejects_a_setting_no_kind_declares():
+    """Nothing is dropped silently: a name that is neither shared nor any kind's setting is an error."""
+    with pytest.raises(ValueError, match="noise_levl: declared by no model kind"):
+        build_model(8, kind="denoising", noise_levl=0.3)
 
 
 # ------------------------------------------------------------------------------------------- dense = PCA
@@ -276,7 +283,7 @@ def test_recirculation_update_matches_hand_computation():
         assert torch.allclose(updates[k], torch.tensor(v), atol=1e-6), k
     assert float(mse) == pytest.approx(((r[0] - 1) ** 2 + (r[1] - 2) ** 2) / 2, rel=1e-6)
     before = {k: p.clone() for k, p in model.state_dict().items()}
-    make_step_fn(model, {"lr": lr, "recirculation_lambda": lam})(x)
+    make_step_fn(model, lr=lr, lam=lam)(x)
     for k, v in want.items():
         key = k.replace("encoder.", "encoder.0.").replace("decoder.", "decoder.0.")
         assert torch.allclose(model.state_dict()[key] - before[key], lr * torch.tensor(v), atol=1e-6), k
@@ -286,7 +293,7 @@ def test_recirculation_update_matches_hand_computation():
 def test_recirculation_learns_without_autograd(code_activation):
     x = manifold_data(3000)
     model = recirc_model(16, 6, code_activation=code_activation)
-    step = make_step_fn(model, {"lr": 0.05, "recirculation_lambda": 0.75})
+    step = make_step_fn(model, lr=0.05, lam=0.75)
     gen = torch.Generator().manual_seed(0)
     losses = []
     with torch.autograd.set_grad_enabled(False):
@@ -302,7 +309,7 @@ def test_recirculation_learns_without_autograd(code_activation):
 
 
 def _recirculation_train(model, shard: torch.Tensor, batch_size: int, epochs: int) -> None:
-    step = make_step_fn(model, {"lr": 0.05, "recirculation_lambda": 0.5})
+    step = make_step_fn(model, lr=0.05, lam=0.5)
     for _ in range(epochs):
         train_epoch(batches(shard, batch_size, torch.Generator().manual_seed(1)), model, None, step_fn=step)
 
@@ -315,7 +322,7 @@ def _recirculation_worker(rank: int, world: int, port: int, x: torch.Tensor, out
     try:
         # each rank starts from its own random weights, as Ray Train seeds ranks apart: rank 0's must win
         one_step = recirc_model(x.shape[1], 3, seed=rank, code_activation="tanh")
-        make_step_fn(one_step, {"lr": 0.05, "recirculation_lambda": 0.5})(x[:64].chunk(world)[rank])
+        make_step_fn(one_step, lr=0.05, lam=0.5)(x[:64].chunk(world)[rank])
         trained = recirc_model(x.shape[1], 3, seed=rank, code_activation="tanh")
         # as Ray Train shards: each worker its own half, half the rows per step (same rows per update)
         _recirculation_train(trained, x.chunk(world)[rank], 64 // world, epochs=3)
@@ -333,7 +340,7 @@ def test_recirculation_on_two_workers_averages_updates_and_matches_one_worker():
 
     x = manifold_data(2048, features=8)
     single = recirc_model(8, 3, code_activation="tanh")
-    make_step_fn(single, {"lr": 0.05, "recirculation_lambda": 0.5})(x[:64])
+    make_step_fn(single, lr=0.05, lam=0.5)(x[:64])
     trained = recirc_model(8, 3, code_activation="tanh")
     _recirculation_train(trained, x, 64, epochs=3)
     with torch.no_grad():

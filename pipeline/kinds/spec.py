@@ -1,0 +1,53 @@
+"""`KindSpec`: everything the pipeline knows about one model kind, in one object.
+
+A kind is its settings dataclass (flat `model.<setting>` config keys, each with a docstring and a range
+check), its model class (an `Autoencoder` subclass, torch only), and the hooks training and config checks
+need. Nothing outside the kind's module branches on its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a kind that has none besides the shared MLP ones."""
+
+
+def _no_check(model_section: Any) -> None:
+    return None
+
+
+def _no_pretraining(model_section: Any) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    """The `model.kind` value."""
+    model: type
+    """The Autoencoder subclass; built as `model(n_features, settings=<settings>, **<shared MLP settings>)`."""
+    settings: type = NoSettings
+    """Frozen dataclass of the kind's own settings; range checks in its `__post_init__` (ConfigError naming
+    `model.<field>`). Field names are flat config keys and must not clash with another kind's."""
+    undercomplete: bool = False
+    """The code must be narrower than the input (checked once the input width is known)."""
+    find_unused_parameters: bool = False
+    """Some epochs train only part of the model, so DDP must expect parameters without gradients."""
+    check: Callable[[Any], None] = _no_check
+    """Checks of the kind's settings against the shared ones, given the model section (only for this kind)."""
+    pretrain_epochs: Callable[[Any], int] = _no_pretraining
+    """Epochs (given the model section) before the whole model trains: they do not count for early stopping
+    or the best model, and `train.epochs` must exceed them."""
+
+    @property
+    def setting_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.settings))
+
+    def settings_from(self, values: dict[str, Any]) -> Any:
+        """The kind's settings dataclass from a flat mapping (extra keys: other kinds' settings, skipped)."""
+        return self.settings(**{k: values[k] for k in self.setting_names if k in values})

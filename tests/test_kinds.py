@@ -1,0 +1,217 @@
+"""The kind registry (pipeline/kinds/) and the training worker's parts, in plain PyTorch (no Ray).
+
+Every registered kind builds from its flat config keys, receives each of its settings, and trains; old
+configs and manifests keep loading; and a new kind needs one module plus one registration line: the tiny
+`shrink` kind below is defined here, registered, configured with its own key and trained through the same
+worker parts Ray runs (build_trainee, run_training), checkpoint and resume included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import pipeline.config as config_module
+from pipeline.config import ModelSection, TrainSection, config_from_dict, load_config
+from pipeline.errors import ConfigError, check_config
+from pipeline.kinds import KINDS, build_model, register
+from pipeline.kinds.spec import KindSpec
+from pipeline.models import MLP_SETTINGS, Autoencoder
+from pipeline.train import ALGORITHMS, TrainState, WorkerConfig, build_trainee, run_training
+
+BASE = {"data": {"input": "x"}}
+CPU = torch.device("cpu")
+
+
+def no_ddp(module: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
+    """The worker's `wrap` outside Ray: one process, so no DistributedDataParallel."""
+    return module
+
+
+def other_value(default: Any, tp: Any) -> Any:
+    """A valid value of type `tp` that differs from `default` (so a dropped setting cannot pass)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return next(a for a in typing.get_args(tp) if a != default)
+    if tp is bool:
+        return not default
+    if tp is int:
+        return default + 1
+    return default / 2
+
+
+def non_default_settings(spec: KindSpec) -> dict[str, Any]:
+    hints = typing.get_type_hints(spec.settings)
+    return {f.name: other_value(f.default, hints[f.name]) for f in dataclasses.fields(spec.settings)}
+
+
+def batches(n_features: int, rows: int = 256, batch_size: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(3, n_features, generator=g)
+    x = torch.randn(rows, 3, generator=g) @ basis + 0.05 * torch.randn(rows, n_features, generator=g)
+    return list(((x - x.mean(0)) / x.std(0)).split(batch_size))
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_builds_from_flat_keys_receives_each_setting_and_trains(kind):
+    spec = KINDS[kind]
+    values = non_default_settings(spec)
+    model_raw = {"kind": kind, "hidden_dims": [8], "latent_dim": 3, **values}
+    cfg = config_from_dict({**BASE, "model": model_raw, "train": {"epochs": 40}})
+    assert dataclasses.asdict(cfg.model.kind_settings) == values
+    torch.manual_seed(0)
+    model = build_model(6, **dataclasses.asdict(cfg.model))
+    assert isinstance(model, spec.model) and isinstance(model.settings, spec.settings)
+    assert dataclasses.asdict(model.settings) == values  # every declared setting reached the model
+    assert all(values[k] != f.default for k in values for f in dataclasses.fields(spec.settings) if f.name == k)
+    x = batches(6)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss, _ = model.loss(x)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_unknown_kind_is_one_line_naming_the_key_and_the_kinds():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**BASE, "model": {"kind": "nope"}})
+    msg = str(e.value)
+    assert msg.startswith("config model.kind: 'nope' is not one of ") and "\n" not in msg
+    assert all(k in msg for k in KINDS)
+
+
+def test_a_kind_setting_name_cannot_be_taken_twice():
+    clash = KindSpec("clash", Autoencoder, KINDS["denoising"].settings)
+    with pytest.raises(ValueError, match="'noise' is already one of denoising's"):
+        register(clash)
+    assert "clash" not in KINDS
+
+
+def test_model_section_is_the_shared_settings_plus_each_kinds_own():
+    names = [f.name for f in dataclasses.fields(ModelSection)]
+    kind_names = [n for spec in KINDS.values() for n in spec.setting_names]
+    assert names == ["kind", *MLP_SETTINGS, *kind_names]
+
+
+def test_old_flat_config_keys_and_shipped_configs_still_load():
+    for path in sorted(Path("jobs/configs").glob("*.yaml")):
+        load_config(path)
+    cfg = load_config("jobs/configs/demo.yaml", ["model.kind=variational", "model.score=elbo",
+                                                 "model.noise_level=0.3", "model.pretrain_epochs=3"])
+    assert cfg.model.kind_settings == KINDS["variational"].settings(score="elbo")
+    assert (cfg.model.noise_level, cfg.model.pretrain_epochs) == (0.3, 3)  # other kinds' keys: kept, unused
+    with pytest.raises(ConfigError, match="config model.noise_levl: unknown key"):
+        load_config("jobs/configs/demo.yaml", ["model.noise_levl=0.3"])
+
+
+# The `model` of a manifest written by main at 6ee9f6b (dataclasses.asdict of its ModelSection).
+MAIN_MANIFEST_MODEL = {
+    "kind": "dense", "hidden_dims": [8], "latent_dim": 3, "activation": "gelu", "dropout": 0.0,
+    "code_activation": None, "noise": "gaussian", "noise_level": 0.2, "sparsity": "l1", "sparsity_weight": 1e-3,
+    "sparsity_target": 0.05, "contractive_weight": 1e-3, "kl_weight": 1.0, "score": "recon", "pretrain_epochs": 2,
+}
+
+
+@pytest.mark.parametrize("kind", ["dense", "denoising", "sparse", "contractive", "variational", "stacked"])
+def test_manifests_written_by_main_still_build_and_new_ones_keep_the_format(kind):
+    old = {**MAIN_MANIFEST_MODEL, "kind": kind, "noise_level": 0.3, "score": "elbo"}
+    model = build_model(6, **old)
+    own = KINDS[kind].setting_names
+    assert dataclasses.asdict(model.settings) == {k: old[k] for k in own}
+    assert set(dataclasses.asdict(ModelSection())) == set(MAIN_MANIFEST_MODEL)
+
+
+def test_training_settings_reach_the_workers_typed_and_picklable():
+    cfg = config_from_dict({**BASE, "model": {"kind": "denoising", "noise_level": 0.4},
+                            "train": {"algorithm": "backprop", "lr": 0.02, "cpus_per_worker": 2.5}})
+    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=32, seed=1)
+    back = pickle.loads(pickle.dumps(wc))
+    assert back == wc and back.model.kind_settings.noise_level == 0.4 and back.torch_threads == 2
+    trainee, state = build_trainee(back, CPU, no_ddp)
+    assert trainee.optimizer.param_groups[0]["lr"] == 0.02 and state.start_epoch == 0
+
+
+def test_every_training_algorithm_has_an_entry():
+    assert set(ALGORITHMS) == set(typing.get_args(typing.get_type_hints(TrainSection)["algorithm"]))
+
+
+# ------------------------------------------------------------------------------------------- a new kind
+
+
+@dataclass(frozen=True)
+class ShrinkSettings:
+    shrink_weight: float = 0.1
+    """shrink: weight of the mean squared code in the loss."""
+
+    def __post_init__(self) -> None:
+        check_config(self.shrink_weight >= 0, "model.shrink_weight", f"{self.shrink_weight} must be >= 0")
+
+
+class ShrinkAutoencoder(Autoencoder):
+    settings: ShrinkSettings
+
+    def __init__(self, n_features: int, settings: ShrinkSettings = ShrinkSettings(), **mlp: Any):
+        super().__init__(n_features, settings=settings, **mlp)
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h = self.encode(x)
+        mse = torch.mean((self.decode(h) - x) ** 2)
+        pen = torch.mean(h ** 2)
+        return mse + self.settings.shrink_weight * pen, {"recon": mse.detach(), "shrink": pen.detach()}
+
+
+SHRINK = KindSpec("shrink", ShrinkAutoencoder, ShrinkSettings, undercomplete=True)
+
+
+@pytest.fixture
+def shrink_registered(monkeypatch):
+    """The one registration line, undone afterwards; the config's model section is rebuilt to include it."""
+    register(SHRINK)
+    monkeypatch.setattr(config_module, "ModelSection", config_module._model_section())
+    yield
+    del KINDS["shrink"]
+
+
+def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
+    with pytest.raises(ConfigError, match="config model.shrink_weight: -1.0 must be >= 0"):
+        config_from_dict({**BASE, "model": {"kind": "shrink", "shrink_weight": -1.0}})
+    with pytest.raises(ConfigError, match="config model.latent_dim: 6 must be < the 6 input features"):
+        config_from_dict({**BASE, "model": {"kind": "shrink", "latent_dim": 6}}).model.check_features(6)
+    cfg = config_from_dict({**BASE, "model": {"kind": "shrink", "shrink_weight": 0.5, "hidden_dims": [8],
+                                              "latent_dim": 3}, "train": {"epochs": 3, "lr": 1e-2}})
+    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=64, seed=0)
+    data = batches(6)
+    reports: list[tuple[dict, dict]] = []
+
+    torch.manual_seed(0)
+    trainee, state = build_trainee(wc, CPU, no_ddp)
+    assert isinstance(trainee.ae, ShrinkAutoencoder) and trainee.ae.settings.shrink_weight == 0.5
+    run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
+                 report=lambda m, payload: reports.append((m, payload)))
+    assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
+    assert all("train_shrink" in m for m, _ in reports)  # the kind's loss parts reach the metrics
+    assert reports[-1][0]["train_loss"] < reports[0][0]["train_loss"]
+
+    # resume from the last checkpoint payload with more epochs: picks up at epoch 3, history kept
+    longer = dataclasses.replace(wc, train=dataclasses.replace(cfg.train, epochs=5))
+    trainee, state = build_trainee(longer, CPU, no_ddp, saved=reports[-1][1])
+    assert state.start_epoch == 3 and len(state.history) == 3
+    run_training(longer, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
+                 report=lambda m, payload: reports.append((m, payload)))
+    assert [m["epoch"] for m, _ in reports] == [0, 1, 2, 3, 4]
+    final = TrainState.restore(reports[-1][1], build_model(6, **dataclasses.asdict(cfg.model)),
+                               trainee.optimizer, cfg.train)
+    assert len(final.history) == 5 and final.best_state is not None
+    # the model a manifest describes rebuilds with the kind's settings
+    assert build_model(6, **dataclasses.asdict(cfg.model)).settings == ShrinkSettings(0.5)
