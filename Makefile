@@ -10,7 +10,7 @@ FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup feast-env browser run test bench clean
+.PHONY: setup feast-env browser run test test-unit bench clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ run: setup
 ## make test: every test (unit, then integration on a local Ray and a loopback S3 server)
 test: setup feast-env browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## make test-unit: the fast tier (no Ray, no S3 server, no browser; well under a minute); a test in it that
+## starts any of them fails
+test-unit: setup
+	$(PY) -m pytest --unit $(PYTEST_ARGS)
 
 ## make bench: pipeline vs plain PyTorch / pyarrow; writes bench-results.json and bench-results.md
 bench: setup

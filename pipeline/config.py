@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.storage import join_uri
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -151,7 +152,7 @@ class TrainSection:
     batch_size: int = 1024
     """Rows per minibatch per worker; lowered automatically so each worker takes >= 20 steps an epoch."""
     lr: float = 1e-3
-    """Adam learning rate."""
+    """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     num_workers: int = 1
@@ -297,13 +298,6 @@ class Config:
         return join_uri(self.artifacts.uri, self.run.name)
 
 
-def join_uri(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -316,14 +310,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"config {key}: {value!r} is not a valid value ({_type_name(tp)})")
     if origin is Literal:
         if value not in args:

@@ -356,8 +356,9 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.config import join_uri
+    from pipeline.cluster import ray_log_level
     from pipeline.data import SplitFeatures, read_dataset
+    from pipeline.storage import join_uri
 
     data, tr = cfg.data, cfg.train
     train_ds = read_dataset(spec, storage).map_batches(
@@ -392,6 +393,8 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
             name=cfg.run.name, storage_path=train_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=tr.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's per-report and per-checkpoint info lines: session logs only, unless --verbose
+            logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
         ),
         datasets={"train": train_ds, "validation": val_ds},
     )
