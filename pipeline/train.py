@@ -356,7 +356,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import ray_log_level
+    from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
     from pipeline.data import SplitFeatures, read_dataset
     from pipeline.storage import join_uri
 
@@ -385,7 +385,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     train_uri = join_uri(cfg.run_uri, "train")
     fs, train_path = storage.resolve(train_uri)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_with_ray_log_level(train_loop_per_worker),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker=resources),

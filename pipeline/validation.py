@@ -28,11 +28,15 @@ PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enoug
 
 
 class ErrorScorer:
-    """Ray Data actor for the validation pass: per-row score and per-feature squared error of `x` rows."""
+    """The validation pass's map function: per-row score and per-feature squared error of `x` rows.
+
+    Made on the driver and run in Ray Data tasks (like scoring's `ScoreBatches`), not an actor pool: Ray Data
+    restarts pool actors from constructor arguments kept in the object store, and Ray's core worker logs an
+    error-level line about that for every pool, which reads like a failure."""
 
     def __init__(self, model_settings: dict[str, Any], n_features: int, state: dict[str, torch.Tensor],
                  mean: np.ndarray, scale: np.ndarray, torch_threads: int = 1):
-        torch.set_num_threads(max(1, torch_threads))
+        self.torch_threads = max(1, torch_threads)
         self.model = build_model(n_features, **model_settings)
         self.model.load_state_dict(state)
         self.model.eval()
@@ -42,6 +46,7 @@ class ErrorScorer:
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         from pipeline.train import arrow_to_tensor
 
+        torch.set_num_threads(self.torch_threads)
         x = self.normalizer(arrow_to_tensor(table))
         score, _, sq = self.model.score_and_latent(x)
         return {"score": score.numpy().astype(np.float32), "sq_error": sq.numpy().astype(np.float32)}
@@ -49,16 +54,11 @@ class ErrorScorer:
 
 def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale):
     """Per-row validation scores and per-feature mean squared error of the best model (distributed)."""
-    import ray.data
-
     val_ds = read_dataset(spec, storage).map_batches(
         SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
-    scored = val_ds.map_batches(
-        ErrorScorer, fn_constructor_kwargs=dict(model_settings=dataclasses.asdict(cfg.model),
-                                                n_features=spec.num_features, state=state, mean=mean,
-                                                scale=scale),
-        batch_size=cfg.score.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
-        num_cpus=cfg.score.cpus_per_actor)
+    scorer = ErrorScorer(dataclasses.asdict(cfg.model), spec.num_features, state, mean, scale)
+    scored = val_ds.map_batches(scorer, batch_size=cfg.score.batch_size, batch_format="pyarrow",
+                                num_cpus=cfg.score.cpus_per_actor)
     scores, feat_sum, n = [], np.zeros(spec.num_features), 0
     for b in scored.iter_batches(batch_format="numpy", batch_size=None):
         scores.append(np.asarray(b["score"], np.float32))
