@@ -10,7 +10,7 @@ FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup feast-env browser run test bench clean
+.PHONY: setup feast-env browser run test test-unit bench clean
 
 setup: $(STAMP)
 
@@ -44,9 +44,14 @@ run: setup
 test: setup feast-env browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## make test-unit: the fast tier (no Ray, no S3 server, no browser; well under a minute); a test in it that
+## starts any of them fails
+test-unit: setup
+	$(PY) -m pytest --unit $(PYTEST_ARGS)
+
 ## make bench: pipeline vs plain PyTorch / pyarrow; writes bench-results.json and bench-results.md
 bench: setup
-	$(PY) -m jobs.benchmark
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf data artifacts output bench-results.json bench-results.md bench-work .pytest_cache

@@ -9,7 +9,8 @@ input has planted truth).
 from __future__ import annotations
 
 from pipeline.cli import add_schedule_args, base_parser, config_from_args, run_main
-from pipeline.jobs import dry_run, evaluate_against_truth, score_job, train_job
+from pipeline.jobs import dry_run, score_job, train_job
+from pipeline.metrics import evaluate_against_truth
 from pipeline.schedule import parse_run_date
 from pipeline.storage import Storage
 

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.config import join_uri
 from pipeline.errors import ArtifactError, StorageError
-from pipeline.models import Autoencoder, build_model
-from pipeline.storage import Storage
+from pipeline.kinds import build_model
+from pipeline.models import Autoencoder
+from pipeline.storage import Storage, join_uri
 
 FORMAT = "tabular-autoencoder/v1"
 WEIGHTS = "weights.safetensors"

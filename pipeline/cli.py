@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Callable, Optional
 
+from pipeline.cluster import set_verbose
 from pipeline.config import Config, load_config
 from pipeline.errors import find_pipeline_error
 
@@ -21,6 +22,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (see jobs/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, value parsed as YAML (repeatable): --set train.epochs=5")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also show Ray's info logs (Ray Data execution plans, Ray Train reports and checkpoint "
+                        "paths); without it they go only to Ray's session logs")
     return p
 
 
@@ -34,6 +38,8 @@ def add_schedule_args(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The config the flags name; also applies --verbose (every job reads its config first)."""
+    set_verbose(getattr(args, "verbose", False))
     return load_config(args.config, args.overrides)
 
 

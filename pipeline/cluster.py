@@ -1,10 +1,87 @@
-"""Connecting to Ray: a local cluster for laptops and CI, the existing one under `ray job submit`."""
+"""Connecting to Ray: a local cluster for laptops and CI, the existing one under `ray job submit`; and how
+much of Ray's own logging a person sees.
+
+By default a job's terminal shows the job's own lines, Ray Data's progress bars and real warnings and
+errors. Ray's info-level chatter (Ray Data's execution plan per dataset, Ray Train's per-report and
+per-checkpoint lines with full paths) goes only to Ray's session logs (`/tmp/ray/session_latest/logs/`);
+`--verbose` (`set_verbose(True)`) shows it in the terminal too.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
+
+_VERBOSE = [False]
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show Ray's, Ray Data's and Ray Train's info-level logs in the terminal (the entrypoints' --verbose)."""
+    _VERBOSE[0] = verbose
+
+
+def verbose() -> bool:
+    return _VERBOSE[0]
+
+
+def ray_log_level() -> str:
+    """Level of Ray's own loggers on the console: INFO with --verbose, else WARNING."""
+    return "INFO" if verbose() else "WARNING"
+
+
+class _RayDataConsole(logging.Filter):
+    """On Ray Data's console handler: its progress and warnings pass; its info-level notes (Parquet encoding
+    ratio estimates, reader batch sizes, ...) stay in its session log file (`ray-data.log`), which has its own
+    handler. With --verbose everything passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (verbose() or record.levelno >= logging.WARNING
+                or record.name.startswith("ray.data._internal.progress")
+                or record.name.endswith("streaming_executor") and "execution finished" in record.getMessage())
+
+
+def _quiet_ray_libraries() -> None:
+    """Set, before any dataset or trainer exists (they copy these settings when made), what Ray Data and Ray
+    Train print on the driver's console."""
+    import ray.data
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "SessionFileHandler" not in type(handler).__name__ and not any(
+                isinstance(f, _RayDataConsole) for f in handler.filters):
+            handler.addFilter(_RayDataConsole())
+    # Ray Data logs "Starting execution of Dataset ..." and the whole execution plan at INFO for every
+    # dataset it runs (each epoch's split, the validation pass, scoring): --verbose only.
+    ray.data.DataContext.get_current().print_on_execution_start = verbose()
+    # Ray Train (V2) replaces print() in train workers by one that writes the line to stdout *and* logs it
+    # to its console handler, so every line a worker prints appears twice. Without the patch a print is a
+    # plain print (Ray forwards it to the driver once). Ray Train hands this variable on to its controller
+    # and workers, also under `ray job submit`.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train's preemption watcher actor only feeds `ray.train.get_preemption_info()`, which the training
+    # loop does not read (a lost node is a worker failure: train.max_failures restarts from the checkpoint).
+    # Creating it makes Ray's core worker log an error-level "E ... core_worker.cc: Actor ... has constructor
+    # arguments in the object store" per run, which reads like a failure. Also handed on by Ray Train.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def _quiet_train_worker(log_level: str, loop: Callable[[dict], None], config: dict) -> None:
+    # Ray Train 2.60 logs "Reporting training result ..." per report from a logger named by its file path,
+    # not under `ray.train`, so RunConfig's LoggingConfig (which sets `ray.train.*`) misses it: give Ray
+    # Train's loggers of that kind the same level, here in the worker process, before the loop runs.
+    import ray.train
+
+    train_dir = os.path.dirname(ray.train.__file__)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(train_dir):
+            logging.getLogger(name).setLevel(log_level)
+    loop(config)
+
+
+def train_loop_with_ray_log_level(loop: Callable[[dict], None]) -> Callable[[dict], None]:
+    """`loop` for TorchTrainer, run in each worker with Ray Train's info logs at `ray_log_level()`."""
+    return functools.partial(_quiet_train_worker, ray_log_level(), loop)
 
 
 def connect(num_cpus: Optional[int] = None) -> None:
@@ -14,11 +91,13 @@ def connect(num_cpus: Optional[int] = None) -> None:
     """
     import ray
 
+    _quiet_ray_libraries()
     if ray.is_initialized():
         return
+    level = getattr(logging, ray_log_level())
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        ray.init(logging_level=level)
         return
     # Bind loopback for a local cluster (Ray otherwise binds the machine's interface address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=level)

@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.errors import check_config as _check
 from pipeline.kinds import KINDS
 from pipeline.kinds.spec import KindSpec
+from pipeline.storage import join_uri
 
 
 @dataclass
@@ -294,13 +295,6 @@ class Config:
         return join_uri(self.artifacts.uri, self.run.name)
 
 
-def join_uri(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -313,14 +307,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"config {key}: {value!r} is not a valid value ({_type_name(tp)})")
     if origin is Literal:
         if value not in args:

@@ -54,15 +54,10 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def _short(uri: str) -> str:
-    return uri
-
-
 def _read_footer(storage: Storage, uri: str) -> tuple[str, pa.Schema, int]:
-    fs, path = storage.resolve(uri)
     try:
-        with fs.open_input_file(path) as f:
-            md = pq.ParquetFile(f).metadata
+        with storage.open_parquet(uri) as pf:
+            md = pf.metadata
             return uri, md.schema.to_arrow_schema(), md.num_rows
     except (StorageError, FileNotFoundError):
         raise
@@ -77,9 +72,8 @@ def _read_footer(storage: Storage, uri: str) -> tuple[str, pa.Schema, int]:
 
 
 def _first_vector_length(storage: Storage, uri: str, column: str) -> Optional[int]:
-    fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=[column]):
+    with storage.open_parquet(uri) as pf:
+        for batch in pf.iter_batches(batch_size=64, columns=[column]):
             arr = batch.column(0)
             lengths = pc.list_value_length(arr).drop_null()
             if len(lengths):

@@ -15,20 +15,21 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.artifacts import MANIFEST, model_dir, read_manifest, save_artifact
 from pipeline.cluster import connect
-from pipeline.config import Config, join_uri
-from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
+from pipeline.config import Config
+from pipeline.data import InputSpec, compute_moments, inspect_input, normalization_stats
 from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.models import build_model
-from pipeline.report import error_histogram, output_error_counts, scoring_report, write_training_report
+from pipeline.kinds import build_model
+from pipeline.metrics import output_error_counts
+from pipeline.report import error_histogram, scoring_report, training_report
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
-from pipeline.score import ErrorScorer, ScoreResult, check_features_match, score
-from pipeline.storage import Storage
+from pipeline.score import ScoreResult, check_features_match, score
+from pipeline.storage import Storage, join_uri
 from pipeline.train import fit
+from pipeline.validation import validation_errors, validation_projection
 
 PREPARE = "prepare.json"
 REJECTS = "rejects"  # <run>/rejects/: training rows dropped by data.nan_policy=drop, with the reason
@@ -77,26 +78,6 @@ def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     return prep
 
 
-def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale):
-    """Per-row validation scores and per-feature mean squared error of the best model (distributed)."""
-    import ray.data
-
-    val_ds = read_dataset(spec, storage).map_batches(
-        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
-    scored = val_ds.map_batches(
-        ErrorScorer, fn_constructor_kwargs=dict(model_settings=dataclasses.asdict(cfg.model),
-                                                n_features=spec.num_features, state=state, mean=mean,
-                                                scale=scale),
-        batch_size=cfg.score.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
-        num_cpus=cfg.score.cpus_per_actor)
-    scores, feat_sum, n = [], np.zeros(spec.num_features), 0
-    for b in scored.iter_batches(batch_format="numpy", batch_size=None):
-        scores.append(np.asarray(b["score"], np.float32))
-        feat_sum += np.asarray(b["sq_error"], np.float64).sum(axis=0)
-        n += len(b["score"])
-    return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), feat_sum / max(n, 1)
-
-
 def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: bool = False) -> InputSpec:
     """Everything training can check before starting Ray: the run's state, that the artifact (and with
     `output`, the output) location is writable, and the input's schema. Deletes the old run on overwrite."""
@@ -131,7 +112,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
     result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
-    scores, feat_err = _validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+    scores, feat_err = validation_errors(cfg, storage, spec, result.best_state, mean, scale)
     if len(scores) == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
     q = cfg.score.threshold_quantile
@@ -164,7 +145,9 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         "per_feature_error": feat_err.tolist(),
         "validation_error_histogram": error_histogram(scores),
     })
-    report = write_training_report(cfg, storage, spec, manifest, model, scores)
+    report = join_uri(run_uri, "report.html")
+    storage.write_bytes(report, training_report(manifest, scores, *validation_projection(cfg, storage, spec, manifest,
+                                                                                        model)).encode())
     print(f"[train] report: {report}", flush=True)
     print(f"[train] model {manifest['model_version']} written to {model_dir(run_uri)} "
           f"(threshold {threshold:.5f} = q{q} of {len(scores)} validation errors)", flush=True)
@@ -252,50 +235,3 @@ def dry_run(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[
     return lines
 
 
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve via the rank-sum statistic (ties get their average rank)."""
-    labels = labels.astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def evaluate_against_truth(cfg: Config, storage: Storage, output_uri: str,
-                           truth_column: str = "is_anomaly_truth") -> Optional[dict[str, float]]:
-    """Precision, recall and AUROC of the published scores against a planted-truth column, if the input has one."""
-    spec = inspect_input(cfg.data, storage)
-    id_cols = cfg.data.id_columns
-    if not id_cols:
-        return None
-    truth_parts = []
-    for f in spec.files:
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            if truth_column not in pf.schema_arrow.names:
-                return None
-            truth_parts.append(pf.read(columns=id_cols + [truth_column]))
-    truth = pa.concat_tables(truth_parts)
-    out_parts = []
-    for f in storage.list_files(output_uri, suffix=".parquet"):
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            out_parts.append(pq.read_table(fh, columns=id_cols + ["recon_error", "is_anomaly"]))
-    joined = pa.concat_tables(out_parts).join(truth, keys=id_cols)
-    y = joined.column(truth_column).to_numpy(zero_copy_only=False).astype(bool)
-    s = joined.column("recon_error").to_numpy(zero_copy_only=False)
-    flag = joined.column("is_anomaly").to_numpy(zero_copy_only=False).astype(bool)
-    tp = int((flag & y).sum())
-    return {"auroc": auroc(s, y), "precision": tp / max(int(flag.sum()), 1), "recall": tp / max(int(y.sum()), 1),
-            "planted": int(y.sum()), "rows": int(len(y))}

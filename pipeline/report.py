@@ -20,12 +20,8 @@ import io
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 HIST_BINS = 60
-TRUTH_COLUMN = "is_anomaly_truth"
-PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enough to read on the driver
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -259,64 +255,3 @@ def scoring_report(manifest: dict[str, Any], run_date: dt.date, counts: dict[str
     return render_html(f"Scoring report: {run_date.isoformat()}", facts, sections)
 
 
-# ------------------------------------------------------------------------------------------ data access
-
-
-def validation_sample(cfg, storage, spec, max_rows: int = PROJECTION_ROWS):
-    """Up to `max_rows` validation rows read on the driver: (features, planted truth or None)."""
-    from pipeline.data import check_finite, feature_matrix, validation_mask
-
-    xs, truths, n, has_truth = [], [], 0, True
-    for f in spec.files:
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            has_truth = has_truth and TRUTH_COLUMN in pf.schema_arrow.names
-            cols = spec.columns + ([TRUTH_COLUMN] if has_truth else [])
-            for batch in pf.iter_batches(batch_size=8192, columns=cols):
-                t = pa.Table.from_batches([batch])
-                x = feature_matrix(t, cfg.data, spec.num_features)
-                keep = validation_mask(t, cfg.data, x) & check_finite(t, x, cfg.data)
-                xs.append(x[keep])
-                if has_truth:
-                    truths.append(t.column(TRUTH_COLUMN).to_numpy(zero_copy_only=False)[keep].astype(bool))
-                n += int(keep.sum())
-                if n >= max_rows:
-                    break
-        if n >= max_rows:
-            break
-    x = np.concatenate(xs)[:max_rows] if xs else np.zeros((0, spec.num_features), np.float32)
-    truth = np.concatenate(truths)[:max_rows] if has_truth and truths else None
-    return x, truth
-
-
-def write_training_report(cfg, storage, spec, manifest: dict[str, Any], model, val_scores: np.ndarray) -> str:
-    """Render and store `<run>/report.html`; returns its URI."""
-    import torch
-
-    from pipeline.config import join_uri
-    from pipeline.train import Normalizer
-
-    x, truth = validation_sample(cfg, storage, spec)
-    norm = Normalizer(np.asarray(manifest["normalization"]["mean"], np.float32),
-                      np.asarray(manifest["normalization"]["scale"], np.float32))
-    with torch.inference_mode():
-        score, h, _ = model.eval().score_and_latent(norm(torch.from_numpy(x)))
-    flags = score.float().numpy() > float(manifest["threshold"])
-    uri = join_uri(cfg.run_uri, "report.html")
-    storage.write_bytes(uri, training_report(manifest, val_scores, h.float().numpy(), flags, truth).encode())
-    return uri
-
-
-def output_error_counts(storage, files: list[str], hist: dict[str, Any]) -> dict[str, np.ndarray]:
-    """`recon_error` of published files counted on the histogram's edges and on its deciles, streamed one
-    column of one file at a time (the driver never holds more than one file's errors)."""
-    counts = np.zeros(len(hist["edges"]) - 1, np.int64)
-    deciles = np.zeros(len(hist["deciles"]) + 1, np.int64)
-    for f in files:
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            err = pq.read_table(fh, columns=["recon_error"]).column("recon_error").to_numpy()
-        counts += histogram_counts(err, hist["edges"])
-        deciles += decile_counts(err, hist["deciles"])
-    return {"counts": counts, "deciles": deciles}

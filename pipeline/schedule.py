@@ -25,9 +25,8 @@ from typing import Any, Optional
 import pyarrow.fs as pafs
 
 from pipeline.artifacts import MANIFEST, model_dir
-from pipeline.config import join_uri
 from pipeline.errors import ArtifactError, ConfigError, InputError
-from pipeline.storage import Storage, normalize_uri
+from pipeline.storage import Storage, join_uri, normalize_uri
 
 LATEST = "latest"
 STATE_DIR = "_state"

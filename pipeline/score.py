@@ -1,16 +1,7 @@
 """Scoring: a predictor that loads the model once per actor, and the job that writes and publishes output.
 
-Output rows (one per input row, Parquet):
-    <id columns>       unchanged
-    latent             list<float32> of length latent_dim (a plain list: feature stores read it)
-    z_0 … z_{k-1}      float32, the latent code as scalar columns (only with output.flat_latent)
-    recon_error        float32, mean squared error in normalized space (the model's anomaly score)
-    is_anomaly         bool, recon_error > the threshold stored in the model manifest
-    feature_errors     list<float32>, squared error per feature in input order (only with output.feature_errors)
-    top_features       list<string>, the output.top_k_features features with the largest error, largest first
-    model_version      string, `<run.name>@<weights sha256 prefix>`
-    event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
-    scored_at          timestamp[us, UTC]
+Output rows: one per input row, Parquet, with the columns `output_schema` declares (the README's
+"Output schema" and "Feature-store ingestion" tables are checked against it by tests/test_docs.py).
 
 Commit protocol: Ray writes to `<output>/_staging/<attempt>/`; only when the staged scored rows plus the
 staged rejected rows equal the input's rows does `publish` swap the files into `<output>/` and write
@@ -28,27 +19,53 @@ import datetime as dt
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.artifacts import LoadedModel, load_artifact, read_manifest
-from pipeline.config import Config, DataSection, OutputSection, join_uri
+from pipeline.config import Config, DataSection, OutputSection
 from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.features import Normalizer
-from pipeline.models import build_model
-from pipeline.storage import Storage, makes_dirs, map_io, normalize_uri
+from pipeline.storage import Storage, join_uri, makes_dirs, map_io, normalize_uri
 from pipeline.train import autocast_for
 
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"
 REJECTS = "_rejects"
 UTC_US = pa.timestamp("us", tz="UTC")
+
+
+def output_schema(id_fields: Sequence[pa.Field], latent_dim: int, output: OutputSection) -> pa.Schema:
+    """The scored output's columns, in order; the one declaration of the output format.
+
+    <id columns>       as in the input, unchanged
+    latent             list<float32> of length latent_dim (a plain list: feature stores read it)
+    z_0 … z_{k-1}      float32, the latent code as scalar columns (only with output.flat_latent)
+    recon_error        float32, the model's anomaly score (mean squared error in normalized space)
+    is_anomaly         bool, recon_error > the threshold stored in the model manifest
+    feature_errors     list<float32>, squared error per feature in input order (only with output.feature_errors)
+    top_features       list<string>, the output.top_k_features features with the largest error, largest first
+    model_version      string, `<run.name>@<weights sha256 prefix>`
+    event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
+    scored_at          timestamp[us, UTC]
+    """
+    fields = [pa.field(f.name, f.type) for f in id_fields]  # the type only: input field metadata stays behind
+    fields.append(pa.field("latent", pa.list_(pa.float32())))
+    if output.flat_latent:
+        fields += [pa.field(f"z_{i}", pa.float32()) for i in range(latent_dim)]
+    fields += [pa.field("recon_error", pa.float32()), pa.field("is_anomaly", pa.bool_())]
+    if output.feature_errors:
+        fields.append(pa.field("feature_errors", pa.list_(pa.float32())))
+    if output.top_k_features:
+        fields.append(pa.field("top_features", pa.list_(pa.string())))
+    fields += [pa.field("model_version", pa.string()), pa.field("event_timestamp", UTC_US),
+               pa.field("scored_at", UTC_US)]
+    return pa.schema(fields)
 
 
 def latent_list(h: np.ndarray) -> pa.ListArray:
@@ -126,10 +143,9 @@ class Predictor:
         extra = explanation_columns(h, sq.float().cpu().numpy(), self.loaded.feature_names, self.output)
         cols: dict[str, Any] = {c: table.column(c) for c in self.data.id_columns}
         cols["latent"] = latent_list(h)
-        cols.update({k: v for k, v in extra.items() if k.startswith("z_")})
+        cols.update(extra)
         cols["recon_error"] = pa.array(err, pa.float32())
         cols["is_anomaly"] = pa.array(err > self.threshold)
-        cols.update({k: v for k, v in extra.items() if not k.startswith("z_")})
         cols["model_version"] = pa.array([self.version] * n, pa.string())
         if self.data.timestamp_column:
             cols["event_timestamp"] = to_utc(table.column(self.data.timestamp_column))
@@ -137,7 +153,8 @@ class Predictor:
             cols["event_timestamp"] = pa.array(np.full(n, _us(self.as_of), dtype=np.int64), UTC_US)
         scored_at = self.scored_at or dt.datetime.now(dt.timezone.utc)
         cols["scored_at"] = pa.array(np.full(n, _us(scored_at), dtype=np.int64), UTC_US)
-        return pa.table(cols)
+        schema = output_schema([table.schema.field(c) for c in self.data.id_columns], h.shape[1], self.output)
+        return pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
 
 
 def _us(t: dt.datetime) -> int:
@@ -212,24 +229,6 @@ class ScoreBatches:
                                  for i in range(0, table.num_rows, self.batch_size)]).combine_chunks()
 
 
-class ErrorScorer:
-    """Ray Data actor for the validation pass: per-row score and per-feature squared error of `x` rows."""
-
-    def __init__(self, model_settings: dict[str, Any], n_features: int, state: dict[str, torch.Tensor],
-                 mean: np.ndarray, scale: np.ndarray, torch_threads: int = 1):
-        torch.set_num_threads(max(1, torch_threads))
-        self.model = build_model(n_features, **model_settings)
-        self.model.load_state_dict(state)
-        self.model.eval()
-        self.normalizer = Normalizer(mean, scale)
-
-    @torch.inference_mode()
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        from pipeline.train import arrow_to_tensor
-
-        x = self.normalizer(arrow_to_tensor(table))
-        score, _, sq = self.model.score_and_latent(x)
-        return {"score": score.numpy().astype(np.float32), "sq_error": sq.numpy().astype(np.float32)}
 
 
 # ------------------------------------------------------------------------------------------ publishing
@@ -238,9 +237,7 @@ class ErrorScorer:
 def count_rows(storage: Storage, files: list[str], true_column: Optional[str] = None) -> tuple[int, int]:
     """Rows of Parquet `files` (from the footers) and, with `true_column`, that bool column's true values."""
     def one(f: str) -> tuple[int, int]:
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
+        with storage.open_parquet(f) as pf:
             if true_column is None:
                 return pf.metadata.num_rows, 0
             col = pf.read(columns=[true_column]).column(true_column)

@@ -13,17 +13,22 @@ Errors reaching storage become a one-line `StorageError` naming the URI (never a
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import pyarrow.fs as pafs
 
-from pipeline.config import StorageSection, join_uri
 from pipeline.errors import StorageError
+
+if TYPE_CHECKING:  # config.py imports join_uri from here
+    import pyarrow.parquet as pq
+
+    from pipeline.config import StorageSection
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -39,6 +44,14 @@ def normalize_uri(uri: str) -> str:
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return str(Path(path).expanduser().resolve())
     return uri.rstrip("/")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """`base/part/part`, with exactly one slash between the pieces."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
 
 
 def endpoint_from(cfg: StorageSection) -> Optional[str]:
@@ -142,6 +155,16 @@ class Storage:
             return fs, uri
         path = _SCHEME.sub("", uri)
         return fs, path
+
+    @contextlib.contextmanager
+    def open_parquet(self, uri: str) -> Iterator["pq.ParquetFile"]:
+        """The Parquet file at `uri`, its footer read (`.metadata`, `.schema_arrow`, `.read(columns=...)`,
+        `.iter_batches(...)`); the file is closed when the block ends. Errors are pyarrow's, unchanged."""
+        import pyarrow.parquet as pq
+
+        fs, path = self.resolve(uri)
+        with fs.open_input_file(path) as f:
+            yield pq.ParquetFile(f)
 
     # ------------------------------------------------------------------------------------ helpers
     def _wrap(self, uri: str, fn, *args, **kwargs):

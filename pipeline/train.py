@@ -492,8 +492,9 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.config import join_uri
+    from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
     from pipeline.data import SplitFeatures, read_dataset
+    from pipeline.storage import join_uri
 
     data, tr = cfg.data, cfg.train
     train_ds = read_dataset(spec, storage).map_batches(
@@ -514,7 +515,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     train_uri = join_uri(cfg.run_uri, "train")
     fs, train_path = storage.resolve(train_uri)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_with_ray_log_level(train_loop_per_worker),
         train_loop_config={WORKER_CONFIG: worker},
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker=resources),
@@ -522,6 +523,8 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
             name=cfg.run.name, storage_path=train_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=tr.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's per-report and per-checkpoint info lines: session logs only, unless --verbose
+            logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
         ),
         datasets={"train": train_ds, "validation": val_ds},
     )

@@ -1,12 +1,22 @@
-"""Shared fixtures: a real S3-compatible server (moto, server mode) on loopback and a real local Ray.
+"""Shared fixtures: a real S3-compatible server (moto, server mode) on loopback, a real local Ray, headless
+Chromium; and the test tiers.
 
 The S3 server is a subprocess on a free 127.0.0.1 port, stopped by pid at the end of the session. Ray is
 started after it, so its workers inherit the (fake) AWS credentials from the environment.
+
+Tiers (markers are set here from what a test uses, so they cannot be forgotten):
+  integration   uses the S3 server or a Ray cluster (the fixtures below, directly or through another
+                fixture), or marked by hand when it runs a job in a subprocess or starts Ray itself
+  browser       renders a page in headless Chromium (the `render_page` fixture)
+  unit          the rest: `make test-unit` (`pytest --unit`) runs only these, and there a test that starts
+                Ray, the S3 server, a job subprocess or Chromium fails at once, naming what it started.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -14,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.loopback_s3 import FAKE_KEY_ID, FAKE_SECRET, LoopbackS3, free_port, wait_for_port  # noqa: F401
+from tests.loopback_s3 import FAKE_KEY_ID, FAKE_SECRET, LoopbackS3, free_port, wait_for_port  # noqa: F401
 
 # Local Ray binds 127.0.0.1; no usage stats leave the machine.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -22,10 +32,58 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A test using one of these fixtures (they appear in `item.fixturenames` through other fixtures too) needs the
+# S3 server or a Ray cluster: it is an integration test.
+INTEGRATION_FIXTURES = {"s3_server", "bucket", "ray_cluster", "storage"}
+BROWSER_FIXTURES = {"render_page"}
+_UNIT_TIER = False
+
+
+def pytest_addoption(parser):
+    parser.addoption("--unit", action="store_true",
+                     help="run only unit tests (no Ray, S3 server, job subprocess or browser); one that starts "
+                          "any of them fails")
+
+
+def pytest_configure(config):
+    global _UNIT_TIER
+    _UNIT_TIER = config.getoption("--unit")
+    if _UNIT_TIER:
+        import ray
+        import ray._private.worker
+
+        def refuse_ray(*args, **kwargs):
+            unit_tier_refuses("a Ray cluster (ray.init)")
+
+        # Ray Data and Ray Train start a cluster through ray.init as well (auto-init), so this catches them too
+        ray.init = ray._private.worker.init = refuse_ray
+
+
+def unit_tier_refuses(what: str) -> None:
+    if _UNIT_TIER:
+        # pytest.fail raises a BaseException: no `except Exception` in the code under test swallows it
+        pytest.fail(f"unit tier: this test started {what}; mark it @pytest.mark.integration "
+                    "(or use the s3_server/ray_cluster fixtures, which mark it)", pytrace=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(item.fixturenames)
+        if names & INTEGRATION_FIXTURES:
+            item.add_marker(pytest.mark.integration)
+        if names & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+    if _UNIT_TIER:
+        slow = [i for i in items if i.get_closest_marker("integration") or i.get_closest_marker("browser")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [i for i in items if i not in set(slow)]
+
 
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of a moto S3 server on loopback; AWS env points at fake credentials for the session."""
+    unit_tier_refuses("the loopback S3 server")
     with LoopbackS3() as server:
         yield server.endpoint
 
@@ -70,5 +128,41 @@ def job_env(s3_server: str | None = None) -> dict[str, str]:
 
 def run_job(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
             cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    unit_tier_refuses(f"a job subprocess (python -m {module})")
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=env or job_env(), timeout=timeout, cwd=cwd or ROOT)
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--allow-file-access-from-files"]
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("no Chromium on PATH: install it (apt-get install -y chromium); .ci/run does this")
+
+
+@pytest.fixture
+def render_page(tmp_path):
+    """`render_page(page) -> dict`: load `page` in headless Chromium and return the render-check marker's
+    attributes and text (see tests/test_report.py)."""
+    unit_tier_refuses("Chromium")
+
+    def render(page: Path) -> dict[str, str]:
+        profile = tmp_path / f"profile-{page.stem}-{uuid.uuid4().hex[:6]}"
+        profile.mkdir()
+        proc = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                               "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        m = re.search(r'<p id="render-check"([^>]*)>([^<]*)</p>', proc.stdout)
+        assert m, f"no render-check marker in the dumped DOM:\n{proc.stdout[:500]}"
+        attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', m.group(1)))
+        attrs["text"] = m.group(2)
+        return attrs
+
+    return render

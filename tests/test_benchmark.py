@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import psutil
 import pytest
 
-from pipeline.bench import preset, run_benchmark, tree_memory_mb
+from benchmarks.bench import preset, run_benchmark, tree_memory_mb
 
 
 def test_tree_memory_counts_the_process_and_its_children():
@@ -25,20 +26,32 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
     run_benchmark(bc)
 
     res = json.loads((tmp_path / "bench.json").read_text())
-    for measure in ("ingest", "training", "scoring"):
-        r = res[measure]
-        assert r["pipeline_rows_per_s"] > 0 and r["baseline_rows_per_s"] > 0, measure
-        assert r["ratio"] == pytest.approx(r["pipeline_rows_per_s"] / r["baseline_rows_per_s"])
+    # each figure comes from what was measured: the median of the recorded samples, of the rows really read
+    ing = res["ingest"]
+    assert ing["rows"] == bc.rows and len(ing["pipeline_samples"]) == len(ing["baseline_samples"]) == bc.repeats
+    assert ing["pipeline_rows_per_s"] == pytest.approx(statistics.median(ing["pipeline_samples"]))
+    assert ing["baseline_rows_per_s"] == pytest.approx(statistics.median(ing["baseline_samples"]))
+    assert ing["baseline_seconds"] == pytest.approx(bc.rows / ing["baseline_rows_per_s"])
     for measure in ("training", "scoring"):
-        by_model = res[measure]["by_model"]
+        r, by_model = res[measure], res[measure]["by_model"]
         assert set(by_model) == {m.name for m in bc.models}
         for m in by_model.values():
-            assert str(m["best_batch_size"]) in m["by_batch_size"]
+            by_bs = m["by_batch_size"]
+            assert m["best_batch_size"] == max(by_bs, key=lambda bs: by_bs[bs]["pipeline_rows_per_s"]) and \
+                all(v["pipeline_rows_per_s"] > 0 and v["baseline_rows_per_s"] > 0 for v in by_bs.values())
+        # the headline is one model's best batch size, both sides from that same run
+        best = by_model[r["model"]]["by_batch_size"][str(r["batch_size"])]
+        assert (r["pipeline_rows_per_s"], r["baseline_rows_per_s"]) == (best["pipeline_rows_per_s"],
+                                                                        best["baseline_rows_per_s"]), measure
+        assert r["ratio"] == pytest.approx(best["pipeline_rows_per_s"] / best["baseline_rows_per_s"])
     mem = res["memory"]
-    assert mem["peak_mb_1x"] > 0 and mem["peak_mb_4x"] > 0
-    assert mem["ratio"] == pytest.approx(mem["peak_mb_4x"] / mem["peak_mb_1x"])
+    assert mem["rows_4x"] == mem["scale"] * mem["rows_1x"] == 4 * bc.rows  # the larger run had 4x the rows
+    assert mem["peak_mb_1x"] > 50 and mem["peak_mb_4x"] > 50  # a job process tree holds torch and Ray
     table = (tmp_path / "bench.md").read_text()
-    assert "| ingest" in table and "| training" in table and "| scoring" in table and "peak MB" in table
+    for measure, mark in (("ingest (", "Ray Data"), ("training", "(best)"), ("scoring", "(best)")):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {measure}") and mark in line)
+        assert f"| {res[measure.split()[0]]['ratio']:.2f} |" in row, row
+    assert "peak MB" in table
 
 
 def test_train_epoch_times_the_first_batch_and_the_data_wait_apart():

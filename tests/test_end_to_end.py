@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.jobs import auroc, evaluate_against_truth, score_job, train_job
+from pipeline.jobs import score_job, train_job
+from pipeline.metrics import auroc, evaluate_against_truth
 from pipeline.sample import write_sample
 from tests.conftest import job_env, run_job
 

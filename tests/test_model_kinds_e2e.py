@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.jobs import evaluate_against_truth, score_job, train_job
+from pipeline.jobs import score_job, train_job
+from pipeline.metrics import evaluate_against_truth
 from pipeline.sample import write_sample
 from pipeline.storage import Storage
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +19,11 @@ import pytest
 
 from pipeline.config import StorageSection, load_config
 from pipeline.jobs import score_job, train_job
-from pipeline.report import TRUTH_COLUMN
+from pipeline.metrics import TRUTH_COLUMN
 from pipeline.sample import write_sample
 from pipeline.schedule import report_uri
 from pipeline.storage import Storage
 from tests.conftest import ROOT, job_env, run_job
-from tests.test_report import render
 
 # The first test waits on the module's training run; on a loaded 2-core CI box that can pass 10 minutes.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -51,25 +53,25 @@ def trained(ray_cluster, tmp_path_factory):
     return {"tmp": tmp, "cfg": cfg, "train": t, "score": s, "storage": local}
 
 
-def test_training_report_is_written_next_to_the_model_and_renders(trained, tmp_path):
+def test_training_report_is_written_next_to_the_model_and_renders(trained, render_page):
     page = Path(trained["cfg"].run_uri) / "report.html"
     html = page.read_text()
     for heading in ("Loss per epoch", "Validation reconstruction errors", "Per-feature mean error",
                     "Latent codes (2-D PCA)", "planted truth"):
         assert heading in html
     assert trained["train"].model_version in html
-    assert render(page, tmp_path) == {"images": "4", "loaded": "4", "errors": "0", "text": "rendered"}
+    assert render_page(page) == {"images": "4", "loaded": "4", "errors": "0", "text": "rendered"}
     hist = trained["train"].manifest["validation_error_histogram"]
     assert sum(hist["counts"]) == trained["train"].validation_rows
 
 
-def test_scoring_report_compares_with_training(trained, tmp_path):
+def test_scoring_report_compares_with_training(trained, render_page):
     s = trained["score"]
     page = Path(report_uri(trained["cfg"].output.uri, D1))
     html = page.read_text()
     assert f"<th>anomalies</th><td>{s.anomalies} (" in html and "PSI" in html
     assert "against the validation rows the model was trained with" in html
-    assert render(page, tmp_path) == {"images": "1", "loaded": "1", "errors": "0", "text": "rendered"}
+    assert render_page(page) == {"images": "1", "loaded": "1", "errors": "0", "text": "rendered"}
 
 
 def test_output_is_one_run_date_partition_with_feast_ready_columns(trained):
@@ -127,6 +129,42 @@ def test_feast_reads_back_what_the_pipeline_wrote(trained, tmp_path):
             assert g["model_version"] == trained["train"].model_version, kind
 
 
+# What Ray prints that a person running a job should not have to read: per-report and per-checkpoint lines
+# of Ray Train, Ray Data's execution plan per dataset, and core-worker lines that read like failures.
+RAY_NOISE = ["Reporting training result", "Checkpoint successfully created at", "Starting execution of Dataset",
+             "Execution plan of Dataset", "has constructor arguments in the object store",
+             "Estimated parquet encoding ratio"]
+
+
+def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained, tmp_path):
+    cfg = trained["cfg"]
+    args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input={cfg.data.input}",
+            "--set", f"artifacts.uri={tmp_path / 'artifacts'}", "--set", "run.name=logs", "--set", "run.num_cpus=2",
+            "--set", "train.epochs=2", "--set", "train.cpus_per_worker=0.5", "--set", "model.hidden_dims=[16]",
+            "--set", "model.latent_dim=4"]
+    # its own Ray temp dir (short: Ray's socket paths must fit in 107 characters): a job's plain ray.init()
+    # would join any cluster recorded under /tmp/ray
+    ray_tmp = tempfile.mkdtemp(prefix="ops-ray-", dir="/tmp")
+    env = {**job_env(), "RAY_TMPDIR": ray_tmp}
+    try:
+        p = run_job("jobs.train", *args, env=env, timeout=900)
+        verbose = run_job("jobs.score", *args, "--set", f"output.uri={tmp_path / 'out'}", "--verbose", env=env,
+                          timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    for epoch in (1, 2):
+        assert len(re.findall(rf"\[train\] epoch {epoch}/2 ", out)) == 1, out[-4000:]
+    noise = [line for line in out.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert noise == [], noise[:5]
+    assert "[train] model logs@" in out
+
+    # --verbose brings Ray's info logs back (a scoring run: Ray Data's plan of the scoring dataset)
+    assert verbose.returncode == 0, (verbose.stdout + verbose.stderr)[-4000:]
+    assert "Execution plan of Dataset" in verbose.stdout + verbose.stderr
+
+
 def _partition_state(storage: Storage, uri: str) -> tuple[list[str], dict]:
     return storage.list_files(uri), storage.read_json(f"{uri}/_SUCCESS")
 
@@ -164,8 +202,9 @@ def test_dry_run_checks_without_ray_and_flags_fail_in_one_line(trained, storage,
     cfg_path.write_text(json.dumps(trained["cfg"].to_dict()))  # JSON is YAML
     env = job_env(storage.endpoint)
 
-    ok = run_job("jobs.run", "--config", str(cfg_path), "--dry-run", "--model", "latest", "--run-date",
-                 "2026-01-05", env=env, timeout=120)
+    # --verbose shows Ray's info logs, "Started a local Ray instance." among them: its absence means no Ray
+    ok = run_job("jobs.run", "--config", str(cfg_path), "--dry-run", "--verbose", "--model", "latest",
+                 "--run-date", "2026-01-05", env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "[dry-run] input ok:" in ok.stdout and "3000 rows in 2 files, 16 features" in ok.stdout
     assert f"model ok: {trained['train'].model_version}" in ok.stdout and "run_date=2026-01-05" in ok.stdout

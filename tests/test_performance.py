@@ -54,16 +54,30 @@ def _plan(ds) -> str:
     return text[text.index("Physical Plan (Optimized)"):]
 
 
+def _save_model(storage, spec, run_uri: str) -> None:
+    settings = dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=2))
+    save_artifact(storage, run_uri, build_model(spec.num_features, **settings), {
+        "run_name": "perf", "n_features": spec.num_features, "feature_names": spec.feature_names,
+        "latent_dim": 2, "model": settings,
+        "normalization": {"mean": [0.0] * spec.num_features, "scale": [1.0] * spec.num_features},
+        "threshold": 1.0,
+    })
+
+
 @pytest.mark.integration
 def test_cpu_scoring_runs_read_and_score_in_one_task_and_gpu_scoring_in_actors(tmp_path, ray_cluster):
     storage, data, spec = _spec(tmp_path)
     cfg = Config(data=data, score=ScoreSection(concurrency=2, cpus_per_actor=0.5))
     now = dt.datetime.now(dt.timezone.utc)
-    ds, write_args = score_mod.scoring_dataset(cfg, storage, spec, str(tmp_path / "model-run"), now)
-    plan = _plan(ds)
-    assert "ReadParquet->MapBatches(ScoreBatches)" in plan, plan
-    assert write_args == {"ray_remote_args": {"num_cpus": 0.5}}  # the write fuses only with the same CPUs
+    run_uri = str(tmp_path / "model-run")
+    _save_model(storage, spec, run_uri)
+    ds, write_args = score_mod.scoring_dataset(cfg, storage, spec, run_uri, now)
     assert ds.context.execution_options.resource_limits.cpu == pytest.approx(1.0)  # concurrency x CPUs
+    # the plan that ran: read, score and write fused into one operator (one task per file)
+    ds.write_parquet(str(tmp_path / "out"), **write_args)
+    ran = [line for line in ds.stats().splitlines() if line.startswith("Operator ")]
+    assert len(ran) == 1 and "ReadParquet->MapBatches(ScoreBatches)->Write" in ran[0], ds.stats()
+    assert pq.read_table(tmp_path / "out").num_rows == spec.num_rows
 
     actors = dataclasses.replace(cfg, score=ScoreSection(compute="actors"))
     ds, write_args = score_mod.scoring_dataset(actors, storage, spec, str(tmp_path / "model-run"), now)
@@ -83,13 +97,7 @@ def test_score_compute_setting_is_checked():
 def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
     storage, data, spec = _spec(tmp_path, rows=1000, shards=1)
     run_uri = str(tmp_path / "run")
-    model = build_model(spec.num_features, **dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=2)))
-    save_artifact(storage, run_uri, model, {
-        "run_name": "perf", "n_features": spec.num_features, "feature_names": spec.feature_names,
-        "latent_dim": 2, "model": dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=2)),
-        "normalization": {"mean": [0.0] * spec.num_features, "scale": [1.0] * spec.num_features},
-        "threshold": 1.0,
-    })
+    _save_model(storage, spec, run_uri)
     loads = []
     real_load = score_mod.load_artifact
     monkeypatch.setattr(score_mod, "load_artifact", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))

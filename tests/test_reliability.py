@@ -14,9 +14,11 @@ import io
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +29,14 @@ import pytest
 
 from tests.conftest import FAKE_KEY_ID, FAKE_SECRET, ROOT, free_port, job_env, run_job, wait_for_port
 
-pytestmark = pytest.mark.integration
+# No module-wide marker: tests/conftest.py marks the tests that use the S3 server or Ray (most of them) as
+# integration; the config, schema and UDF checks here are unit tests.
 
 ROWS, SHARDS, FEATURES = 6000, 4, 16
 RUN_DATE = "2026-01-02"  # scoring output goes to <output.uri>/run_date=RUN_DATE/
 PART = f"run_date={RUN_DATE}"
 RUNS: list[str] = []  # stdout + stderr of every job run here, for the credentials check
+RAY_TMP: list[str] = []  # RAY_TMPDIR of the job subprocesses (one directory for the module, made on first use)
 
 
 def base_args(s3: str, bucket: str, run: str = "base", data: str = "in", out: str = "out") -> list[str]:
@@ -60,8 +64,27 @@ def in_process(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
+def ray_tmpdir() -> str:
+    """Where the jobs started here keep their local Ray's session directories (logs included), so the
+    credentials check can read them. Short: Ray's socket paths must fit in 107 characters."""
+    if not RAY_TMP:
+        RAY_TMP.append(tempfile.mkdtemp(prefix="rel-ray-", dir="/tmp"))
+    return RAY_TMP[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_ray_tmpdir():
+    yield
+    if RAY_TMP:
+        shutil.rmtree(RAY_TMP.pop(), ignore_errors=True)
+
+
+def reliability_env(s3: str) -> dict[str, str]:
+    return {**job_env(s3), "RAY_TMPDIR": ray_tmpdir()}
+
+
 def job(module: str, argv: list[str], s3: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    p = run_job(module, *argv, env=job_env(s3), timeout=timeout)
+    p = run_job(module, *argv, env=reliability_env(s3), timeout=timeout)
     RUNS.append(p.stdout + p.stderr)
     return p
 
@@ -153,7 +176,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 def start_job(module: str, argv: list[str], s3: str, log: Path) -> subprocess.Popen:
     f = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=f, stderr=subprocess.STDOUT,
-                            env=job_env(s3), cwd=ROOT)
+                            env=reliability_env(s3), cwd=ROOT)
 
 
 def wait_until(cond, proc: subprocess.Popen, log: Path, timeout: float = 600, what: str = "") -> None:
@@ -584,21 +607,34 @@ def test_killed_scoring_publishes_nothing_and_rerun_replaces_cleanly(trained, s3
 # ------------------------------------------------------------------------------------------ credentials
 
 
+def secret_in(data: bytes) -> bool:
+    return FAKE_SECRET.encode() in data or FAKE_KEY_ID.encode() in data
+
+
 def test_credentials_never_appear_in_output_or_artifacts(s3_server, shared_bucket):
-    """Runs above (successful, failed and killed) printed and wrote things: the secret is in none of them."""
+    """Runs above (successful, failed and killed) printed and wrote things: the secret is in none of them,
+    nor in any object they stored (manifests, reports, checkpoints, Parquet output: raw bytes, and Parquet
+    decoded, as compression would hide a value), nor in the logs of the Ray clusters they started."""
     assert len(RUNS) >= 5, "this test checks the output of the runs above; run the whole module"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRET
     for text in RUNS:
         assert FAKE_SECRET not in text
         assert FAKE_KEY_ID not in text
     c = s3_client(s3_server)
-    checked = 0
+    seen = {".json": 0, "_SUCCESS": 0, "report.html": 0, ".parquet": 0, ".pt": 0}
     for k in keys(s3_server, shared_bucket, ""):
-        if k.endswith((".json", "_SUCCESS")):
-            body = c.get_object(Bucket=shared_bucket, Key=k)["Body"].read().decode()
-            assert FAKE_SECRET not in body and FAKE_KEY_ID not in body, k
-            checked += 1
-    assert checked >= 3
+        body = c.get_object(Bucket=shared_bucket, Key=k)["Body"].read()
+        assert not secret_in(body), k
+        if k.endswith(".parquet"):
+            t = pq.read_table(io.BytesIO(body))
+            decoded = json.dumps(t.to_pylist(), default=str) + repr(t.schema.metadata)
+            assert FAKE_SECRET not in decoded and FAKE_KEY_ID not in decoded, k
+        seen.update({end: n + 1 for end, n in seen.items() if k.endswith(end)})
+    assert all(seen.values()), f"expected every kind of object the runs write: {seen}"
+    logs = [p for p in Path(ray_tmpdir()).glob("ray/session_*/logs/**/*") if p.is_file()]
+    assert len(logs) >= 10, f"no Ray session logs under {ray_tmpdir()}"
+    for p in logs:
+        assert not secret_in(p.read_bytes()), p
 
 
 # ------------------------------------------------------------------------------------------ transient errors

@@ -9,41 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.report import decile_counts, error_histogram, histogram_counts, scoring_report, training_report
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--allow-file-access-from-files"]
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.fail("no Chromium on PATH: install it (apt-get install -y chromium); .ci/run does this")
-
-
-def render(page: Path, tmp_path: Path) -> dict[str, str]:
-    """Load `page` in headless Chromium and return the render-check marker's attributes and text."""
-    profile = tmp_path / f"profile-{page.stem}"
-    profile.mkdir()
-    proc = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    m = re.search(r'<p id="render-check"([^>]*)>([^<]*)</p>', proc.stdout)
-    assert m, f"no render-check marker in the dumped DOM:\n{proc.stdout[:500]}"
-    attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', m.group(1)))
-    attrs["text"] = m.group(2)
-    return attrs
-
 
 def fake_manifest(rng, n_features=12, epochs=5):
     val = rng.lognormal(-2, 0.6, 2000)
@@ -60,7 +30,7 @@ def fake_manifest(rng, n_features=12, epochs=5):
     }, val
 
 
-def test_training_and_scoring_reports_render_with_all_images(tmp_path):
+def test_training_and_scoring_reports_render_with_all_images(tmp_path, render_page):
     rng = np.random.default_rng(0)
     manifest, val = fake_manifest(rng)
     codes = rng.normal(size=(500, 4))
@@ -77,13 +47,13 @@ def test_training_and_scoring_reports_render_with_all_images(tmp_path):
     for page, n_images in ((train_page, 4), (score_page, 1)):
         html = page.read_text()
         assert "http://" not in html and "https://" not in html, "a report must not load anything from the network"
-        got = render(page, tmp_path)
+        got = render_page(page)
         assert got == {"images": str(n_images), "loaded": str(n_images), "errors": "0", "text": "rendered"}, page
     text = score_page.read_text()
     assert "PSI" in text and "major shift" in text  # the shifted distribution is called out
 
 
-def test_render_check_detects_a_broken_image(tmp_path):
+def test_render_check_detects_a_broken_image(tmp_path, render_page):
     """The check is real: a page with an undecodable image is reported as broken."""
     rng = np.random.default_rng(0)
     manifest, val = fake_manifest(rng)
@@ -91,5 +61,5 @@ def test_render_check_detects_a_broken_image(tmp_path):
     broken = re.sub(r'src="data:image/png;base64,[^"]{20}', 'src="data:image/png;base64,AAAAAAAAAAAAAAAAAAAA', html, count=1)
     page = tmp_path / "broken.html"
     page.write_text(broken)
-    got = render(page, tmp_path)
+    got = render_page(page)
     assert got["text"] == "broken" and got["loaded"] == "3"

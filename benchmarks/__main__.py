@@ -1,15 +1,15 @@
 """Benchmark the pipeline against plain PyTorch and pyarrow; writes bench-results.json and bench-results.md.
 
-    python -m jobs.benchmark [--preset full|tiny] [--out bench-results.json]
+    python -m benchmarks [--preset full|tiny] [--out bench-results.json]
 
-See pipeline/bench.py for what is measured and how; the README's Performance section for the latest table.
+See benchmarks/bench.py for what is measured and how; the README's Performance section for the latest table.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pipeline.bench import preset, run_benchmark
+from benchmarks.bench import preset, run_benchmark
 from pipeline.cli import run_main
 
 

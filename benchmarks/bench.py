@@ -1,7 +1,7 @@
 """The benchmark: the real pipeline against plain PyTorch / pyarrow, side by side, on the same data and models.
 
-    python -m jobs.benchmark                 # `make bench`: bench-results.json and bench-results.md
-    python -m jobs.benchmark --preset tiny   # the same code on thousands of rows; what the test runs
+    python -m benchmarks                 # `make bench`: bench-results.json and bench-results.md
+    python -m benchmarks --preset tiny   # the same code on thousands of rows; what the test runs
 
 Everything runs against a loopback S3 server (moto), started here and stopped at the end:
   ingest    Ray Data's read of the shards (`read_dataset`, the pipeline's reader) vs `pyarrow.dataset` reading
@@ -41,10 +41,10 @@ import torch
 
 from pipeline.artifacts import load_artifact
 from pipeline.config import (ArtifactsSection, Config, DataSection, ModelSection, OutputSection, RunSection,
-                             ScoreSection, StorageSection, TrainSection, join_uri)
+                             ScoreSection, StorageSection, TrainSection)
 from pipeline.data import InputSpec, SplitFeatures, inspect_input, read_dataset
 from pipeline.models import build_model
-from pipeline.storage import Storage
+from pipeline.storage import Storage, join_uri
 
 TARGETS = {"ingest": 0.8, "training": 0.8, "scoring": 0.8, "memory": 1.3}
 BUCKET = "bench"
@@ -207,9 +207,8 @@ def train_tensors(spec: InputSpec, storage: Storage, data: DataSection, mean, sc
     split = SplitFeatures(data, spec.num_features, "train")
     parts = []
     for f in spec.files:
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            t = split(pq.read_table(fh, columns=spec.columns))
+        with storage.open_parquet(f) as pf:
+            t = split(pf.read(columns=spec.columns))
         parts.append(t.column("x").combine_chunks().flatten().to_numpy().reshape(-1, spec.num_features))
     x = torch.from_numpy(np.concatenate(parts))
     return (x - torch.as_tensor(mean)) / torch.as_tensor(scale)
@@ -311,9 +310,8 @@ def plain_score(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: s
         predictor = Predictor(load_artifact(storage, model_run_uri), cfg.data, dt.datetime.now(dt.timezone.utc))
         rows = 0
         for i, f in enumerate(spec.files):
-            fs, path = storage.resolve(f)
-            with fs.open_input_file(path) as fh:
-                table = pq.read_table(fh, columns=spec.columns)
+            with storage.open_parquet(f) as pf:
+                table = pf.read(columns=spec.columns)
             out = pa.concat_tables([predictor(b) for b in table.to_batches(cfg.score.batch_size)])
             ofs, opath = storage.resolve(join_uri(output_uri, f"part-{i:05d}.parquet"))
             with ofs.open_output_stream(opath) as fh:
@@ -540,7 +538,7 @@ def run_benchmark(bc: BenchConfig) -> dict[str, Any]:
     import ray
 
     from pipeline.cluster import connect
-    from pipeline.loopback_s3 import LoopbackS3
+    from tests.loopback_s3 import LoopbackS3
     from pipeline.sample import write_sample
 
     t_start = time.perf_counter()

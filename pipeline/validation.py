@@ -1,0 +1,103 @@
+"""The training run's validation pass: the best model scored on the held-out rows.
+
+    validation_errors(cfg, storage, spec, state, mean, scale)  per-row scores (for the anomaly threshold) and
+                                                               per-feature mean squared error, on Ray Data
+    validation_projection(cfg, storage, spec, manifest, model) a sample of validation rows read on the driver,
+                                                               their codes, flags and planted truth (for the
+                                                               training report's charts)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import Config
+from pipeline.data import (InputSpec, SplitFeatures, check_finite, feature_matrix, read_dataset,
+                           validation_mask)
+from pipeline.features import Normalizer
+from pipeline.kinds import build_model
+from pipeline.metrics import TRUTH_COLUMN
+from pipeline.storage import Storage
+
+PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enough to read on the driver
+
+
+class ErrorScorer:
+    """The validation pass's map function: per-row score and per-feature squared error of `x` rows.
+
+    Made on the driver and run in Ray Data tasks (like scoring's `ScoreBatches`), not an actor pool: Ray Data
+    restarts pool actors from constructor arguments kept in the object store, and Ray's core worker logs an
+    error-level line about that for every pool, which reads like a failure."""
+
+    def __init__(self, model_settings: dict[str, Any], n_features: int, state: dict[str, torch.Tensor],
+                 mean: np.ndarray, scale: np.ndarray, torch_threads: int = 1):
+        self.torch_threads = max(1, torch_threads)
+        self.model = build_model(n_features, **model_settings)
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self.normalizer = Normalizer(mean, scale)
+
+    @torch.inference_mode()
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        from pipeline.train import arrow_to_tensor
+
+        torch.set_num_threads(self.torch_threads)
+        x = self.normalizer(arrow_to_tensor(table))
+        score, _, sq = self.model.score_and_latent(x)
+        return {"score": score.numpy().astype(np.float32), "sq_error": sq.numpy().astype(np.float32)}
+
+
+def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale):
+    """Per-row validation scores and per-feature mean squared error of the best model (distributed)."""
+    val_ds = read_dataset(spec, storage).map_batches(
+        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
+    scorer = ErrorScorer(dataclasses.asdict(cfg.model), spec.num_features, state, mean, scale)
+    scored = val_ds.map_batches(scorer, batch_size=cfg.score.batch_size, batch_format="pyarrow",
+                                num_cpus=cfg.score.cpus_per_actor)
+    scores, feat_sum, n = [], np.zeros(spec.num_features), 0
+    for b in scored.iter_batches(batch_format="numpy", batch_size=None):
+        scores.append(np.asarray(b["score"], np.float32))
+        feat_sum += np.asarray(b["sq_error"], np.float64).sum(axis=0)
+        n += len(b["score"])
+    return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), feat_sum / max(n, 1)
+
+
+def validation_sample(cfg: Config, storage: Storage, spec: InputSpec,
+                      max_rows: int = PROJECTION_ROWS) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Up to `max_rows` validation rows read on the driver: (features, planted truth or None)."""
+    xs, truths, n, has_truth = [], [], 0, True
+    for f in spec.files:
+        with storage.open_parquet(f) as pf:
+            has_truth = has_truth and TRUTH_COLUMN in pf.schema_arrow.names
+            cols = spec.columns + ([TRUTH_COLUMN] if has_truth else [])
+            for batch in pf.iter_batches(batch_size=8192, columns=cols):
+                t = pa.Table.from_batches([batch])
+                x = feature_matrix(t, cfg.data, spec.num_features)
+                keep = validation_mask(t, cfg.data, x) & check_finite(t, x, cfg.data)
+                xs.append(x[keep])
+                if has_truth:
+                    truths.append(t.column(TRUTH_COLUMN).to_numpy(zero_copy_only=False)[keep].astype(bool))
+                n += int(keep.sum())
+                if n >= max_rows:
+                    break
+        if n >= max_rows:
+            break
+    x = np.concatenate(xs)[:max_rows] if xs else np.zeros((0, spec.num_features), np.float32)
+    truth = np.concatenate(truths)[:max_rows] if has_truth and truths else None
+    return x, truth
+
+
+def validation_projection(cfg: Config, storage: Storage, spec: InputSpec, manifest: dict[str, Any],
+                          model) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """A validation sample through the stored model: (codes, anomaly flags, planted truth or None)."""
+    x, truth = validation_sample(cfg, storage, spec)
+    norm = Normalizer(np.asarray(manifest["normalization"]["mean"], np.float32),
+                      np.asarray(manifest["normalization"]["scale"], np.float32))
+    with torch.inference_mode():
+        score, h, _ = model.eval().score_and_latent(norm(torch.from_numpy(x)))
+    return h.float().numpy(), score.float().numpy() > float(manifest["threshold"]), truth
