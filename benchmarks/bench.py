@@ -43,7 +43,7 @@ from pipeline.artifacts import load_artifact
 from pipeline.config import (ArtifactsSection, Config, DataSection, ModelSection, OutputSection, RunSection,
                              ScoreSection, StorageSection, TrainSection)
 from pipeline.data import InputSpec, SplitFeatures, inspect_input, read_dataset
-from pipeline.models import build_model
+from pipeline.kinds import build_model
 from pipeline.storage import Storage, join_uri
 
 TARGETS = {"ingest": 0.8, "training": 0.8, "scoring": 0.8, "memory": 1.3}

@@ -143,13 +143,3 @@ class Autoencoder(nn.Module):
     def begin_epoch(self, epoch: int) -> Optional[str]:
         """Called by the training loop before each epoch; a staged model returns its stage's name."""
         return None
-
-
-def __getattr__(name: str) -> Any:
-    """`pipeline.models.build_model` for older importers; the registry lives in pipeline.kinds (which imports
-    this module, hence the late import)."""
-    if name == "build_model":
-        from pipeline.kinds import build_model  # noqa: PLC0415 - import cycle
-
-        return build_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,7 +59,7 @@ def test_train_epoch_times_the_first_batch_and_the_data_wait_apart():
 
     import torch
 
-    from pipeline.models import build_model
+    from pipeline.kinds import build_model
     from pipeline.train import train_epoch
 
     torch.manual_seed(0)
