@@ -23,12 +23,14 @@ from pipeline.config import Config, join_uri
 from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models import build_model
+from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.report import error_histogram, output_error_counts, scoring_report, write_training_report
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
 from pipeline.score import ErrorScorer, ScoreResult, check_features_match, score
 from pipeline.storage import Storage
 from pipeline.train import fit
+from pipeline.watchdog import beating, watch
 
 PREPARE = "prepare.json"
 REJECTS = "rejects"  # <run>/rejects/: training rows dropped by data.nan_policy=drop, with the reason
@@ -90,7 +92,7 @@ def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, me
         batch_size=cfg.score.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
         num_cpus=cfg.score.cpus_per_actor)
     scores, feat_sum, n = [], np.zeros(spec.num_features), 0
-    for b in scored.iter_batches(batch_format="numpy", batch_size=None):
+    for b in beating(scored.iter_batches(batch_format="numpy", batch_size=None)):
         scores.append(np.asarray(b["score"], np.float32))
         feat_sum += np.asarray(b["sq_error"], np.float64).sum(axis=0)
         n += len(b["score"])
@@ -127,11 +129,16 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
-    prep = _prepare(cfg, storage, spec)
+    cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
+    stall_s = cfg.train.stall_timeout_s
+    with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
+        prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
-    result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
-    scores, feat_err = _validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+    with watch(stall_s, "training", training_phase(cfg)):
+        result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
+    with watch(stall_s, "validation", data_phase(cfg, "the validation pass", actors=True)):
+        scores, feat_err = _validation_errors(cfg, storage, spec, result.best_state, mean, scale)
     if len(scores) == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
     q = cfg.score.threshold_quantile

@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.models import Autoencoder, build_model
+from pipeline.watchdog import beat
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -57,6 +58,7 @@ def tensor_batches(tables: Iterable[pa.Table], normalizer: Normalizer, device: t
                    column: str = "x") -> Iterator[torch.Tensor]:
     non_blocking = device.type == "cuda"
     for t in tables:
+        beat()  # progress for the driver's stall watch (pipeline/watchdog.py)
         if t.num_rows == 0:
             continue
         x = arrow_to_tensor(t, column)
