@@ -11,6 +11,7 @@ loopback S3 server, under a wall-clock limit; a job that hangs fails the test by
 from __future__ import annotations
 
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,12 +35,23 @@ def job_args(bucket: str, endpoint: str, *extra: str, input_uri: str | None = No
     return [a for s in sets for a in ("--set", s)]
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A job's environment with a Ray temp dir of its own: `ray.init()` joins whatever cluster
+    /tmp/ray/ray_current_cluster names (another `ray start` on the machine) instead of starting 2 CPUs."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="r15-", dir="/tmp")  # short: Ray's socket paths live under it
+    yield {**job_env(), "RAY_TMPDIR": ray_tmp}
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
-def trained(s3_server, tmp_path_factory):
+def trained(s3_server, env):
     """The issue's config on 2 CPUs (the model is reused by the scoring test)."""
     import boto3
 
@@ -53,7 +65,7 @@ def trained(s3_server, tmp_path_factory):
     t0 = time.monotonic()
     proc = run_job("jobs.train", *job_args(bucket, s3_server, "train.epochs=3", "train.batch_size=64",
                                            "train.num_workers=2"),
-                   env=job_env(), timeout=JOB_TIMEOUT_S)
+                   env=env, timeout=JOB_TIMEOUT_S)
     return bucket, proc, time.monotonic() - t0
 
 
@@ -76,24 +88,25 @@ def test_two_workers_at_the_default_cpus_finish_on_two_cpus(trained):
      "error: config train.cpus_per_worker: 4 CPUs per worker, but the largest node has 2 CPUs (2 CPUs, 0 GPUs "
      "on 1 node); set train.cpus_per_worker to at most 2"),
 ], ids=["gpu-on-cpu-cluster", "cpus-above-node"])
-def test_impossible_training_requests_end_in_one_line_before_any_data_is_read(s3_server, bucket, sets, message):
+def test_impossible_training_requests_end_in_one_line_before_any_data_is_read(s3_server, bucket, env, sets,
+                                                                              message):
     from pipeline.config import StorageSection
     from pipeline.storage import Storage
 
     storage = Storage(StorageSection(endpoint_url=s3_server))
-    write_sample(f"s3://{bucket}/input", storage, rows=400, shards=1, features=8, seed=1)
-    proc = run_job("jobs.train", *job_args(bucket, s3_server, *sets), env=job_env(), timeout=JOB_TIMEOUT_S)
+    write_sample(f"s3://{bucket}/input", storage, rows=400, shards=1, features=16, seed=1)
+    proc = run_job("jobs.train", *job_args(bucket, s3_server, *sets), env=env, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_lines(proc.stderr) == [message]
     assert "[prepare]" not in proc.stdout  # the normalization pass (the first read of the data) never started
     assert not storage.exists(f"s3://{bucket}/artifacts/hangs/prepare.json")
 
 
-def test_scoring_concurrency_above_the_cluster_ends_in_one_line_before_any_data_is_read(trained, s3_server):
+def test_scoring_concurrency_above_the_cluster_ends_in_one_line_before_any_data_is_read(trained, s3_server, env):
     bucket = trained[0]
     assert trained[1].returncode == 0
     proc = run_job("jobs.score", *job_args(bucket, s3_server, "score.concurrency=4", "run.name=hangs"),
-                   env=job_env(), timeout=JOB_TIMEOUT_S)
+                   env=env, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_lines(proc.stderr) == [
         "error: config score.concurrency: 4 scoring workers x score.cpus_per_actor 1 = 4 CPUs, but the cluster "
@@ -155,13 +168,13 @@ class GoesSilent:
             s.close()
 
 
-def test_a_blocked_input_read_is_reported_and_ends_at_the_stall_timeout(s3_server, bucket, storage, tmp_path):
-    write_sample(f"s3://{bucket}/input", storage, rows=2000, shards=2, features=8, seed=2)
+def test_a_blocked_input_read_is_reported_and_ends_at_the_stall_timeout(s3_server, bucket, storage, env, tmp_path):
+    write_sample(f"s3://{bucket}/input", storage, rows=2000, shards=2, features=16, seed=2)
     proxy = GoesSilent(s3_server)
     args = job_args(bucket, proxy.endpoint, "train.stall_timeout_s=20", "train.num_workers=1",
                     f"artifacts.uri={tmp_path / 'artifacts'}", f"output.uri={tmp_path / 'output'}")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=job_env(), cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     out: list[str] = []
     t0 = time.monotonic()
     t_silent = [0.0]
@@ -195,4 +208,4 @@ def test_a_blocked_input_read_is_reported_and_ends_at_the_stall_timeout(s3_serve
     assert time.monotonic() - t_silent[0] < 20 + 60 + 60, "ended long after the stall timeout"
     assert not (tmp_path / "artifacts" / "hangs" / "model").exists()
     print(f"stall ended {time.monotonic() - t_silent[0]:.0f}s after the input went silent "
-          f"(job ran {time.monotonic() - t0:.0f}s)")
+          f"(job ran {time.monotonic() - t0:.0f}s):", reports[0], err, sep="\n")
