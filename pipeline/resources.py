@@ -210,14 +210,22 @@ def training_phase(cfg) -> str:
     """What training holds and waits on, in words (for the resource summary and the stall report)."""
     tr = cfg.train
     return (f"{_plural(tr.num_workers, 'training worker')} x {_plural(tr.cpus_per_worker, 'CPU')}"
-            + (" + 1 GPU" if tr.use_gpu else "") + f" + Ray Data reading {cfg.data.input}")
+            + (" + 1 GPU" if tr.use_gpu else "") + f" + Ray Data reading {_input(cfg)}")
 
 
 def data_phase(cfg, what: str, actors: bool = False) -> str:
     """What a Ray Data pass (prepare, validation, scoring) holds and waits on, in words."""
     sc = cfg.score
     pool = (f"{_plural(sc.concurrency, 'actor')} x {_plural(sc.cpus_per_actor, 'CPU')} + " if actors else "")
-    return f"{what}: {pool}Ray Data reading {cfg.data.input}"
+    return f"{what}: {pool}Ray Data reading {_input(cfg)}"
+
+
+def _input(cfg) -> str:
+    """data.input, with the endpoint it is read from when that is not AWS's own."""
+    from pipeline.storage import endpoint_from, scheme_of
+
+    endpoint = endpoint_from(cfg.storage) if scheme_of(cfg.data.input) in ("s3", "s3a") else None
+    return cfg.data.input + (f" at {endpoint}" if endpoint else "")
 
 
 # ------------------------------------------------------------------------------------------ from Ray

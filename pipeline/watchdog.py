@@ -127,23 +127,29 @@ def describe_ray() -> str:
     """What Ray says the job may be waiting on: free resources, pending placement groups, tasks, actors."""
     import ray
 
-    parts = []
+    parts, free_cpus = [], 0.0
     try:
         total, free = ray.cluster_resources(), ray.available_resources()
-        parts.append(f"cluster has {total.get('CPU', 0):g} CPUs, {free.get('CPU', 0):g} free"
+        free_cpus = free.get("CPU", 0.0)
+        parts.append(f"cluster has {total.get('CPU', 0):g} CPUs, {free_cpus:g} free"
                      + (f"; {total.get('GPU', 0):g} GPUs, {free.get('GPU', 0):g} free" if total.get("GPU") else ""))
     except Exception:  # noqa: BLE001 - a description is best effort
         pass
+    waiting = []
     try:
         pending = [pg for pg in ray.util.placement_group_table().values() if pg.get("state") == "PENDING"]
         for pg in pending[:3]:
             bundles = list(pg.get("bundles", {}).values())
             if bundles:
-                parts.append(f"placement group pending: {len(bundles)} x {_fmt(bundles[0])}")
+                waiting.append(f"placement group pending: {len(bundles)} x {_fmt(bundles[0])}")
     except Exception:  # noqa: BLE001
         pass
-    parts.extend(_pending_tasks_and_actors())
-    return "; ".join(parts)
+    waiting.extend(_pending_tasks_and_actors())
+    if not waiting and free_cpus >= 1:
+        # nothing queued for resources: the running tasks themselves make no progress
+        waiting.append("nothing waits for resources, so the running work is slow or blocked "
+                       "(a storage endpoint that does not answer, a hung task)")
+    return "; ".join(parts + waiting)
 
 
 def _pending_tasks_and_actors() -> list[str]:
