@@ -1,14 +1,15 @@
 """Stall watch: a job that makes no progress says what it waits for, and ends at `train.stall_timeout_s`.
 
 The driver spends a job blocked in `trainer.fit()`, `write_parquet()` or a Ray Data iterator, so a daemon
-thread watches for it. Progress is a `beat()`: the training workers beat per batch, the scoring predictor
-per batch, the driver per batch it takes from Ray Data. In the driver a beat reaches the watchdog directly;
-in a Ray worker it goes (at most once a second) to `Heartbeat`, a small named actor without CPUs that the
-watchdog polls. With no beat for a while the thread prints one line every REPORT_EVERY_S naming what the
-phase waits for and what Ray says is pending (free CPUs/GPUs, pending placement groups, tasks and actors
-waiting for resources). At the stall timeout it interrupts the main thread, which unwinds through the job's
-cleanup (staging is removed, Ray shut down at exit) and ends with `error: stalled: ...`, exit 2; a main
-thread stuck in native code past GRACE_S is ended by the thread itself.
+thread watches for it. Progress is a `beat()` (the training workers beat per batch, the scoring predictor
+per batch, the driver per batch it takes from Ray Data), or a change in what Ray has scheduled (CPUs in
+use, placement groups). In the driver a beat reaches the watchdog directly; in a Ray worker it goes (at
+most once a second) to `Heartbeat`, a small named actor without CPUs that the watchdog polls. With no
+progress for a while the thread prints one line every REPORT_EVERY_S naming what the phase waits for and
+what Ray says is pending (free CPUs/GPUs, pending placement groups, tasks and actors waiting for
+resources). At the stall timeout it interrupts the main thread, which unwinds through the job's cleanup
+(staging is removed, Ray shut down at exit) and ends with `error: stalled: ...`, exit 2; a main thread
+stuck in native code (a storage call that never returns) past GRACE_S is ended by the thread itself.
 
     with watch(cfg.train.stall_timeout_s, "training", "2 training workers x 0.5 CPU + Ray Data"):
         trainer.fit()
@@ -189,7 +190,7 @@ class Watchdog:
                                                  else REPORT_EVERY_S)
         self.error: Optional[StallError] = None
         self._last = time.monotonic()
-        self._beats = -1
+        self._seen: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"watchdog-{phase}", daemon=True)
 
@@ -204,16 +205,21 @@ class Watchdog:
         self._stop.set()
 
     def _poll_heartbeat(self) -> None:
+        """Progress is a beat, or a change in what Ray has scheduled (CPUs/GPUs in use, placement groups
+        made): a worker group starting or tasks starting are progress too."""
         if self.heartbeat is None:
             return
         try:
             import ray
 
             count, _ = ray.get(self.heartbeat.read.remote(), timeout=10)
+            free = ray.available_resources()
+            pgs = sorted(pg.get("state", "") for pg in ray.util.placement_group_table().values())
+            seen = (count, free.get("CPU"), free.get("GPU"), tuple(pgs))
         except Exception:  # noqa: BLE001 - an unanswered poll is no progress, not a failure
             return
-        if count != self._beats:
-            self._beats = count
+        if seen != self._seen:
+            self._seen = seen
             self.progress()
 
     def _run(self) -> None:

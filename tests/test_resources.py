@@ -121,8 +121,8 @@ def test_every_shipped_config_fits_a_two_cpu_machine_or_is_refused_in_one_line()
 def test_watchdog_reports_a_silent_phase_and_ends_it_at_the_timeout():
     """The clock: reports while nothing progresses, then interrupts the main thread with the reason."""
     lines: list[str] = []
-    w = Watchdog(1.5, "training", "2 training workers x 1 CPU + Ray Data", describe=lambda: "cluster has 2 CPUs, 0 free",
-                 report_every_s=0.5, log=lines.append)
+    w = Watchdog(1.5, "training", "2 training workers x 1 CPU + Ray Data",
+                 describe=lambda: "cluster has 2 CPUs, 0 free", report_every_s=0.5, log=lines.append)
     with pytest.raises(KeyboardInterrupt):
         w.start()
         time.sleep(5)
