@@ -214,3 +214,23 @@ def test_a_blocked_input_read_is_reported_and_ends_at_the_stall_timeout(s3_serve
     assert not (tmp_path / "artifacts" / "hangs" / "model").exists()
     print(f"stall ended {time.monotonic() - t_silent[0]:.0f}s after the input went silent "
           f"(job ran {time.monotonic() - t0:.0f}s):", reports[0], err, sep="\n")
+
+
+def test_beats_from_ray_workers_reach_the_driver_watchdog(ray_cluster):
+    """The path a training worker's progress takes to the driver blocked in trainer.fit(): a Ray task's
+    beat() lands in the job's heartbeat actor, which the watchdog polls."""
+    import ray
+
+    from pipeline import watchdog
+
+    @ray.remote(num_cpus=0.25)
+    def work() -> None:
+        watchdog.beat("a test batch")
+
+    with watchdog.watch(0, "test", "a task") as w:
+        ray.get(work.remote())
+        deadline, count, what = time.monotonic() + 30, 0, ""
+        while count == 0 and time.monotonic() < deadline:  # the beat is sent without waiting for it
+            count, what = ray.get(w.heartbeat.read.remote())
+            time.sleep(0.2)
+    assert (count, what) == (1, "a test batch")
