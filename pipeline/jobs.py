@@ -23,8 +23,8 @@ from pipeline.config import Config, join_uri
 from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models import build_model
-from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.report import error_histogram, output_error_counts, scoring_report, write_training_report
+from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
 from pipeline.score import ErrorScorer, ScoreResult, check_features_match, score

@@ -41,8 +41,8 @@ from pipeline.config import Config, DataSection, OutputSection, join_uri
 from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.models import build_model
-from pipeline.storage import Storage, makes_dirs, map_io, normalize_uri
 from pipeline.resources import check_job, data_phase
+from pipeline.storage import Storage, makes_dirs, map_io, normalize_uri
 from pipeline.train import Normalizer, autocast_for
 from pipeline.watchdog import beat, watch
 
