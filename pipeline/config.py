@@ -170,6 +170,9 @@ class TrainSection:
     """Rows in each worker's local shuffle buffer (0: block order is randomized, rows are not)."""
     recirculation_lambda: float = 0.75
     """recirculation: regression factor; the second visible state is lambda * x + (1 - lambda) * g(f(x))."""
+    stall_timeout_s: float = 1800.0
+    """End the job (exit 2) after this long without progress in any Ray phase: prepare, training, validation,
+    scoring (0: never). A job without progress says what it waits for every minute before that."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
@@ -184,6 +187,7 @@ class TrainSection:
         _check(self.shuffle_buffer_rows >= 0, "train.shuffle_buffer_rows", "must be >= 0")
         _check(0.0 <= self.recirculation_lambda < 1.0, "train.recirculation_lambda",
                f"{self.recirculation_lambda} must be in [0, 1)")
+        _check(self.stall_timeout_s >= 0, "train.stall_timeout_s", f"{self.stall_timeout_s} must be >= 0 (0: off)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DataSection
 from pipeline.errors import InputError, StorageError
 from pipeline.storage import Storage, map_io, normalize_uri, scheme_of
+from pipeline.watchdog import beating
 
 PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): names the shard in error messages
 REJECT_SOURCE = "source_file"
@@ -440,7 +441,7 @@ def compute_moments(spec: InputSpec, data: DataSection, storage: Storage,
     ds = read_dataset(spec, storage).map_batches(BatchMoments(data, spec.num_features, on_reject),
                                                  batch_format="pyarrow", batch_size=None)
     rows = []
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in beating(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i in range(len(batch["n"])):
             rows.append({k: batch[k][i] for k in batch})
     return merge_moment_rows(rows, spec.num_features)

@@ -24,12 +24,14 @@ from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.kinds import build_model
 from pipeline.metrics import output_error_counts
 from pipeline.report import error_histogram, scoring_report, training_report
+from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
 from pipeline.score import ScoreResult, check_features_match, score
 from pipeline.storage import Storage, join_uri
 from pipeline.train import fit
 from pipeline.validation import validation_errors, validation_projection
+from pipeline.watchdog import watch
 
 PREPARE = "prepare.json"
 REJECTS = "rejects"  # <run>/rejects/: training rows dropped by data.nan_policy=drop, with the reason
@@ -108,11 +110,16 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
-    prep = _prepare(cfg, storage, spec)
+    cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
+    stall_s = cfg.train.stall_timeout_s
+    with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
+        prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
-    result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
-    scores, feat_err = validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+    with watch(stall_s, "training", training_phase(cfg)):
+        result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
+    with watch(stall_s, "validation", data_phase(cfg, "the validation pass")):
+        scores, feat_err = validation_errors(cfg, storage, spec, result.best_state, mean, scale)
     if len(scores) == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
     q = cfg.score.threshold_quantile

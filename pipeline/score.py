@@ -31,8 +31,10 @@ from pipeline.config import Config, DataSection, OutputSection
 from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.features import Normalizer
+from pipeline.resources import check_job, data_phase
 from pipeline.storage import Storage, join_uri, makes_dirs, map_io, normalize_uri
 from pipeline.train import autocast_for
+from pipeline.watchdog import beat, watch
 
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"
@@ -126,6 +128,7 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
+        beat()  # progress for the driver's stall watch (pipeline/watchdog.py)
         x = feature_matrix(table, self.data, self.n_features)
         keep = check_finite(table, x, self.data)
         if not keep.all():
@@ -358,12 +361,14 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     from pipeline.cluster import connect
 
     connect(cfg.run.num_cpus)  # only once the cheap checks (model, storage, schema) have passed
+    cfg = check_job(cfg, "score")  # before any data is read: requests the cluster can never meet end here
     ds, write_args = scoring_dataset(cfg, storage, spec, model_run_uri, as_of, rejects_uri, run_id=staging)
     fs, staging_path = storage.resolve(staging)
     lap("checks")
     try:
-        # on S3, making directories costs a round trip per file for nothing
-        ds.write_parquet(staging_path, filesystem=fs, try_create_dir=makes_dirs(fs), **write_args)
+        with watch(cfg.train.stall_timeout_s, "scoring", data_phase(cfg, "scoring", actors=cfg.score.uses_actors)):
+            # on S3, making directories costs a round trip per file for nothing
+            ds.write_parquet(staging_path, filesystem=fs, try_create_dir=makes_dirs(fs), **write_args)
         lap("score_and_write")
         staged = storage.list_files(staging, suffix=".parquet")
         scored, anomalies = count_rows(storage, staged, true_column="is_anomaly")

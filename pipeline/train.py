@@ -27,6 +27,7 @@ from pipeline.config import ModelSection, TrainSection
 from pipeline.features import Normalizer
 from pipeline.kinds import build_model
 from pipeline.models import Autoencoder
+from pipeline.watchdog import beat
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -51,6 +52,7 @@ def tensor_batches(tables: Iterable[pa.Table], normalizer: Normalizer, device: t
                    column: str = "x") -> Iterator[torch.Tensor]:
     non_blocking = device.type == "cuda"
     for t in tables:
+        beat()  # progress for the driver's stall watch (pipeline/watchdog.py)
         if t.num_rows == 0:
             continue
         x = arrow_to_tensor(t, column)

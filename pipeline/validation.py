@@ -23,6 +23,7 @@ from pipeline.features import Normalizer
 from pipeline.kinds import build_model
 from pipeline.metrics import TRUTH_COLUMN
 from pipeline.storage import Storage
+from pipeline.watchdog import beating
 
 PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enough to read on the driver
 
@@ -60,7 +61,7 @@ def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mea
     scored = val_ds.map_batches(scorer, batch_size=cfg.score.batch_size, batch_format="pyarrow",
                                 num_cpus=cfg.score.cpus_per_actor)
     scores, feat_sum, n = [], np.zeros(spec.num_features), 0
-    for b in scored.iter_batches(batch_format="numpy", batch_size=None):
+    for b in beating(scored.iter_batches(batch_format="numpy", batch_size=None)):
         scores.append(np.asarray(b["score"], np.float32))
         feat_sum += np.asarray(b["sq_error"], np.float64).sum(axis=0)
         n += len(b["score"])
