@@ -10,7 +10,7 @@ FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup feast-env browser run test bench clean
+.PHONY: setup feast-env browser run test bench scale clean
 
 setup: $(STAMP)
 
@@ -48,5 +48,9 @@ test: setup feast-env browser
 bench: setup
 	$(PY) -m jobs.benchmark
 
+## make scale: 200,000 vs 10,000,000 rows x 64 features, object store capped at 1 GB (~2.5 GB data on local disk)
+scale: setup
+	$(PY) -m jobs.scale
+
 clean:
-	rm -rf data artifacts output bench-results.json bench-results.md bench-work .pytest_cache
+	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work .pytest_cache

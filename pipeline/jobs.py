@@ -23,10 +23,12 @@ from pipeline.config import Config, join_uri
 from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models import build_model
-from pipeline.report import error_histogram, output_error_counts, scoring_report, write_training_report
+from pipeline.multinode import check_shared_storage
+from pipeline.report import output_error_counts, scoring_report, write_training_report
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
 from pipeline.score import ErrorScorer, ScoreResult, check_features_match, score
+from pipeline.sketch import ScoreSketch, error_histogram_of, summarize_batch
 from pipeline.storage import Storage
 from pipeline.train import fit
 
@@ -77,8 +79,11 @@ def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     return prep
 
 
-def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale):
-    """Per-row validation scores and per-feature mean squared error of the best model (distributed)."""
+def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale) -> ScoreSketch:
+    """Sketch of the best model's per-row validation scores and per-feature squared error (distributed).
+
+    Each scored block is summarized where it was scored (pipeline/sketch.py); the driver merges fixed-size
+    summaries, so its memory does not grow with the validation rows."""
     import ray.data
 
     val_ds = read_dataset(spec, storage).map_batches(
@@ -89,12 +94,12 @@ def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, me
                                                 scale=scale),
         batch_size=cfg.score.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
         num_cpus=cfg.score.cpus_per_actor)
-    scores, feat_sum, n = [], np.zeros(spec.num_features), 0
-    for b in scored.iter_batches(batch_format="numpy", batch_size=None):
-        scores.append(np.asarray(b["score"], np.float32))
-        feat_sum += np.asarray(b["sq_error"], np.float64).sum(axis=0)
-        n += len(b["score"])
-    return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), feat_sum / max(n, 1)
+    sketch = ScoreSketch(spec.num_features)
+    summaries = scored.map_batches(summarize_batch, batch_size=None, batch_format="numpy")
+    for b in summaries.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in b.to_pylist():
+            sketch.add(row)
+    return sketch
 
 
 def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: bool = False) -> InputSpec:
@@ -127,22 +132,24 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
+    check_shared_storage(cfg, ("data.input", "artifacts.uri") + (("output.uri",) if check_output else ()))
     prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
     result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
-    scores, feat_err = _validation_errors(cfg, storage, spec, result.best_state, mean, scale)
-    if len(scores) == 0:
+    sketch = _validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+    if sketch.rows == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
+    feat_err = sketch.sq_sum / sketch.rows
     q = cfg.score.threshold_quantile
-    threshold = float(np.quantile(scores, q))
+    threshold = float(sketch.quantile(q))
     hist = result.history
     best = next((h for h in hist if h["epoch"] == result.best_epoch), hist[-1])
     metrics = {
         "best_epoch": result.best_epoch, "epochs_run": len(hist), "best_val_loss": result.best_val_loss,
         "train_loss_at_best": best["train_loss"], "first_val_loss": hist[0]["val_loss"],
         "final_train_loss": hist[-1]["train_loss"], "batch_size": result.batch_size,
-        "validation_score_quantiles": {str(p): float(np.quantile(scores, p)) for p in (0.5, 0.9, 0.99, 0.999)},
+        "validation_score_quantiles": {str(p): float(sketch.quantile(p)) for p in (0.5, 0.9, 0.99, 0.999)},
     }
     model = build_model(spec.num_features, **dataclasses.asdict(cfg.model))
     model.load_state_dict(result.best_state)
@@ -162,12 +169,12 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         "metrics": metrics,
         "history": hist,
         "per_feature_error": feat_err.tolist(),
-        "validation_error_histogram": error_histogram(scores),
+        "validation_error_histogram": error_histogram_of(sketch),
     })
-    report = write_training_report(cfg, storage, spec, manifest, model, scores)
+    report = write_training_report(cfg, storage, spec, manifest, model, sketch.sample, sketch.rows)
     print(f"[train] report: {report}", flush=True)
     print(f"[train] model {manifest['model_version']} written to {model_dir(run_uri)} "
-          f"(threshold {threshold:.5f} = q{q} of {len(scores)} validation errors)", flush=True)
+          f"(threshold {threshold:.5f} = q{q} of {sketch.rows} validation errors)", flush=True)
     return TrainSummary(run_uri=run_uri, model_version=manifest["model_version"], train_rows=prep["train_rows"],
                         validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],

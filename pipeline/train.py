@@ -218,6 +218,19 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (the history records where training ran)."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return nodes
+
+
 def _state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     core = unwrap(model)
     return {k: v.detach().to("cpu").clone() for k, v in core.state_dict().items()}
@@ -267,6 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from pipeline.recirculation import make_step_fn  # noqa: PLC0415 - only this path needs it
 
         step_fn = make_step_fn(model, config)
+    worker_nodes = _worker_nodes()
     normalizer = Normalizer(config["mean"], config["scale"], device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
@@ -307,6 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "data_wait_fraction": wait_secs / steady_secs if steady_secs > 0 else 0.0,
             **{f"train_{k}": v for k, v in stats.parts.items() if k != "recon"},
             **({"stage": stage} if stage is not None else {}),
+            "worker_nodes": worker_nodes,
         }
         history.append(metrics)
         stop = stopper.should_stop
@@ -386,7 +401,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=_num_workers(tr), use_gpu=tr.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=train_path, storage_filesystem=fs,
@@ -403,6 +418,13 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     return FitResult(best_state=state["best_model"], history=list(state["history"]),
                      best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val"]),
                      batch_size=batch_size)
+
+
+def _num_workers(tr) -> int | tuple[int, int]:
+    """Ray Train's `num_workers`: a fixed count, or a (min, max) range for elastic training."""
+    if tr.min_workers is None or tr.min_workers == tr.num_workers:
+        return tr.num_workers
+    return (tr.min_workers, tr.num_workers)
 
 
 def _model_settings(cfg) -> dict[str, Any]:

@@ -1,0 +1,62 @@
+"""The bounded-memory score sketch behind the anomaly threshold (pipeline/sketch.py): no Ray needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.report import error_histogram
+from pipeline.sketch import N_BUCKETS, SAMPLE_ROWS, ScoreSketch, error_histogram_of, summarize_block
+
+QS = [0.0, 0.001, 0.1, 0.5, 0.9, 0.99, 0.999, 1.0]
+
+
+def sketch_in_blocks(scores: np.ndarray, blocks: int, n_features: int = 3) -> ScoreSketch:
+    rng = np.random.default_rng(0)
+    sq = rng.random((len(scores), n_features)).astype(np.float32)
+    sk = ScoreSketch(n_features)
+    for part, sq_part in zip(np.array_split(scores, blocks), np.array_split(sq, blocks)):
+        sk.add(summarize_block(part, sq_part))
+    np.testing.assert_allclose(sk.sq_sum, sq.astype(np.float64).sum(axis=0), rtol=1e-9)
+    return sk
+
+
+@pytest.mark.parametrize("dist", ["lognormal", "normal", "ties", "tiny"])
+def test_quantiles_match_numpy_to_the_bucket_width(dist):
+    rng = np.random.default_rng(1)
+    scores = {"lognormal": rng.lognormal(-3, 2, 300_000), "normal": rng.normal(0, 1, 50_000),
+              "ties": np.r_[rng.exponential(1, 2000), np.full(500, 5.0), np.zeros(300)],
+              "tiny": np.array([0.25])}[dist].astype(np.float32)
+    sk = sketch_in_blocks(scores, blocks=min(7, len(scores)))
+    exact = np.quantile(scores.astype(np.float64), QS)
+    approx = sk.quantile(QS)
+    # within a bucket (2**-11 relative) of np.quantile, or of the gap between neighbouring order statistics
+    tol = np.maximum(np.abs(exact) * 2 ** -11, 1e-12)
+    s = np.sort(scores.astype(np.float64))
+    ranks = np.asarray(QS) * (len(s) - 1)
+    gaps = s[np.ceil(ranks).astype(int)] - s[np.floor(ranks).astype(int)]
+    assert np.all(np.abs(approx - exact) <= tol + gaps), (approx, exact)
+    assert sk.rows == len(scores) and sk.quantile(0.0) == s[0] and sk.quantile(1.0) == s[-1]
+
+
+def test_merging_blocks_equals_one_sketch_and_memory_is_fixed():
+    scores = np.random.default_rng(2).lognormal(0, 1, 250_000).astype(np.float32)
+    one, many = sketch_in_blocks(scores, 1), sketch_in_blocks(scores, 50)
+    assert np.array_equal(one.counts, many.counts) and one.counts.size == N_BUCKETS
+    assert np.array_equal(one.quantile(QS), many.quantile(QS))
+    assert len(many.sample) == SAMPLE_ROWS and set(many.sample.tolist()) <= set(scores.tolist())
+
+
+def test_non_finite_scores_are_left_out_and_an_empty_sketch_has_no_quantile():
+    sk = ScoreSketch.of(np.array([1.0, np.nan, np.inf, 2.0, 3.0], np.float32))
+    assert sk.rows == 5 and sk.finite_rows == 3 and sk.quantile(0.5) == pytest.approx(2.0, rel=2 ** -11)
+    assert np.isnan(ScoreSketch(1).quantile(0.5))
+
+
+def test_histogram_agrees_with_the_exact_one():
+    scores = np.random.default_rng(3).lognormal(-2, 1, 100_000).astype(np.float32)
+    exact, approx = error_histogram(scores), error_histogram_of(ScoreSketch.of(scores))
+    assert np.allclose(exact["edges"], approx["edges"], rtol=1e-6)
+    assert sum(approx["counts"]) == len(scores)
+    assert np.abs(np.subtract(exact["counts"], approx["counts"])).sum() <= len(scores) * 0.002
+    assert np.allclose(exact["deciles"], approx["deciles"], rtol=2 ** -10)
