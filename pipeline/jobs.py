@@ -27,8 +27,8 @@ from pipeline.multinode import check_shared_storage
 from pipeline.report import output_error_counts, scoring_report, write_training_report
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
-from pipeline.score import ErrorScorer, ScoreResult, check_features_match, score
-from pipeline.sketch import ScoreSketch, error_histogram_of, summarize_batch
+from pipeline.score import ScoreResult, check_features_match, score
+from pipeline.sketch import ScoreSketch, ValidationSketch, error_histogram_of
 from pipeline.storage import Storage
 from pipeline.train import fit
 
@@ -82,20 +82,17 @@ def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
 def _validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale) -> ScoreSketch:
     """Sketch of the best model's per-row validation scores and per-feature squared error (distributed).
 
-    Each scored block is summarized where it was scored (pipeline/sketch.py); the driver merges fixed-size
+    Each block is scored and summarized in one task (pipeline/sketch.py); the driver merges fixed-size
     summaries, so its memory does not grow with the validation rows."""
-    import ray.data
+    import uuid
 
-    val_ds = read_dataset(spec, storage).map_batches(
-        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
-    scored = val_ds.map_batches(
-        ErrorScorer, fn_constructor_kwargs=dict(model_settings=dataclasses.asdict(cfg.model),
-                                                n_features=spec.num_features, state=state, mean=mean,
-                                                scale=scale),
-        batch_size=cfg.score.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.score.concurrency),
-        num_cpus=cfg.score.cpus_per_actor)
+    fn = ValidationSketch(dict(model_settings=dataclasses.asdict(cfg.model), n_features=spec.num_features,
+                               state=state, mean=mean, scale=scale), cfg.score.batch_size, uuid.uuid4().hex)
+    cpus = {"num_cpus": cfg.score.cpus_per_actor}
+    summaries = read_dataset(spec, storage, **cpus).map_batches(
+        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None,
+        **cpus).map_batches(fn, batch_format="pyarrow", batch_size=None, **cpus)
     sketch = ScoreSketch(spec.num_features)
-    summaries = scored.map_batches(summarize_batch, batch_size=None, batch_format="numpy")
     for b in summaries.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in b.to_pylist():
             sketch.add(row)

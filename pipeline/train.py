@@ -22,8 +22,8 @@ import pyarrow as pa
 import torch
 
 from pipeline.models import Autoencoder, build_model
+from pipeline.resume import CHECKPOINT_FILE, resume_state
 
-CHECKPOINT_FILE = "state.pt"
 
 # Arrow buffers are read-only; the tensors made from them are never written to, so the copy torch asks
 # for is skipped (zero-copy is the point) and its warning silenced.
@@ -254,10 +254,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch, history = 0, []
     stopper = EarlyStopping(config["patience"], config["min_delta"])
     best_state = None
+    registered = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+            registered = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    state, source = resume_state(registered, config.get("storage"), config.get("checkpoints_uri"), rank)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         best_state = state["best_model"]
@@ -266,7 +269,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stopper = EarlyStopping(config["patience"], config["min_delta"], best=float(state["best_val"]),
                                 best_epoch=int(state["best_epoch"]), bad_epochs=int(state["bad_epochs"]))
         if rank == 0:
-            print(f"[train] resumed from checkpoint after epoch {start_epoch - 1}", flush=True)
+            where = "" if source == "registered" else f" (newest in storage, not yet registered by Ray Train: {source})"
+            print(f"[train] resumed from checkpoint after epoch {start_epoch - 1}{where}", flush=True)
 
     ae = model
     if algorithm == "backprop":
@@ -292,6 +296,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if stopper.should_stop or start_epoch >= epochs:
         epochs = start_epoch  # a finished run resumed: nothing left to do but report the final checkpoint
+        if state is not None and source != "registered":  # Ray Train has not seen it: report it as the result
+            _report(history[-1], rank, model, optimizer, best_state, stopper, start_epoch - 1, history)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         stage = ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a stacked model
@@ -392,6 +398,8 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         "shuffle_buffer_rows": tr.shuffle_buffer_rows, "mean": mean.tolist(), "scale": scale.tolist(),
         "recirculation_lambda": tr.recirculation_lambda,
         "torch_threads": max(1, int(tr.cpus_per_worker)),
+        # resume from the newest complete checkpoint in storage, registered by Ray Train or not (resume.py)
+        "storage": storage, "checkpoints_uri": join_uri(cfg.run_uri, "train", cfg.run.name),
     }
     resources = {"CPU": tr.cpus_per_worker}
     if tr.use_gpu:
