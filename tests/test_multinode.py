@@ -1,8 +1,8 @@
 """Multi-node: a real Ray cluster of several raylets on loopback (`ray.cluster_utils.Cluster`, which Ray's own
 tests use), data and artifacts on the loopback S3 server, where no local path is shared between nodes.
 
-The cluster: a head and two worker nodes, each its own raylet with 1 CPU and a custom resource naming it
-(`node_head`, `node_w0`, `node_w1`). Jobs run as separate driver processes joined to it via RAY_ADDRESS, as
+The cluster: a head without CPUs (as on KubeRay) and three worker nodes, each its own raylet with 1 CPU and a
+custom resource naming it (`node_head`, `node_w0`, ...). Jobs run as separate driver processes joined to it via RAY_ADDRESS, as
 under `ray job submit`. A node is killed whole (raylet, object store, workers: every process it started, by
 pid, SIGKILL) and a fresh node takes its place for the next test.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, job_env
+from tests.conftest import ROOT, free_port, job_env
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,16 @@ RUN_DATE = "2026-01-02"
 
 
 class LoopbackCluster:
-    """A head and `workers` worker nodes, 1 CPU each; `kill` removes a node by pid, `replace` adds a new one."""
+    """A head (no CPUs) and `workers` worker nodes of 1 CPU; `kill` removes a node by pid, `add` adds one."""
 
-    def __init__(self, workers: int = 2):
+    def __init__(self, workers: int = 3):
         from ray.cluster_utils import Cluster
 
+        # no CPUs on the head (as on KubeRay); its dashboard for Ray's state API; a free port for its
+        # dashboard agent (the default one may belong to another Ray on the machine)
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "resources": {"node_head": 1}, "include_dashboard": False})
+            "num_cpus": 0, "resources": {"node_head": 1}, "dashboard_agent_listen_port": free_port(),
+            "dashboard_port": free_port()})
         self.workers = {}
         self._next = 0
         for _ in range(workers):
@@ -81,7 +84,7 @@ class LoopbackCluster:
 @pytest.fixture(scope="module")
 def cluster(s3_server):
     """Started after the S3 server: the raylets' workers inherit its (fake) credentials from the env."""
-    c = LoopbackCluster(workers=2)
+    c = LoopbackCluster(workers=3)
     yield c
     c.shutdown()
 
