@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.errors import StorageError
 from pipeline.storage import Storage
 
 CHECKPOINT_FILE = "state.pt"
@@ -50,7 +51,11 @@ def resume_state(registered: Optional[dict[str, Any]], storage: Optional[Storage
 
     choice: list[Any] = [None]
     if rank == 0 and storage is not None and checkpoints_uri:
-        uri, stored = newest_stored_state(storage, checkpoints_uri)
+        try:
+            uri, stored = newest_stored_state(storage, checkpoints_uri)
+        except StorageError as e:  # the registered checkpoint (or none) still works: say why, go on
+            print(f"[train] could not look for newer checkpoints in {checkpoints_uri}: {e}", flush=True)
+            uri, stored = None, None
         if stored is not None and (registered is None or int(stored["epoch"]) > int(registered["epoch"])):
             choice[0] = uri
     if dist.is_available() and dist.is_initialized():
