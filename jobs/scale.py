@@ -196,7 +196,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# make scale: {res['rows_1x']:,} vs {res['rows_nx']:,} rows x {res['features']} features",
              "", f"Object store capped at {res['object_store_bytes'] / 2**20:,.0f} MiB "
              f"(data at {n}: {(res['data_bytes_nx'] or 0) / 2**20:,.0f} MiB in {res['files_nx']} files); "
-             f"{res['num_cpus']} CPUs for Ray; load average {res['load']} on {res['load']['cpus']} cores; "
+             f"{res['num_cpus']} CPUs for Ray; 1-minute load average before/after: 1x {res['load']['1x']}, "
+             f"{n} {res['load']['nx']} on {res['load']['cpus']} cores (other work shares them); "
              f"{res['date']}.", "",
              f"| stage | 1x s | {n} s | time ratio (target <= {TIME_TARGET * res['scale']:g}) | rows/s 1x | rows/s {n} |",
              "|---|---|---|---|---|---|"]
