@@ -79,7 +79,12 @@ def summary_table(scores: np.ndarray, sq_error: np.ndarray) -> "pa.Table":
     import pyarrow as pa
 
     d = summarize_block(scores, sq_error)
-    return pa.table({k: [v.tolist() if isinstance(v, np.ndarray) else v] for k, v in d.items()})
+    # explicit types: an empty block's lists would otherwise be list<null>, unlike every other block's
+    lists = {"buckets": pa.int64(), "counts": pa.int64(), "sq_sum": pa.float64(), "sample": pa.float32(),
+             "sample_keys": pa.float64()}
+    schema = pa.schema([(k, pa.list_(lists[k]) if k in lists else (pa.int64() if k == "rows" else pa.float64()))
+                        for k in d])
+    return pa.table({k: [v.tolist() if isinstance(v, np.ndarray) else v] for k, v in d.items()}, schema=schema)
 
 
 @dataclass
