@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -245,7 +246,8 @@ def test_local_paths_are_refused_on_a_multi_node_cluster(s3_server, mbucket, clu
         last = text.strip().splitlines()[-1]
         assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
         assert last.startswith(f"error: config {key}: ") and "nodes" in last, last
-    assert not (tmp_path / "art").exists() and not (tmp_path / "out").exists()
+    # refused before anything was written there (the writability probes leave no file)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".log"]
 
 
 def test_node_loss_mid_training_resumes_from_the_last_checkpoint(s3_server, mbucket, cluster, tmp_path):
@@ -259,8 +261,7 @@ def test_node_loss_mid_training_resumes_from_the_last_checkpoint(s3_server, mbuc
     cluster.kill(victim)
     text = finish(proc, log)
     cluster.add()  # the next test gets the same cluster shape
-    resumed = [int(line.rsplit(" ", 1)[-1]) for line in text.splitlines()
-               if "[train] resumed from checkpoint after epoch" in line]
+    resumed = [int(m.group(1)) for m in re.finditer(r"\[train\] resumed from checkpoint after epoch (\d+)", text)]
     assert resumed and resumed[0] >= ckpt["epoch"], text[-4000:]
     m = manifest(s3_server, mbucket, "nodeloss")
     assert [h["epoch"] for h in m["history"]] == list(range(6))
