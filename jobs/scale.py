@@ -101,7 +101,8 @@ def run_stages(config_path: str, result_path: str, num_cpus: int, object_store_m
     from pipeline.config import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load(Path(config_path).read_text()))
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+    # address="local": a new Ray of its own, never a cluster that happens to run on the machine
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
              logging_level=logging.WARNING)
     times: dict[str, float] = {}
 

@@ -227,9 +227,11 @@ def test_training_and_scoring_spread_over_nodes_and_match_one_node(s3_server, mb
     assert task_nodes(cluster.address, "ScoreBatches") == set(cluster.workers), text[-2000:]
 
     # the same config on one node (its own local Ray) reaches the same validation loss, within noise
+    # RAY_ADDRESS=local: a new local Ray (2 CPUs), not the cluster above, which a plain ray.init() would find;
+    # 0.5 CPU per worker leaves Ray Data a CPU (torch threads are 1 either way)
     log1 = tmp_path / "one.log"
-    finish(start("jobs.train", args(s3_server, mbucket, "one", **{"run.num_cpus": 3, "train.cpus_per_worker": 1}),
-                 s3_server, log1, None), log1)
+    finish(start("jobs.train", args(s3_server, mbucket, "one", **{"train.cpus_per_worker": 0.5}), s3_server, log1,
+                 "local"), log1)
     one = manifest(s3_server, mbucket, "one")
     assert len(set(one["history"][-1]["worker_nodes"])) == 1
     a, b = m["metrics"]["best_val_loss"], one["metrics"]["best_val_loss"]
