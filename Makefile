@@ -10,7 +10,7 @@ FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup feast-env browser run test test-unit bench clean
+.PHONY: setup feast-env browser run test test-unit bench scale clean
 
 setup: $(STAMP)
 
@@ -53,5 +53,9 @@ test-unit: setup
 bench: setup
 	$(PY) -m benchmarks
 
+## make scale: 200,000 vs 10,000,000 rows x 64 features, object store capped at 1 GB (~2.5 GB data on local disk)
+scale: setup
+	$(PY) -m benchmarks.scale
+
 clean:
-	rm -rf data artifacts output bench-results.json bench-results.md bench-work .pytest_cache
+	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work .pytest_cache

@@ -154,6 +154,10 @@ class TrainSection:
     """AdamW weight decay."""
     num_workers: int = 1
     """Data-parallel training workers (one process each; one GPU each with use_gpu)."""
+    min_workers: Optional[int] = None
+    """Elastic training: start with as many workers as fit between this and num_workers, and after losing a
+    node go on from the last checkpoint with fewer (never below this) instead of waiting for its resources;
+    unset means exactly num_workers."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker; keep some free for Ray Data to feed them."""
     use_gpu: bool = False
@@ -180,6 +184,8 @@ class TrainSection:
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.num_workers >= 1, "train.num_workers", f"{self.num_workers} must be >= 1")
+        _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, "train.min_workers",
+               f"{self.min_workers} must be between 1 and train.num_workers ({self.num_workers})")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
         _check(self.patience >= 1, "train.patience", "must be >= 1")
         _check(self.min_delta >= 0, "train.min_delta", "must be >= 0")
@@ -258,6 +264,9 @@ class StorageSection:
     """Attempts for transient storage errors before failing."""
     connect_timeout_s: float = 5.0
     """Seconds to wait for a connection before calling the endpoint unreachable."""
+    shared_local_paths: bool = False
+    """Local paths (data.input, artifacts.uri, output.uri) are one shared filesystem (NFS, a mounted volume)
+    on every node; without it a multi-node cluster refuses them (each node would write to its own disk)."""
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:

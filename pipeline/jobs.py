@@ -23,11 +23,13 @@ from pipeline.data import InputSpec, compute_moments, inspect_input, normalizati
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.kinds import build_model
 from pipeline.metrics import output_error_counts
-from pipeline.report import error_histogram, scoring_report, training_report
+from pipeline.multinode import check_shared_storage
+from pipeline.report import scoring_report, training_report
 from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
 from pipeline.score import ScoreResult, check_features_match, score
+from pipeline.sketch import error_histogram_of
 from pipeline.storage import Storage, join_uri
 from pipeline.train import fit
 from pipeline.validation import validation_errors, validation_projection
@@ -111,6 +113,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     spec = check_train(cfg, storage, overwrite, output=check_output)
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
+    check_shared_storage(cfg, ("data.input", "artifacts.uri") + (("output.uri",) if check_output else ()))
     stall_s = cfg.train.stall_timeout_s
     with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
         prep = _prepare(cfg, storage, spec)
@@ -119,18 +122,19 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     with watch(stall_s, "training", training_phase(cfg)):
         result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
     with watch(stall_s, "validation", data_phase(cfg, "the validation pass")):
-        scores, feat_err = validation_errors(cfg, storage, spec, result.best_state, mean, scale)
-    if len(scores) == 0:
+        sketch = validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+    if sketch.rows == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
+    feat_err = sketch.sq_sum / sketch.rows
     q = cfg.score.threshold_quantile
-    threshold = float(np.quantile(scores, q))
+    threshold = float(sketch.quantile(q))
     hist = result.history
     best = next((h for h in hist if h["epoch"] == result.best_epoch), hist[-1])
     metrics = {
         "best_epoch": result.best_epoch, "epochs_run": len(hist), "best_val_loss": result.best_val_loss,
         "train_loss_at_best": best["train_loss"], "first_val_loss": hist[0]["val_loss"],
         "final_train_loss": hist[-1]["train_loss"], "batch_size": result.batch_size,
-        "validation_score_quantiles": {str(p): float(np.quantile(scores, p)) for p in (0.5, 0.9, 0.99, 0.999)},
+        "validation_score_quantiles": {str(p): float(sketch.quantile(p)) for p in (0.5, 0.9, 0.99, 0.999)},
     }
     model = build_model(spec.num_features, **dataclasses.asdict(cfg.model))
     model.load_state_dict(result.best_state)
@@ -150,14 +154,14 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         "metrics": metrics,
         "history": hist,
         "per_feature_error": feat_err.tolist(),
-        "validation_error_histogram": error_histogram(scores),
+        "validation_error_histogram": error_histogram_of(sketch),
     })
     report = join_uri(run_uri, "report.html")
-    storage.write_bytes(report, training_report(manifest, scores, *validation_projection(cfg, storage, spec, manifest,
-                                                                                        model)).encode())
+    storage.write_bytes(report, training_report(manifest, sketch.sample, *validation_projection(
+        cfg, storage, spec, manifest, model), val_rows=sketch.rows).encode())
     print(f"[train] report: {report}", flush=True)
     print(f"[train] model {manifest['model_version']} written to {model_dir(run_uri)} "
-          f"(threshold {threshold:.5f} = q{q} of {len(scores)} validation errors)", flush=True)
+          f"(threshold {threshold:.5f} = q{q} of {sketch.rows} validation errors)", flush=True)
     return TrainSummary(run_uri=run_uri, model_version=manifest["model_version"], train_rows=prep["train_rows"],
                         validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],

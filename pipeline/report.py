@@ -33,12 +33,16 @@ def error_histogram(scores: np.ndarray, bins: int = HIST_BINS) -> dict[str, list
     s = np.asarray(scores, np.float64)
     s = s[np.isfinite(s)]
     pos = s[s > 0]
-    lo = float(pos.min()) / 4 if len(pos) else 1e-6
-    hi = float(s.max()) * 4 if len(s) and s.max() > 0 else 1.0
-    hi = max(hi, lo * 10)
-    edges = np.geomspace(lo, hi, bins + 1)
+    edges = histogram_edges(float(pos.min()) if len(pos) else None, float(s.max()) if len(s) else None, bins)
     deciles = np.quantile(s, np.linspace(0.1, 0.9, 9)) if len(s) else np.zeros(9)
     return {"edges": edges.tolist(), "counts": histogram_counts(s, edges).tolist(), "deciles": deciles.tolist()}
+
+
+def histogram_edges(pos_min: Optional[float], max_value: Optional[float], bins: int = HIST_BINS) -> np.ndarray:
+    """Log-spaced edges from a quarter of the smallest positive error to four times the largest."""
+    lo = pos_min / 4 if pos_min is not None else 1e-6
+    hi = max_value * 4 if max_value is not None and max_value > 0 else 1.0
+    return np.geomspace(lo, max(hi, lo * 10), bins + 1)
 
 
 def decile_counts(values: np.ndarray, deciles: Sequence[float]) -> np.ndarray:
@@ -196,8 +200,9 @@ def render_html(title: str, facts: list[tuple[str, Any]], sections: list[tuple[s
 
 
 def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.ndarray, flags: np.ndarray,
-                    truth: Optional[np.ndarray] = None) -> str:
-    """The training run's report from its manifest, validation errors and a sample of validation latent codes."""
+                    truth: Optional[np.ndarray] = None, val_rows: Optional[int] = None) -> str:
+    """The training run's report from its manifest, validation errors (or a sample of them, of `val_rows`)
+    and a sample of validation latent codes."""
     m = manifest.get("metrics", {})
     d = manifest.get("data", {})
     thr = float(manifest["threshold"])
@@ -211,7 +216,7 @@ def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.
                  f"{d.get('rejected_rows')} rejected"),
         ("epochs", f"{m.get('epochs_run')} (best {int(m.get('best_epoch', 0)) + 1})"),
         ("best validation loss", f"{m.get('best_val_loss', float('nan')):.6g}"),
-        ("threshold", f"{thr:.6g} (q{manifest.get('threshold_quantile')} of {len(val_scores)} validation errors)"),
+        ("threshold", f"{thr:.6g} (q{manifest.get('threshold_quantile')} of {val_rows or len(val_scores)} validation errors)"),
         ("created", manifest.get("created_at")),
     ]
     sections = [

@@ -359,9 +359,11 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     rejects_uri = join_uri(staging, REJECTS) if cfg.data.nan_policy == "drop" else None
 
     from pipeline.cluster import connect
+    from pipeline.multinode import check_shared_storage
 
     connect(cfg.run.num_cpus)  # only once the cheap checks (model, storage, schema) have passed
     cfg = check_job(cfg, "score")  # before any data is read: requests the cluster can never meet end here
+    check_shared_storage(cfg)
     ds, write_args = scoring_dataset(cfg, storage, spec, model_run_uri, as_of, rejects_uri, run_id=staging)
     fs, staging_path = storage.resolve(staging)
     lap("checks")

@@ -27,9 +27,9 @@ from pipeline.config import ModelSection, TrainSection
 from pipeline.features import Normalizer
 from pipeline.kinds import build_model
 from pipeline.models import Autoencoder
+from pipeline.resume import CHECKPOINT_FILE, resume_state
 from pipeline.watchdog import beat
 
-CHECKPOINT_FILE = "state.pt"
 
 # Arrow buffers are read-only; the tensors made from them are never written to, so the copy torch asks
 # for is skipped (zero-copy is the point) and its warning silenced.
@@ -214,6 +214,19 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (the history records where training ran)."""
+    import ray
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, mine)
+    return nodes
+
+
 def _state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     core = unwrap(model)
     return {k: v.detach().to("cpu").clone() for k, v in core.state_dict().items()}
@@ -239,6 +252,10 @@ class WorkerConfig:
     """Rows per minibatch per worker: train.batch_size, lowered on small data (effective_batch_size)."""
     seed: int
     """run.seed; each rank seeds torch with seed + rank."""
+    storage: Optional[Any] = None
+    """The run's Storage: rank 0 looks there for a newer complete checkpoint than Ray Train registered."""
+    checkpoints_uri: Optional[str] = None
+    """Where Ray Train writes this run's checkpoints (`<run>/train/<run.name>`)."""
 
     @property
     def torch_threads(self) -> int:
@@ -301,6 +318,10 @@ class TrainState:
         stopper = EarlyStopping(train.patience, train.min_delta, best=float(saved["best_val"]),
                                 best_epoch=int(saved["best_epoch"]), bad_epochs=int(saved["bad_epochs"]))
         return cls(stopper, int(saved["epoch"]) + 1, list(saved["history"]), saved["best_model"])
+
+    def finished(self, epochs: int) -> bool:
+        """True when a restored run has nothing left to train (stopped early, or past its last epoch)."""
+        return self.stopper.should_stop or self.start_epoch >= epochs
 
     def checkpoint(self, trainee: Trainee, epoch: int) -> dict[str, Any]:
         """The checkpoint payload (saved as CHECKPOINT_FILE) after `epoch`."""
@@ -385,13 +406,15 @@ Report = Callable[[dict[str, Any], Optional[dict[str, Any]]], None]
 def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
                  train_batches: Callable[[], Iterable[torch.Tensor]],
                  val_batches: Callable[[], Iterable[torch.Tensor]], device: torch.device, rank: int,
-                 report: Report, all_reduce_sum: Callable[[list[float]], list[float]] = _all_reduce_sum) -> None:
+                 report: Report, all_reduce_sum: Callable[[list[float]], list[float]] = _all_reduce_sum,
+                 extra_metrics: Optional[dict[str, Any]] = None) -> None:
     """The epoch loop from `state.start_epoch`: train, evaluate, all-reduce, early-stop, log, report.
 
     Early stopping is decided from all-reduced validation loss, so every rank stops at the same epoch.
+    `extra_metrics` go into every epoch's metrics (e.g. the nodes the workers ran on).
     """
     epochs = wc.train.epochs
-    if state.stopper.should_stop or state.start_epoch >= epochs:
+    if state.finished(epochs):
         epochs = state.start_epoch  # a finished run resumed: nothing left to do
     pretraining = wc.model.pretrain_epochs_total
     run_start = time.perf_counter()
@@ -405,7 +428,8 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
         improved = epoch >= pretraining and state.stopper.update(totals.val_loss, epoch)
         if improved or state.best_state is None:
             state.best_state = _state_to_cpu(trainee.model)
-        metrics = epoch_metrics(epoch, totals, stats, state.stopper, stage, time.perf_counter() - t0)
+        metrics = {**epoch_metrics(epoch, totals, stats, state.stopper, stage, time.perf_counter() - t0),
+                   **(extra_metrics or {})}
         state.history.append(metrics)
         stop = state.stopper.should_stop
         if rank == 0:
@@ -459,10 +483,14 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     torch.set_num_threads(wc.torch_threads)
     torch.manual_seed(wc.seed + rank)
     device = ray.train.torch.get_device()
-    saved = _load_payload(ray.train.get_checkpoint())
+    saved, source = resume_state(_load_payload(ray.train.get_checkpoint()), wc.storage, wc.checkpoints_uri, rank)
     trainee, state = build_trainee(wc, device, _prepare_ddp, saved)
     if saved is not None and rank == 0:
-        print(f"[train] resumed from checkpoint after epoch {state.start_epoch - 1}", flush=True)
+        where = "" if source == "registered" else f" (newest in storage, not yet registered by Ray Train: {source})"
+        print(f"[train] resumed from checkpoint after epoch {state.start_epoch - 1}{where}", flush=True)
+    if saved is not None and source != "registered" and state.finished(wc.train.epochs):
+        # a finished run Ray Train has not seen the end of: report its last checkpoint as the result
+        _ray_report(state.history[-1], state.checkpoint(trainee, state.start_epoch - 1) if rank == 0 else None)
 
     normalizer = Normalizer(wc.mean, wc.scale, device)
     train_shard = ray.train.get_dataset_shard("train")
@@ -474,7 +502,7 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     run_training(wc, trainee, state,
                  lambda: tensor_batches(train_shard.iter_batches(**iter_kw), normalizer, device),
                  lambda: tensor_batches(val_shard.iter_batches(**val_kw), normalizer, device),
-                 device, rank, _ray_report)
+                 device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -510,7 +538,9 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         print(f"[train] train.batch_size lowered to {batch_size} so each worker takes >= 20 steps an epoch "
               f"({n_train} training rows, {tr.num_workers} workers)", flush=True)
     worker = WorkerConfig(model=cfg.model, train=tr, n_features=spec.num_features, mean=mean.tolist(),
-                          scale=scale.tolist(), batch_size=batch_size, seed=cfg.run.seed)
+                          scale=scale.tolist(), batch_size=batch_size, seed=cfg.run.seed,
+                          # resume from the newest complete checkpoint in storage, registered or not (resume.py)
+                          storage=storage, checkpoints_uri=join_uri(cfg.run_uri, "train", cfg.run.name))
     resources = {"CPU": tr.cpus_per_worker}
     if tr.use_gpu:
         resources["GPU"] = 1
@@ -519,7 +549,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     trainer = TorchTrainer(
         train_loop_with_ray_log_level(train_loop_per_worker),
         train_loop_config={WORKER_CONFIG: worker},
-        scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=_num_workers(tr), use_gpu=tr.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=train_path, storage_filesystem=fs,
@@ -537,3 +567,10 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     return FitResult(best_state=state["best_model"], history=list(state["history"]),
                      best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val"]),
                      batch_size=batch_size)
+
+
+def _num_workers(tr) -> int | tuple[int, int]:
+    """Ray Train's `num_workers`: a fixed count, or a (min, max) range for elastic training."""
+    if tr.min_workers is None or tr.min_workers == tr.num_workers:
+        return tr.num_workers
+    return (tr.min_workers, tr.num_workers)

@@ -1,7 +1,8 @@
 """The training run's validation pass: the best model scored on the held-out rows.
 
-    validation_errors(cfg, storage, spec, state, mean, scale)  per-row scores (for the anomaly threshold) and
-                                                               per-feature mean squared error, on Ray Data
+    validation_errors(cfg, storage, spec, state, mean, scale)  a bounded-memory sketch of the per-row scores
+                                                               (for the anomaly threshold) and per-feature
+                                                               squared error, on Ray Data
     validation_projection(cfg, storage, spec, manifest, model) a sample of validation rows read on the driver,
                                                                their codes, flags and planted truth (for the
                                                                training report's charts)
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any, Optional
 
 import numpy as np
@@ -22,6 +24,7 @@ from pipeline.data import (InputSpec, SplitFeatures, check_finite, feature_matri
 from pipeline.features import Normalizer
 from pipeline.kinds import build_model
 from pipeline.metrics import TRUTH_COLUMN
+from pipeline.sketch import ScoreSketch, ValidationSketch
 from pipeline.storage import Storage
 from pipeline.watchdog import beating
 
@@ -53,19 +56,22 @@ class ErrorScorer:
         return {"score": score.numpy().astype(np.float32), "sq_error": sq.numpy().astype(np.float32)}
 
 
-def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale):
-    """Per-row validation scores and per-feature mean squared error of the best model (distributed)."""
-    val_ds = read_dataset(spec, storage).map_batches(
-        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
-    scorer = ErrorScorer(dataclasses.asdict(cfg.model), spec.num_features, state, mean, scale)
-    scored = val_ds.map_batches(scorer, batch_size=cfg.score.batch_size, batch_format="pyarrow",
-                                num_cpus=cfg.score.cpus_per_actor)
-    scores, feat_sum, n = [], np.zeros(spec.num_features), 0
-    for b in beating(scored.iter_batches(batch_format="numpy", batch_size=None)):
-        scores.append(np.asarray(b["score"], np.float32))
-        feat_sum += np.asarray(b["sq_error"], np.float64).sum(axis=0)
-        n += len(b["score"])
-    return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), feat_sum / max(n, 1)
+def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale) -> ScoreSketch:
+    """Sketch of the best model's per-row validation scores and per-feature squared error (distributed).
+
+    Each block is scored and summarized in one task (pipeline/sketch.py); the driver merges fixed-size
+    summaries, so its memory does not grow with the validation rows."""
+    fn = ValidationSketch(dict(model_settings=dataclasses.asdict(cfg.model), n_features=spec.num_features,
+                               state=state, mean=mean, scale=scale), cfg.score.batch_size, uuid.uuid4().hex)
+    cpus = {"num_cpus": cfg.score.cpus_per_actor}
+    summaries = read_dataset(spec, storage, **cpus).map_batches(
+        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None,
+        **cpus).map_batches(fn, batch_format="pyarrow", batch_size=None, **cpus)
+    sketch = ScoreSketch(spec.num_features)
+    for b in beating(summaries.iter_batches(batch_format="pyarrow", batch_size=None)):
+        for row in b.to_pylist():
+            sketch.add(row)
+    return sketch
 
 
 def validation_sample(cfg: Config, storage: Storage, spec: InputSpec,
