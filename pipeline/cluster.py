@@ -85,7 +85,7 @@ def train_loop_with_ray_log_level(loop: Callable[[dict], None]) -> Callable[[dic
 
 
 def connect(num_cpus: Optional[int] = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one.
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one of its own.
 
     Under `ray job submit`, `ray.init(num_cpus=...)` raises, so only a plain `ray.init()` is used there.
     """
@@ -100,4 +100,6 @@ def connect(num_cpus: Optional[int] = None) -> None:
         return
     # Bind loopback for a local cluster (Ray otherwise binds the machine's interface address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=level)
+    # address="local": always a new cluster of our own; a bare ray.init() would join any cluster another
+    # process started on this machine with `ray start` (and then refuse num_cpus)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level)
