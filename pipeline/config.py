@@ -21,6 +21,9 @@ import yaml
 from pipeline.errors import ConfigError
 
 
+AUTO = "auto"  # a size chosen from the input's width and rows when training starts (pipeline/sizing.py)
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config {key}: {msg}")
@@ -78,10 +81,12 @@ class DataSection:
 class ModelSection:
     kind: Literal["dense", "denoising", "sparse", "contractive", "variational", "stacked"] = "dense"
     """Which autoencoder; see the README's table of kinds."""
-    hidden_dims: list[int] = field(default_factory=lambda: [64, 32])
-    """Widths of the encoder's hidden layers, input side first; the decoder mirrors them."""
-    latent_dim: int = 8
-    """Width of the code h = f(x); smaller than the input for an undercomplete model."""
+    hidden_dims: Union[list[int], Literal["auto"]] = AUTO
+    """Widths of the encoder's hidden layers, input side first; the decoder mirrors them. `auto`: one layer,
+    sized from the input's width and rows (pipeline/sizing.py); the manifest records the widths chosen."""
+    latent_dim: Union[int, Literal["auto"]] = AUTO
+    """Width of the code h = f(x); smaller than the input for an undercomplete model. `auto`: about a quarter
+    of the input width (1 to 32), recorded in the manifest."""
     activation: Literal["relu", "gelu", "tanh", "sigmoid", "linear"] = "gelu"
     """Nonlinearity between layers; `linear` with MSE learns the PCA subspace."""
     dropout: float = 0.0
@@ -103,14 +108,17 @@ class ModelSection:
     """contractive: weight of the mean squared Frobenius norm of the encoder Jacobian."""
     kl_weight: float = 1.0
     """variational: weight of KL(q(h|x) || N(0, I)) in the negative ELBO (1 is the true ELBO; beta-VAE)."""
-    score: Literal["recon", "elbo"] = "recon"
-    """variational: the anomaly score; mean squared reconstruction error of the posterior mean, or -ELBO."""
+    score: Literal["calibrated", "recon", "elbo"] = "calibrated"
+    """The anomaly score. `calibrated`: each feature's squared error over its validation mean, plus the code's
+    squared distance from the validation codes in standard deviations (pipeline/calibration.py); `recon`: mean
+    squared reconstruction error; `elbo` (variational only): -ELBO. A variational code is its posterior mean."""
     pretrain_epochs: int = 2
     """stacked: epochs of greedy pretraining per layer pair before end-to-end fine-tuning."""
 
     def __post_init__(self) -> None:
-        _check(self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
-        _check(all(h >= 1 for h in self.hidden_dims), "model.hidden_dims", "widths must be >= 1")
+        _check(self.latent_dim == AUTO or self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
+        _check(self.hidden_dims == AUTO or all(h >= 1 for h in self.hidden_dims), "model.hidden_dims",
+               "widths must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
         _check(self.noise_level > 0, "model.noise_level", f"{self.noise_level} must be > 0")
         if self.noise == "mask":
@@ -124,21 +132,24 @@ class ModelSection:
         if self.kind == "sparse" and self.sparsity == "kl":
             _check(self.code_activation in (None, "sigmoid"), "model.code_activation",
                    f"{self.code_activation}: the kl sparsity penalty needs codes in (0, 1); use sigmoid or unset")
+        _check(self.score != "elbo" or self.kind == "variational", "model.score",
+               f"elbo is the variational kind's score, not {self.kind}'s; use calibrated or recon")
         if self.kind == "variational":
             _check(self.code_activation in (None, "linear"), "model.code_activation",
                    "a variational code is a Gaussian mean; leave it unset")
-        if self.kind == "stacked":
+        if self.kind == "stacked" and self.hidden_dims != AUTO:  # auto gives one hidden layer
             _check(len(self.hidden_dims) >= 1, "model.hidden_dims",
                    "stacked needs at least one hidden layer to pretrain layer by layer")
 
     @property
     def pretrain_epochs_total(self) -> int:
         """Epochs before fine-tuning starts: one stage per layer pair for stacked, none otherwise."""
-        return self.pretrain_epochs * (len(self.hidden_dims) + 1) if self.kind == "stacked" else 0
+        layers = 1 if self.hidden_dims == AUTO else len(self.hidden_dims)  # auto: one hidden layer
+        return self.pretrain_epochs * (layers + 1) if self.kind == "stacked" else 0
 
     def check_features(self, n_features: int) -> None:
         """Constraints that need the input width: dense and stacked codes must be narrower than the input."""
-        if self.kind in ("dense", "stacked"):
+        if self.kind in ("dense", "stacked") and self.latent_dim != AUTO:
             _check(self.latent_dim < n_features, "model.latent_dim",
                    f"{self.latent_dim} must be < the {n_features} input features for kind {self.kind} "
                    "(undercomplete); sparse, denoising and contractive allow a wider code")
@@ -147,9 +158,13 @@ class ModelSection:
 @dataclass
 class TrainSection:
     epochs: int = 20
-    """Maximum passes over the training data (early stopping may end sooner)."""
+    """Maximum passes over the training data (early stopping may end sooner); raised on small tables to
+    reach train.steps."""
+    steps: int = 2000
+    """Optimizer steps per worker the run aims for: on a small table the batch size is lowered (to 16 rows
+    at least) and then the epoch limit raised until `epochs` epochs hold this many; 0: epochs alone."""
     batch_size: int = 1024
-    """Rows per minibatch per worker; lowered automatically so each worker takes >= 20 steps an epoch."""
+    """Rows per minibatch per worker; lowered on small tables (>= 20 steps an epoch, and train.steps)."""
     lr: float = 1e-3
     """Adam learning rate."""
     weight_decay: float = 0.0
@@ -175,6 +190,7 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
+        _check(self.steps >= 0, "train.steps", f"{self.steps} must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1")
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -281,12 +297,12 @@ class Config:
         if t.algorithm == "recirculation":
             _check(m.kind == "dense", "model.kind",
                    f"{m.kind}: train.algorithm recirculation trains a dense autoencoder with one hidden layer")
-            _check(not m.hidden_dims, "model.hidden_dims",
+            _check(m.hidden_dims in ([], AUTO), "model.hidden_dims",
                    f"{m.hidden_dims}: recirculation trains one hidden layer (the code); set model.hidden_dims: []")
         if m.kind == "stacked":
             _check(t.epochs > m.pretrain_epochs_total, "train.epochs",
                    f"{t.epochs} leaves no fine-tuning after {m.pretrain_epochs_total} pretraining epochs "
-                   f"(model.pretrain_epochs {m.pretrain_epochs} x {len(m.hidden_dims) + 1} layers)")
+                   f"(model.pretrain_epochs {m.pretrain_epochs} x {m.pretrain_epochs_total // m.pretrain_epochs} layers)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

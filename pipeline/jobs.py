@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.artifacts import MANIFEST, model_dir, read_manifest, save_artifact
 from pipeline.cluster import connect
-from pipeline.config import Config, join_uri
+from pipeline.config import AUTO, Config, join_uri
 from pipeline.data import InputSpec, SplitFeatures, compute_moments, inspect_input, normalization_stats, read_dataset
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models import build_model
@@ -27,6 +27,7 @@ from pipeline.report import error_histogram, output_error_counts, scoring_report
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
 from pipeline.score import ErrorScorer, ScoreResult, check_features_match, score
+from pipeline.sizing import resolve_model, still_improving
 from pipeline.storage import Storage
 from pipeline.train import fit
 
@@ -49,6 +50,8 @@ class TrainSummary:
     threshold: float
     seconds: float
     manifest: dict[str, Any]
+    still_improving: Optional[str] = None
+    """Set when the run hit its epoch limit with the validation loss still falling (what to raise)."""
 
 
 def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
@@ -112,11 +115,16 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
     if output:
         storage.check_writable(cfg.output.uri)
     spec = inspect_input(cfg.data, storage)
-    cfg.model.check_features(spec.num_features)
+    table_model(cfg, spec)  # checks explicit sizes against the input's width
     if finished:  # only once the new run's input has passed its checks
         print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
         storage.delete_dir(run_uri)
     return spec
+
+
+def table_model(cfg: Config, spec: InputSpec):
+    """The model section with `auto` sizes chosen for this input (pipeline/sizing.py); explicit ones checked."""
+    return resolve_model(cfg.model, spec.num_features, cfg.train.algorithm)
 
 
 def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
@@ -126,6 +134,12 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     storage = storage or Storage(cfg.storage)
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
+    requested, cfg = cfg, dataclasses.replace(cfg, model=table_model(cfg, spec))
+    auto = [k for k in ("hidden_dims", "latent_dim") if getattr(requested.model, k) == AUTO]
+    if auto:
+        print(f"[train] model sizes for {spec.num_features} features: "
+              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim} ({', '.join(auto)}: auto)",
+              flush=True)
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     prep = _prepare(cfg, storage, spec)
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
@@ -143,16 +157,21 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         "train_loss_at_best": best["train_loss"], "first_val_loss": hist[0]["val_loss"],
         "final_train_loss": hist[-1]["train_loss"], "batch_size": result.batch_size,
         "validation_score_quantiles": {str(p): float(np.quantile(scores, p)) for p in (0.5, 0.9, 0.99, 0.999)},
+        "epoch_limit": result.epochs,
+        "still_improving": still_improving(hist, result.epochs, cfg.train.min_delta),
     }
+    if metrics["still_improving"]:
+        print(f"[train] warning: {metrics['still_improving']}", flush=True)
     model = build_model(spec.num_features, **dataclasses.asdict(cfg.model))
     model.load_state_dict(result.best_state)
     manifest = save_artifact(storage, run_uri, model, {
         "run_name": cfg.run.name,
-        "config": cfg.to_dict(),
+        "config": requested.to_dict(),  # as asked; `model` below holds the sizes chosen for this input
         "n_features": spec.num_features,
         "feature_names": spec.feature_names,
         "latent_dim": cfg.model.latent_dim,
         "model": dataclasses.asdict(cfg.model),
+        "auto_sizes": auto,
         "normalization": {"mean": prep["mean"], "scale": prep["scale"]},
         "threshold": threshold,
         "threshold_quantile": q,
@@ -172,7 +191,8 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
                         validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],
                         best_val_loss=result.best_val_loss, final_train_loss=hist[-1]["train_loss"],
-                        threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest)
+                        threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest,
+                        still_improving=metrics["still_improving"])
 
 
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.calibration import ScoreCalibration
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -94,7 +96,8 @@ class Autoencoder(nn.Module):
     kind = "dense"
 
     def __init__(self, n_features: int, hidden_dims: Sequence[int] = (64, 32), latent_dim: int = 8,
-                 activation: str = "gelu", dropout: float = 0.0, code_activation: Optional[str] = None):
+                 activation: str = "gelu", dropout: float = 0.0, code_activation: Optional[str] = None,
+                 score: str = "recon"):
         super().__init__()
         self.n_features = n_features
         self.latent_dim = latent_dim
@@ -104,6 +107,13 @@ class Autoencoder(nn.Module):
         self.encoder = mlp(enc_dims, activation, dropout)
         self.code_act = ACTIVATIONS[self.code_activation]()  # no parameters: state dicts stay the same
         self.decoder = mlp(enc_dims[::-1], activation, dropout)
+        self._init_score(score)
+
+    def _init_score(self, score: str) -> None:
+        """`recon`: mean squared error; `calibrated`: see pipeline/calibration.py (buffers only with it)."""
+        self.score_kind = score
+        if score == "calibrated":
+            self.calibration = ScoreCalibration(self.n_features, self.latent_dim)
 
     def default_code_activation(self) -> str:
         return "linear"
@@ -123,13 +133,20 @@ class Autoencoder(nn.Module):
         return mse, {"recon": mse.detach()}
 
     def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """The validation objective (sum over rows, to be divided by the row count after all-reduce)."""
-        return self.score(x).sum()
+        """The validation objective (sum over rows, to be divided by the row count after all-reduce): the mean
+        squared error, whatever the score; with the calibrated score, also gathers its statistics."""
+        h = self.encode(x)
+        sq = (self.decode(h).float() - x.float()) ** 2
+        if self.score_kind == "calibrated":
+            self.calibration.observe(sq, h)
+        return sq.mean(dim=1).sum()
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row mean squared reconstruction error in normalized space."""
-        recon = self(x)
-        return torch.mean((recon.float() - x.float()) ** 2, dim=1)
+        """Per-row anomaly score: mean squared reconstruction error in normalized space, or calibrated."""
+        return self.score_and_latent(x)[0]
+
+    def _row_score(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.calibration.score(sq, h) if self.score_kind == "calibrated" else sq.mean(dim=1)
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)
@@ -139,10 +156,12 @@ class Autoencoder(nn.Module):
         h = self.encode(x)
         recon = self.decode(h).float()
         sq = (recon - x.float()) ** 2
-        return sq.mean(dim=1), h.float(), sq
+        return self._row_score(sq, h), h.float(), sq
 
     def begin_epoch(self, epoch: int) -> Optional[str]:
         """Called by the training loop before each epoch; a staged model returns its stage's name."""
+        if self.score_kind == "calibrated":
+            self.calibration.reset()  # this epoch's validation pass gathers the statistics afresh
         return None
 
 
@@ -259,7 +278,8 @@ class VariationalAutoencoder(Autoencoder):
         nn.Module.__init__(self)
         self.n_features, self.latent_dim = n_features, latent_dim
         self.activation, self.code_activation = activation, "linear"
-        self.kl_weight, self.score_kind = kl_weight, score
+        self.kl_weight = kl_weight
+        self._init_score(score)
         body = [n_features, *hidden_dims]
         self.encoder = mlp(body, activation, dropout, last_activation=True) if hidden_dims else nn.Identity()
         self.mu = nn.Linear(body[-1], latent_dim)
@@ -301,7 +321,12 @@ class VariationalAutoencoder(Autoencoder):
         return self._nll(x, self.decode(mu)) + self.kl_weight * self.kl(mu, logvar)
 
     def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
-        return self.neg_elbo(x).sum()  # early stopping follows the training objective, whatever the score
+        mu, logvar = self.posterior(x)
+        recon = self.decode(mu)
+        if self.score_kind == "calibrated":
+            self.calibration.observe((recon.float() - x.float()) ** 2, mu)
+        # early stopping follows the training objective, whatever the score
+        return (self._nll(x, recon) + self.kl_weight * self.kl(mu, logvar)).sum()
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.score_and_latent(x)[0]
@@ -313,7 +338,7 @@ class VariationalAutoencoder(Autoencoder):
         if self.score_kind == "elbo":
             s = self._nll(x, recon) + self.kl_weight * self.kl(mu, logvar)
         else:
-            s = sq.mean(dim=1)
+            s = self._row_score(sq, mu)
         return s, mu.float(), sq
 
     @torch.no_grad()
@@ -357,6 +382,7 @@ class StackedAutoencoder(Autoencoder):
         return "finetune" if stage >= self.n_layers else f"pretrain-{stage + 1}/{self.n_layers}"
 
     def begin_epoch(self, epoch: int) -> Optional[str]:
+        super().begin_epoch(epoch)
         self.stage = self.stage_at(epoch)
         return self.stage_name(self.stage)
 

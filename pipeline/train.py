@@ -349,6 +349,8 @@ class FitResult:
     best_epoch: int
     best_val_loss: float
     batch_size: int
+    epochs: int
+    """The epoch limit the run had (train.epochs, raised on small tables to reach train.steps)."""
 
 
 def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -> FitResult:
@@ -366,13 +368,15 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         SplitFeatures(data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
     train_ds = train_ds.randomize_block_order(seed=None)
 
-    batch_size = effective_batch_size(tr.batch_size, n_train // tr.num_workers)
-    if batch_size != tr.batch_size:
-        print(f"[train] train.batch_size lowered to {batch_size} so each worker takes >= 20 steps an epoch "
-              f"({n_train} training rows, {tr.num_workers} workers)", flush=True)
+    from pipeline.sizing import step_budget
+
+    batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, tr.steps)
+    if (batch_size, epochs) != (tr.batch_size, tr.epochs):
+        print(f"[train] batch size {batch_size}, up to {epochs} epochs: about train.steps={tr.steps} steps per "
+              f"worker ({n_train} training rows, {tr.num_workers} workers)", flush=True)
     loop_config = {
         "n_features": spec.num_features, "model": _model_settings(cfg), "algorithm": tr.algorithm,
-        "lr": tr.lr, "weight_decay": tr.weight_decay, "epochs": tr.epochs, "batch_size": batch_size,
+        "lr": tr.lr, "weight_decay": tr.weight_decay, "epochs": epochs, "batch_size": batch_size,
         "patience": tr.patience, "min_delta": tr.min_delta, "seed": cfg.run.seed,
         "shuffle_buffer_rows": tr.shuffle_buffer_rows, "mean": mean.tolist(), "scale": scale.tolist(),
         "recirculation_lambda": tr.recirculation_lambda,
@@ -402,7 +406,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     return FitResult(best_state=state["best_model"], history=list(state["history"]),
                      best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val"]),
-                     batch_size=batch_size)
+                     batch_size=batch_size, epochs=epochs)
 
 
 def _model_settings(cfg) -> dict[str, Any]:
