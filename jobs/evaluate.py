@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise InputError(f"--tables: {', '.join(missing)} not in {BENCHMARK_DIR}")
             tables = [load_npz(BENCHMARK_DIR / f"{n}.npz") for n in names]
+        def write(results: dict) -> None:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            Path(args.out.removesuffix(".json") + ".md").write_text(markdown(results))
+
         with tempfile.TemporaryDirectory(prefix="eval-") as tmp:
-            results = evaluate_tables(tables, Path(args.workdir or tmp), args.overrides, args.num_cpus)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        md = markdown(results)
-        Path(args.out.removesuffix(".json") + ".md").write_text(md)
-        print(md, flush=True)
+            results = evaluate_tables(tables, Path(args.workdir or tmp), args.overrides, args.num_cpus, on_table=write)
+        print(markdown(results), flush=True)
 
     return run_main(_run)
 

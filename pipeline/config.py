@@ -157,12 +157,12 @@ class ModelSection:
 
 @dataclass
 class TrainSection:
-    epochs: int = 20
-    """Maximum passes over the training data (early stopping may end sooner); raised on small tables to
-    reach train.steps."""
+    epochs: Union[int, Literal["auto"]] = AUTO
+    """Maximum passes over the training data (early stopping may end sooner). `auto`: 20, and on a small
+    table enough to reach train.steps (the batch size is lowered first); a number is a hard limit."""
     steps: int = 2000
-    """Optimizer steps per worker the run aims for: on a small table the batch size is lowered (to 16 rows
-    at least) and then the epoch limit raised until `epochs` epochs hold this many; 0: epochs alone."""
+    """With epochs `auto`: optimizer steps per worker the run aims for; a small table gets smaller batches
+    (down to 16 rows) and then more epochs until it reaches them. 0: 20 epochs, no step budget."""
     batch_size: int = 1024
     """Rows per minibatch per worker; lowered on small tables (>= 20 steps an epoch, and train.steps)."""
     lr: float = 1e-3
@@ -189,7 +189,7 @@ class TrainSection:
     """recirculation: regression factor; the second visible state is lambda * x + (1 - lambda) * g(f(x))."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
+        _check(self.epochs == AUTO or self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
         _check(self.steps >= 0, "train.steps", f"{self.steps} must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1")
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
@@ -300,7 +300,7 @@ class Config:
             _check(m.hidden_dims in ([], AUTO), "model.hidden_dims",
                    f"{m.hidden_dims}: recirculation trains one hidden layer (the code); set model.hidden_dims: []")
         if m.kind == "stacked":
-            _check(t.epochs > m.pretrain_epochs_total, "train.epochs",
+            _check(t.epochs == AUTO or t.epochs > m.pretrain_epochs_total, "train.epochs",
                    f"{t.epochs} leaves no fine-tuning after {m.pretrain_epochs_total} pretraining epochs "
                    f"(model.pretrain_epochs {m.pretrain_epochs} x {m.pretrain_epochs_total // m.pretrain_epochs} layers)")
 

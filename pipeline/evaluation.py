@@ -174,14 +174,42 @@ def evaluate_table(table: Table, workdir: Path, overrides: list[str] = (),
 METHODS = ("pipeline", *BASELINES)
 
 
+def start_ray(num_cpus: Optional[int], attempts: int = 3) -> None:
+    """One local Ray for every table. Ray gives a starting node 30 s to register, which a loaded machine
+    can miss: try again rather than lose the evaluation."""
+    import ray
+
+    from pipeline.cluster import connect
+
+    for i in range(attempts):
+        try:
+            connect(num_cpus)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or i == attempts - 1:
+                raise
+            print(f"[eval] local Ray did not start in time ({e}); trying again", flush=True)
+            ray.shutdown()
+
+
 def evaluate_tables(tables: list[Table], workdir: Path, overrides: list[str] = (),
-                    num_cpus: Optional[int] = None) -> dict[str, Any]:
+                    num_cpus: Optional[int] = None,
+                    on_table: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Every table in turn; `on_table(results so far)` after each, so a long run keeps what it measured."""
     start = time.perf_counter()
-    per = {t.name: evaluate_table(t, workdir, overrides, num_cpus) for t in tables}
-    mean = {m: {k: float(np.mean([per[t][m][k] for t in per])) for k in ("auroc", "ap")} for m in METHODS}
-    return {"tables": per, "mean": mean, "overrides": list(overrides), "wall_seconds": time.perf_counter() - start,
-            "protocol": "stratified 70/30 (per class a seed-0 numpy permutation, first 30% to test); training "
-                        "rows unlabeled; baselines on min-max scaling fitted on the training rows"}
+    start_ray(num_cpus)
+    per: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    for t in tables:
+        per[t.name] = evaluate_table(t, workdir, overrides, num_cpus)
+        mean = {m: {k: float(np.mean([per[n][m][k] for n in per])) for k in ("auroc", "ap")} for m in METHODS}
+        results = {"tables": per, "mean": mean, "overrides": list(overrides),
+                   "wall_seconds": time.perf_counter() - start, "complete": len(per) == len(tables),
+                   "protocol": "stratified 70/30 (per class a seed-0 numpy permutation, first 30% to test); "
+                               "training rows unlabeled; baselines on min-max scaling fitted on the training rows"}
+        if on_table:
+            on_table(results)
+    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -198,5 +226,6 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{m['iforest']['auroc']:.3f} | {m['iforest']['ap']:.3f} | {m['pca']['auroc']:.3f} | "
                  f"{m['pca']['ap']:.3f} | |")
     lines.append("")
-    lines.append(f"Wall time {results['wall_seconds']:.0f} s. {results['protocol']}.")
+    done = "" if results.get("complete", True) else f" Incomplete: {len(results['tables'])} tables so far."
+    lines.append(f"Wall time {results['wall_seconds']:.0f} s.{done} {results['protocol']}.")
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ from pipeline.config import AUTO, ModelSection
 
 MAX_LATENT = 32
 MAX_HIDDEN = 64
+AUTO_EPOCHS = 20  # train.epochs: auto on a table large enough for train.steps
 
 
 def auto_latent(n_features: int) -> int:
@@ -57,19 +58,22 @@ def resolve_model(model: ModelSection, n_features: int, algorithm: str = "backpr
 # ------------------------------------------------------------------------------------------ training budget
 
 
-def step_budget(batch_size: int, rows_per_worker: int, epochs: int, steps: int) -> tuple[int, int]:
-    """(batch size, epoch limit) that give each worker about `steps` optimizer steps on a small table.
+def step_budget(batch_size: int, rows_per_worker: int, epochs, steps: int) -> tuple[int, int]:
+    """(batch size, epoch limit) for a run: with `epochs: auto`, about `steps` optimizer steps per worker.
 
-    The batch is lowered first (down to 16 rows) so that `epochs` epochs reach the steps; on a table too
-    small for that, the epoch limit is raised. A large table keeps its batch size and epochs: there the
-    epochs already hold more steps than the budget. Early stopping still ends a run sooner.
+    Auto: the batch is lowered first (down to 16 rows) so that AUTO_EPOCHS epochs reach the steps; on a table
+    too small for that, the epoch limit is raised. A large table keeps its batch size and AUTO_EPOCHS: its
+    epochs already hold more steps than the budget. An explicit epoch count is a hard limit, and the batch
+    is only lowered to give each epoch 20 steps, as before. Early stopping still ends a run sooner.
     """
     from pipeline.train import effective_batch_size  # noqa: PLC0415 - torch only where training is planned
 
-    min_steps = max(20, math.ceil(steps / epochs)) if steps else 20
+    if epochs != AUTO:
+        return effective_batch_size(batch_size, rows_per_worker), int(epochs)
+    min_steps = max(20, math.ceil(steps / AUTO_EPOCHS))
     batch = effective_batch_size(batch_size, rows_per_worker, min_steps=min_steps)
     per_epoch = max(1, math.ceil(rows_per_worker / batch)) if rows_per_worker > 0 else 1
-    return batch, max(epochs, math.ceil(steps / per_epoch)) if steps else epochs
+    return batch, max(AUTO_EPOCHS, math.ceil(steps / per_epoch))
 
 
 def still_improving(history: list[dict], epoch_limit: int, min_delta: float) -> Optional[str]:

@@ -350,7 +350,7 @@ class FitResult:
     best_val_loss: float
     batch_size: int
     epochs: int
-    """The epoch limit the run had (train.epochs, raised on small tables to reach train.steps)."""
+    """The epoch limit the run had (train.epochs, or with `auto` what train.steps needed)."""
 
 
 def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -> FitResult:
@@ -371,9 +371,9 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     from pipeline.sizing import step_budget
 
     batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, tr.steps)
-    if (batch_size, epochs) != (tr.batch_size, tr.epochs):
-        print(f"[train] batch size {batch_size}, up to {epochs} epochs: about train.steps={tr.steps} steps per "
-              f"worker ({n_train} training rows, {tr.num_workers} workers)", flush=True)
+    if batch_size != tr.batch_size or tr.epochs == "auto":
+        print(f"[train] batch size {batch_size}, up to {epochs} epochs (train.epochs {tr.epochs}, train.steps "
+              f"{tr.steps}; {n_train} training rows, {tr.num_workers} workers)", flush=True)
     loop_config = {
         "n_features": spec.num_features, "model": _model_settings(cfg), "algorithm": tr.algorithm,
         "lr": tr.lr, "weight_decay": tr.weight_decay, "epochs": epochs, "batch_size": batch_size,

@@ -45,6 +45,7 @@ def test_explicit_sizes_win_and_are_still_checked():
 def test_auto_is_the_default_and_parses():
     cfg = load_config(None, [])
     assert cfg.model.latent_dim == "auto" and cfg.model.hidden_dims == "auto" and cfg.model.score == "calibrated"
+    assert cfg.train.epochs == "auto" and load_config(None, ["train.epochs=5"]).train.epochs == 5
     cfg = load_config(None, ["model.latent_dim=4", "model.hidden_dims=[16]"])
     assert cfg.model.latent_dim == 4 and cfg.model.hidden_dims == [16]
     with pytest.raises(ConfigError, match="model.latent_dim"):
@@ -54,12 +55,13 @@ def test_auto_is_the_default_and_parses():
 
 
 def test_step_budget_lowers_the_batch_then_raises_the_epochs():
-    assert step_budget(1024, 100_000_000, 20, 2000) == (1024, 20)   # a big table keeps its settings
-    batch, epochs = step_budget(1024, 4_000, 20, 2000)             # pendigits-sized: smaller batches
+    assert step_budget(1024, 100_000_000, "auto", 2000) == (1024, 20)   # a big table keeps its settings
+    batch, epochs = step_budget(1024, 4_000, "auto", 2000)             # pendigits-sized: smaller batches
     assert batch == 40 and epochs == 20 and epochs * (4_000 // batch) >= 2000
-    batch, epochs = step_budget(1024, 900, 20, 2000)               # tiny: batch floor 16, more epochs
+    batch, epochs = step_budget(1024, 900, "auto", 2000)               # tiny: batch floor 16, more epochs
     assert batch == 16 and epochs == 36
-    assert step_budget(1024, 4_000, 20, 0) == (200, 20)            # steps 0: epochs alone (>= 20 steps each)
+    assert step_budget(1024, 4_000, "auto", 0) == (200, 20)            # steps 0: 20 epochs of >= 20 steps
+    assert step_budget(1024, 900, 3, 2000) == (45, 3)                  # explicit epochs: a hard limit
 
 
 def _history(losses, best_each_time=True):
