@@ -174,9 +174,10 @@ def evaluate_table(table: Table, workdir: Path, overrides: list[str] = (),
 METHODS = ("pipeline", *BASELINES)
 
 
-def start_ray(num_cpus: Optional[int], attempts: int = 3) -> None:
-    """One local Ray for every table. Ray gives a starting node 30 s to register, which a loaded machine
-    can miss: try again rather than lose the evaluation."""
+def start_ray(num_cpus: Optional[int], attempts: int = 8) -> None:
+    """One local Ray for every table. On a loaded machine a starting raylet can miss its startup window
+    (its agents come up too slowly and it aborts): stop what the attempt left running and try again."""
+    import psutil
     import ray
 
     from pipeline.cluster import connect
@@ -188,8 +189,10 @@ def start_ray(num_cpus: Optional[int], attempts: int = 3) -> None:
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(e) or i == attempts - 1:
                 raise
-            print(f"[eval] local Ray did not start in time ({e}); trying again", flush=True)
+            print(f"[eval] local Ray did not start in time; trying again ({i + 2}/{attempts})", flush=True)
             ray.shutdown()
+            for child in psutil.Process().children(recursive=True):  # only what this process started
+                child.kill()
 
 
 def evaluate_tables(tables: list[Table], workdir: Path, overrides: list[str] = (),
