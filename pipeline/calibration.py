@@ -7,8 +7,9 @@ e_j is feature j's reconstruction error and h the code. Plain mean squared error
 model reconstructs worst dominate every row's score, and it misses rows that lie on the learned manifold but
 far out along it (the model reconstructs them well). Dividing each feature's error by its validation mean
 puts every feature on the same footing, and the second term (a diagonal Mahalanobis distance of the code)
-catches the far-out rows. Measured on ADBench's classical tables (README, Evaluation): plain MSE 0.80 mean
-test AUROC, this score 0.8x, with the same networks.
+catches the far-out rows. Measured in a probe of the same networks on ADBench tables (README, Evaluation):
+mean test AUROC on cardio, pendigits, thyroid and vowels 0.800 with plain MSE, 0.877 with this score
+(pendigits 0.79 -> 0.94); it loses where anomalies sit in sparse pockets inside the data (vowels 0.91 -> 0.72).
 
 The statistics are gathered while the model is evaluated on the validation rows, which the training loop
 does after every epoch (`eval_loss`); `begin_epoch` starts a fresh count. They live in buffers, so the best

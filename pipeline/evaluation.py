@@ -177,14 +177,16 @@ METHODS = ("pipeline", *BASELINES)
 def start_ray(num_cpus: Optional[int], attempts: int = 8) -> None:
     """One local Ray for every table. On a loaded machine a starting raylet can miss its startup window
     (its agents come up too slowly and it aborts): stop what the attempt left running and try again."""
+    import logging
+
     import psutil
     import ray
 
-    from pipeline.cluster import connect
-
     for i in range(attempts):
         try:
-            connect(num_cpus)
+            # address "local": a new cluster of our own, even when another `ray start` on this machine has
+            # written /tmp/ray/ray_current_cluster (a plain ray.init() would join that one)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(e) or i == attempts - 1:
