@@ -426,5 +426,10 @@ def build_model(n_features: int, kind: str = "dense", **settings: Any) -> Autoen
     if kind not in MODEL_KINDS:
         raise ValueError(f"model.kind {kind!r} is not available (have: {', '.join(sorted(MODEL_KINDS))})")
     cls = MODEL_KINDS[kind]
+    if "auto" in (settings.get("latent_dim"), settings.get("hidden_dims")):  # sizes not chosen by a job yet
+        from pipeline.sizing import auto_sizes  # noqa: PLC0415 - sizing imports the config module
+
+        chosen = dict(zip(("hidden_dims", "latent_dim"), auto_sizes(n_features)))
+        settings = {k: chosen[k] if v == "auto" and k in chosen else v for k, v in settings.items()}
     keep = _accepted(cls)
     return cls(n_features, **{k: v for k, v in settings.items() if k in keep})
