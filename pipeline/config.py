@@ -340,6 +340,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
+        words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if words and len(errors) == 2:  # a number or list, or a word like `auto`: the number's message
+            raise ConfigError(f"{errors[0] if typing.get_origin(args[0]) is not Literal else errors[1]} "
+                              f"(or {', '.join(map(str, words))})")
         raise ConfigError(f"config {key}: {value!r} is not a valid value ({_type_name(tp)})")
     if origin is Literal:
         if value not in args:
