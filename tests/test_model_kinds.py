@@ -249,7 +249,9 @@ def test_stacked_stage_is_a_function_of_the_epoch():
 
 
 def recirc_model(n_features: int, latent: int, seed: int = 0, **kw):
-    return make("dense", n_features, seed=seed, hidden_dims=[], latent_dim=latent, activation="linear", **kw)
+    # score recon: the learning rule's tests compare weights, and the state dict stays weights only
+    return make("dense", n_features, seed=seed, hidden_dims=[], latent_dim=latent, activation="linear",
+                score="recon", **kw)
 
 
 def test_recirculation_update_matches_hand_computation():
