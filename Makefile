@@ -10,14 +10,14 @@ FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup feast-env browser run test test-unit bench scale clean
+.PHONY: setup feast-env browser run test test-unit bench scale eval clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,eval]'
 	touch $@
 
 ## make feast-env: the Feast SDK in its own venv (Feast pins pandas<3; the pipeline's venv has pandas 3)
@@ -57,5 +57,11 @@ bench: setup
 scale: setup
 	$(PY) -m benchmarks.scale
 
+## make eval: anomaly ranking of the defaults vs IsolationForest and PCA on benchmarks/adbench/; writes
+## eval-results.json and eval-results.md (EVAL_ARGS: e.g. --tables 6_cardio,40_vowels)
+EVAL_ARGS ?=
+eval: setup
+	$(PY) -m jobs.evaluate --num-cpus 4 $(EVAL_ARGS)
+
 clean:
-	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work .pytest_cache
+	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work eval-results.json eval-results.md .pytest_cache

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             lines += [
                 f"model            {t.model_version} ({t.run_uri})",
                 f"rows trained     {t.train_rows} train / {t.validation_rows} validation ({t.rejected_rows} rejected)",
-                f"epochs           {t.epochs_run} (best {t.best_epoch + 1})",
+                f"epochs           {t.epochs_run} (best {t.best_epoch + 1})"
+                + (f"\n                 warning: {t.still_improving}" if t.still_improving else ""),
                 f"validation loss  {t.first_val_loss:.5f} -> {t.best_val_loss:.5f} (train {t.final_train_loss:.5f})",
                 f"threshold        {t.threshold:.5f} (q{cfg.score.threshold_quantile} of validation error)",
                 f"report           {t.run_uri}/report.html",

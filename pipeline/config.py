@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.errors import check_config as _check
 from pipeline.kinds import KINDS
 from pipeline.kinds.spec import KindSpec
+from pipeline.models import AUTO
 from pipeline.storage import join_uri
 
 
@@ -82,22 +83,31 @@ class SharedModelSection:
 
     kind: str = "dense"
     """Which autoencoder (a kind registered in pipeline/kinds/); see the README's table of kinds."""
-    hidden_dims: list[int] = field(default_factory=lambda: [64, 32])
-    """Widths of the encoder's hidden layers, input side first; the decoder mirrors them."""
-    latent_dim: int = 8
-    """Width of the code h = f(x); smaller than the input for an undercomplete model."""
+    hidden_dims: Union[list[int], Literal["auto"]] = AUTO
+    """Widths of the encoder's hidden layers, input side first; the decoder mirrors them. `auto`: one layer,
+    sized from the input's width and rows (pipeline/sizing.py); the manifest records the widths chosen."""
+    latent_dim: Union[int, Literal["auto"]] = AUTO
+    """Width of the code h = f(x); smaller than the input for an undercomplete model. `auto`: about a quarter
+    of the input width (1 to 32), recorded in the manifest."""
     activation: Literal["relu", "gelu", "tanh", "sigmoid", "linear"] = "gelu"
     """Nonlinearity between layers; `linear` with MSE learns the PCA subspace."""
     dropout: float = 0.0
     """Dropout after each hidden layer while training."""
     code_activation: Optional[Literal["relu", "gelu", "tanh", "sigmoid", "linear"]] = None
     """Nonlinearity on the code itself; unset: linear, except sparse (relu for l1, sigmoid for kl)."""
+    score: Literal["calibrated", "recon", "elbo"] = "calibrated"
+    """The anomaly score. `calibrated`: each feature's squared error over its validation mean, plus the code's
+    squared distance from the validation codes in standard deviations (pipeline/calibration.py); `recon`: mean
+    squared reconstruction error; `elbo` (variational only): -ELBO. A variational code is its posterior mean."""
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, "model.kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
-        _check(self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
-        _check(all(h >= 1 for h in self.hidden_dims), "model.hidden_dims", "widths must be >= 1")
+        _check(self.latent_dim == AUTO or self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
+        _check(self.hidden_dims == AUTO or all(h >= 1 for h in self.hidden_dims), "model.hidden_dims",
+               "widths must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
+        _check(self.score != "elbo" or self.kind == "variational", "model.score",
+               f"elbo is the variational kind's score, not {self.kind}'s; use calibrated or recon")
         for spec in KINDS.values():
             spec.settings_from(vars(self))  # range checks of every kind's settings, in its settings dataclass
         self.spec.check(self)
@@ -119,7 +129,7 @@ class SharedModelSection:
 
     def check_features(self, n_features: int) -> None:
         """Constraints that need the input width: an undercomplete kind's code must be narrower than the input."""
-        if self.spec.undercomplete:
+        if self.spec.undercomplete and self.latent_dim != AUTO:
             wider = ", ".join(k for k, s in KINDS.items() if not s.undercomplete)
             _check(self.latent_dim < n_features, "model.latent_dim",
                    f"{self.latent_dim} must be < the {n_features} input features for kind {self.kind} "
@@ -144,10 +154,14 @@ ModelSection = _model_section()
 
 @dataclass
 class TrainSection:
-    epochs: int = 20
-    """Maximum passes over the training data (early stopping may end sooner)."""
+    epochs: Union[int, Literal["auto"]] = AUTO
+    """Maximum passes over the training data (early stopping may end sooner). `auto`: 20, and on a small
+    table enough to reach train.steps (the batch size is lowered first); a number is a hard limit."""
+    steps: int = 2000
+    """With epochs `auto`: optimizer steps per worker the run aims for; a small table gets smaller batches
+    (down to 16 rows) and then more epochs until it reaches them. 0: 20 epochs, no step budget."""
     batch_size: int = 1024
-    """Rows per minibatch per worker; lowered automatically so each worker takes >= 20 steps an epoch."""
+    """Rows per minibatch per worker; lowered on small tables (>= 20 steps an epoch, and train.steps)."""
     lr: float = 1e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -179,7 +193,8 @@ class TrainSection:
     scoring (0: never). A job without progress says what it waits for every minute before that."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
+        _check(self.epochs == AUTO or self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
+        _check(self.steps >= 0, "train.steps", f"{self.steps} must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1")
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -292,10 +307,10 @@ class Config:
         if t.algorithm == "recirculation":
             _check(m.kind == "dense", "model.kind",
                    f"{m.kind}: train.algorithm recirculation trains a dense autoencoder with one hidden layer")
-            _check(not m.hidden_dims, "model.hidden_dims",
+            _check(m.hidden_dims in ([], AUTO), "model.hidden_dims",
                    f"{m.hidden_dims}: recirculation trains one hidden layer (the code); set model.hidden_dims: []")
         pretraining = m.pretrain_epochs_total
-        if pretraining:
+        if pretraining and t.epochs != AUTO:  # auto: sizing.step_budget leaves room for fine-tuning
             _check(t.epochs > pretraining, "train.epochs",
                    f"{t.epochs} leaves no fine-tuning after the {pretraining} pretraining epochs of kind {m.kind}")
 
@@ -320,13 +335,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append(str(e))
+        words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if words and len(errors) == 2:  # a number or list, or a word like `auto`: the number's message
+            raise ConfigError(f"{errors[0] if typing.get_origin(args[0]) is not Literal else errors[1]} "
+                              f"(or {', '.join(map(str, words))})")
         raise ConfigError(f"config {key}: {value!r} is not a valid value ({_type_name(tp)})")
     if origin is Literal:
         if value not in args:

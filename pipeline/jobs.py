@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.artifacts import MANIFEST, model_dir, read_manifest, save_artifact
 from pipeline.cluster import connect
-from pipeline.config import Config
+from pipeline.config import AUTO, Config
 from pipeline.data import InputSpec, compute_moments, inspect_input, normalization_stats
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.kinds import build_model
@@ -29,6 +29,7 @@ from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
 from pipeline.score import ScoreResult, check_features_match, score
+from pipeline.sizing import resolve_model, still_improving
 from pipeline.sketch import error_histogram_of
 from pipeline.storage import Storage, join_uri
 from pipeline.train import fit
@@ -54,6 +55,8 @@ class TrainSummary:
     threshold: float
     seconds: float
     manifest: dict[str, Any]
+    still_improving: Optional[str] = None
+    """Set when the run hit its epoch limit with the validation loss still falling (what to raise)."""
 
 
 def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
@@ -97,11 +100,16 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
     if output:
         storage.check_writable(cfg.output.uri)
     spec = inspect_input(cfg.data, storage)
-    cfg.model.check_features(spec.num_features)
+    table_model(cfg, spec)  # checks explicit sizes against the input's width
     if finished:  # only once the new run's input has passed its checks
         print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
         storage.delete_dir(run_uri)
     return spec
+
+
+def table_model(cfg: Config, spec: InputSpec):
+    """The model section with `auto` sizes chosen for this input (pipeline/sizing.py); explicit ones checked."""
+    return resolve_model(cfg.model, spec.num_features, cfg.train.algorithm)
 
 
 def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
@@ -111,6 +119,12 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     storage = storage or Storage(cfg.storage)
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
+    requested, cfg = cfg, dataclasses.replace(cfg, model=table_model(cfg, spec))
+    auto = [k for k in ("hidden_dims", "latent_dim") if getattr(requested.model, k) == AUTO]
+    if auto:
+        print(f"[train] model sizes for {spec.num_features} features: "
+              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim} ({', '.join(auto)}: auto)",
+              flush=True)
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
     check_shared_storage(cfg, ("data.input", "artifacts.uri") + (("output.uri",) if check_output else ()))
@@ -135,16 +149,21 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         "train_loss_at_best": best["train_loss"], "first_val_loss": hist[0]["val_loss"],
         "final_train_loss": hist[-1]["train_loss"], "batch_size": result.batch_size,
         "validation_score_quantiles": {str(p): float(sketch.quantile(p)) for p in (0.5, 0.9, 0.99, 0.999)},
+        "epoch_limit": result.epochs,
+        "still_improving": still_improving(hist, result.epochs, cfg.train.min_delta),
     }
+    if metrics["still_improving"]:
+        print(f"[train] warning: {metrics['still_improving']}", flush=True)
     model = build_model(spec.num_features, **dataclasses.asdict(cfg.model))
     model.load_state_dict(result.best_state)
     manifest = save_artifact(storage, run_uri, model, {
         "run_name": cfg.run.name,
-        "config": cfg.to_dict(),
+        "config": requested.to_dict(),  # as asked; `model` below holds the sizes chosen for this input
         "n_features": spec.num_features,
         "feature_names": spec.feature_names,
         "latent_dim": cfg.model.latent_dim,
         "model": dataclasses.asdict(cfg.model),
+        "auto_sizes": auto,
         "normalization": {"mean": prep["mean"], "scale": prep["scale"]},
         "threshold": threshold,
         "threshold_quantile": q,
@@ -166,7 +185,8 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
                         validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],
                         best_val_loss=result.best_val_loss, final_train_loss=hist[-1]["train_loss"],
-                        threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest)
+                        threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest,
+                        still_improving=metrics["still_improving"])
 
 
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.calibration import ScoreCalibration
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -80,7 +82,8 @@ def blocks(seq: nn.Sequential) -> list[nn.Sequential]:
     return [nn.Sequential(*b) for b in out]
 
 
-MLP_SETTINGS = ("hidden_dims", "latent_dim", "activation", "dropout", "code_activation")
+MLP_SETTINGS = ("hidden_dims", "latent_dim", "activation", "dropout", "code_activation", "score")
+AUTO = "auto"  # a size chosen from the input's width and rows when training starts (pipeline/sizing.py)
 """The settings every kind shares: Autoencoder's keyword arguments (typed and documented in config.ModelSection)."""
 
 
@@ -92,7 +95,7 @@ class Autoencoder(nn.Module):
 
     def __init__(self, n_features: int, hidden_dims: Sequence[int] = (64, 32), latent_dim: int = 8,
                  activation: str = "gelu", dropout: float = 0.0, code_activation: Optional[str] = None,
-                 settings: Any = None):
+                 score: str = "recon", settings: Any = None):
         super().__init__()
         self.settings = settings  # first: default_code_activation() may depend on it
         self.n_features = n_features
@@ -103,6 +106,13 @@ class Autoencoder(nn.Module):
         self.encoder = mlp(enc_dims, activation, dropout)
         self.code_act = ACTIVATIONS[self.code_activation]()  # no parameters: state dicts stay the same
         self.decoder = mlp(enc_dims[::-1], activation, dropout)
+        self._init_score(score)
+
+    def _init_score(self, score: str) -> None:
+        """`recon`: mean squared error; `calibrated`: see pipeline/calibration.py (buffers only with it)."""
+        self.score_kind = score
+        if score == "calibrated":
+            self.calibration = ScoreCalibration(self.n_features, self.latent_dim)
 
     def default_code_activation(self) -> str:
         return "linear"
@@ -122,13 +132,20 @@ class Autoencoder(nn.Module):
         return mse, {"recon": mse.detach()}
 
     def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """The validation objective (sum over rows, to be divided by the row count after all-reduce)."""
-        return self.score(x).sum()
+        """The validation objective (sum over rows, to be divided by the row count after all-reduce): the mean
+        squared error, whatever the score; with the calibrated score, also gathers its statistics."""
+        h = self.encode(x)
+        sq = (self.decode(h).float() - x.float()) ** 2
+        if self.score_kind == "calibrated":
+            self.calibration.observe(sq, h)
+        return sq.mean(dim=1).sum()
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row mean squared reconstruction error in normalized space."""
-        recon = self(x)
-        return torch.mean((recon.float() - x.float()) ** 2, dim=1)
+        """Per-row anomaly score: mean squared reconstruction error in normalized space, or calibrated."""
+        return self.score_and_latent(x)[0]
+
+    def _row_score(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.calibration.score(sq, h) if self.score_kind == "calibrated" else sq.mean(dim=1)
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)
@@ -138,8 +155,10 @@ class Autoencoder(nn.Module):
         h = self.encode(x)
         recon = self.decode(h).float()
         sq = (recon - x.float()) ** 2
-        return sq.mean(dim=1), h.float(), sq
+        return self._row_score(sq, h), h.float(), sq
 
     def begin_epoch(self, epoch: int) -> Optional[str]:
         """Called by the training loop before each epoch; a staged model returns its stage's name."""
+        if self.score_kind == "calibrated":
+            self.calibration.reset()  # this epoch's validation pass gathers the statistics afresh
         return None

@@ -214,7 +214,8 @@ def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.
         ("input", f"{d.get('input')} ({d.get('input_rows')} rows in {d.get('files')} files)"),
         ("rows", f"{d.get('train_rows')} train / {d.get('validation_rows')} validation / "
                  f"{d.get('rejected_rows')} rejected"),
-        ("epochs", f"{m.get('epochs_run')} (best {int(m.get('best_epoch', 0)) + 1})"),
+        ("epochs", f"{m.get('epochs_run')} (best {int(m.get('best_epoch', 0)) + 1})"
+                   + (f"; {m['still_improving']}" if m.get("still_improving") else "")),
         ("best validation loss", f"{m.get('best_val_loss', float('nan')):.6g}"),
         ("threshold", f"{thr:.6g} (q{manifest.get('threshold_quantile')} of {val_rows or len(val_scores)} validation errors)"),
         ("created", manifest.get("created_at")),

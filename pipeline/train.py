@@ -249,7 +249,9 @@ class WorkerConfig:
     """Normalization statistics (per feature), as the manifest stores them."""
     scale: list[float]
     batch_size: int
-    """Rows per minibatch per worker: train.batch_size, lowered on small data (effective_batch_size)."""
+    """Rows per minibatch per worker: train.batch_size, lowered on small tables (sizing.step_budget)."""
+    epochs: int
+    """The epoch limit: train.epochs, or with `auto` what train.steps needs (sizing.step_budget)."""
     seed: int
     """run.seed; each rank seeds torch with seed + rank."""
     storage: Optional[Any] = None
@@ -413,7 +415,7 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
     Early stopping is decided from all-reduced validation loss, so every rank stops at the same epoch.
     `extra_metrics` go into every epoch's metrics (e.g. the nodes the workers ran on).
     """
-    epochs = wc.train.epochs
+    epochs = wc.epochs
     if state.finished(epochs):
         epochs = state.start_epoch  # a finished run resumed: nothing left to do
     pretraining = wc.model.pretrain_epochs_total
@@ -488,7 +490,7 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     if saved is not None and rank == 0:
         where = "" if source == "registered" else f" (newest in storage, not yet registered by Ray Train: {source})"
         print(f"[train] resumed from checkpoint after epoch {state.start_epoch - 1}{where}", flush=True)
-    if saved is not None and source != "registered" and state.finished(wc.train.epochs):
+    if saved is not None and source != "registered" and state.finished(wc.epochs):
         # a finished run Ray Train has not seen the end of: report its last checkpoint as the result
         _ray_report(state.history[-1], state.checkpoint(trainee, state.start_epoch - 1) if rank == 0 else None)
 
@@ -515,6 +517,8 @@ class FitResult:
     best_epoch: int
     best_val_loss: float
     batch_size: int
+    epochs: int
+    """The epoch limit the run had (train.epochs, or with `auto` what train.steps needed)."""
 
 
 def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -> FitResult:
@@ -533,12 +537,14 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         SplitFeatures(data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
     train_ds = train_ds.randomize_block_order(seed=None)
 
-    batch_size = effective_batch_size(tr.batch_size, n_train // tr.num_workers)
-    if batch_size != tr.batch_size:
-        print(f"[train] train.batch_size lowered to {batch_size} so each worker takes >= 20 steps an epoch "
-              f"({n_train} training rows, {tr.num_workers} workers)", flush=True)
+    from pipeline.sizing import step_budget
+
+    batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, tr.steps)
+    if batch_size != tr.batch_size or tr.epochs == "auto":
+        print(f"[train] batch size {batch_size}, up to {epochs} epochs (train.epochs {tr.epochs}, train.steps "
+              f"{tr.steps}; {n_train} training rows, {tr.num_workers} workers)", flush=True)
     worker = WorkerConfig(model=cfg.model, train=tr, n_features=spec.num_features, mean=mean.tolist(),
-                          scale=scale.tolist(), batch_size=batch_size, seed=cfg.run.seed,
+                          scale=scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
                           # resume from the newest complete checkpoint in storage, registered or not (resume.py)
                           storage=storage, checkpoints_uri=join_uri(cfg.run_uri, "train", cfg.run.name))
     resources = {"CPU": tr.cpus_per_worker}
@@ -566,7 +572,7 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     state = _load_payload(result.checkpoint)
     return FitResult(best_state=state["best_model"], history=list(state["history"]),
                      best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val"]),
-                     batch_size=batch_size)
+                     batch_size=batch_size, epochs=epochs)
 
 
 def _num_workers(tr) -> int | tuple[int, int]:

@@ -109,7 +109,7 @@ def test_old_flat_config_keys_and_shipped_configs_still_load():
         load_config(path)
     cfg = load_config("jobs/configs/demo.yaml", ["model.kind=variational", "model.score=elbo",
                                                  "model.noise_level=0.3", "model.pretrain_epochs=3"])
-    assert cfg.model.kind_settings == KINDS["variational"].settings(score="elbo")
+    assert cfg.model.kind_settings == KINDS["variational"].settings() and cfg.model.score == "elbo"
     assert (cfg.model.noise_level, cfg.model.pretrain_epochs) == (0.3, 3)  # other kinds' keys: kept, unused
     with pytest.raises(ConfigError, match="config model.noise_levl: unknown key"):
         load_config("jobs/configs/demo.yaml", ["model.noise_levl=0.3"])
@@ -135,7 +135,8 @@ def test_manifests_written_by_main_still_build_and_new_ones_keep_the_format(kind
 def test_training_settings_reach_the_workers_typed_and_picklable():
     cfg = config_from_dict({**BASE, "model": {"kind": "denoising", "noise_level": 0.4},
                             "train": {"algorithm": "backprop", "lr": 0.02, "cpus_per_worker": 2.5}})
-    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=32, seed=1)
+    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=32,
+                      epochs=cfg.train.epochs, seed=1)
     back = pickle.loads(pickle.dumps(wc))
     assert back == wc and back.model.kind_settings.noise_level == 0.4 and back.torch_threads == 2
     trainee, state = build_trainee(back, CPU, no_ddp)
@@ -190,7 +191,8 @@ def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
         config_from_dict({**BASE, "model": {"kind": "shrink", "latent_dim": 6}}).model.check_features(6)
     cfg = config_from_dict({**BASE, "model": {"kind": "shrink", "shrink_weight": 0.5, "hidden_dims": [8],
                                               "latent_dim": 3}, "train": {"epochs": 3, "lr": 1e-2}})
-    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=64, seed=0)
+    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=64,
+                      epochs=cfg.train.epochs, seed=0)
     data = batches(6)
     reports: list[tuple[dict, dict]] = []
 
@@ -204,7 +206,7 @@ def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
     assert reports[-1][0]["train_loss"] < reports[0][0]["train_loss"]
 
     # resume from the last checkpoint payload with more epochs: picks up at epoch 3, history kept
-    longer = dataclasses.replace(wc, train=dataclasses.replace(cfg.train, epochs=5))
+    longer = dataclasses.replace(wc, epochs=5)
     trainee, state = build_trainee(longer, CPU, no_ddp, saved=reports[-1][1])
     assert state.start_epoch == 3 and len(state.history) == 3
     run_training(longer, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.kinds import contractive, dense, denoising, sparse, stacked, variational
 from pipeline.kinds.spec import KindSpec
-from pipeline.models import MLP_SETTINGS, Autoencoder
+from pipeline.models import AUTO, MLP_SETTINGS, Autoencoder
 
 KINDS: dict[str, KindSpec] = {}
 """`model.kind` -> its spec, in registration order (dense, the default, first)."""
@@ -62,6 +62,11 @@ def build_model(n_features: int, kind: str = "dense", **settings: Any) -> Autoen
     manifest's `model`). Another kind's settings are skipped; a name no kind declares is an error, so no
     setting is ever dropped silently."""
     spec = spec_of(kind)
+    if AUTO in (settings.get("latent_dim"), settings.get("hidden_dims")):  # sizes not chosen by a job yet
+        from pipeline.sizing import auto_sizes  # noqa: PLC0415 - sizing imports the config module
+
+        chosen = dict(zip(("hidden_dims", "latent_dim"), auto_sizes(n_features)))
+        settings = {k: chosen[k] if v == AUTO and k in chosen else v for k, v in settings.items()}
     unknown = set(settings) - set(MLP_SETTINGS) - kind_setting_names()
     if unknown:
         raise ValueError(f"model settings {', '.join(sorted(unknown))}: declared by no model kind "

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.errors import check_config
 from pipeline.kinds.spec import KindSpec
-from pipeline.models import Autoencoder, blocks
+from pipeline.models import AUTO, Autoencoder, blocks
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class StackedAutoencoder(Autoencoder):
         return "finetune" if stage >= self.n_layers else f"pretrain-{stage + 1}/{self.n_layers}"
 
     def begin_epoch(self, epoch: int) -> Optional[str]:
+        super().begin_epoch(epoch)  # the calibrated score's statistics start afresh
         self.stage = self.stage_at(epoch)
         return self.stage_name(self.stage)
 
@@ -73,13 +74,14 @@ class StackedAutoencoder(Autoencoder):
 
 
 def check(m: Any) -> None:
-    check_config(len(m.hidden_dims) >= 1, "model.hidden_dims",
+    check_config(m.hidden_dims == AUTO or len(m.hidden_dims) >= 1, "model.hidden_dims",
                  "stacked needs at least one hidden layer to pretrain layer by layer")
 
 
 def pretrain_epochs(m: Any) -> int:
     """One stage of `pretrain_epochs` per layer pair (hidden layers + the code) before fine-tuning."""
-    return m.pretrain_epochs * (len(m.hidden_dims) + 1)
+    layers = 1 if m.hidden_dims == AUTO else len(m.hidden_dims)  # auto sizes give one hidden layer
+    return m.pretrain_epochs * (layers + 1)
 
 
 # a pretraining stage trains one layer pair: DDP must expect the other parameters to get no gradient

@@ -2,15 +2,16 @@
 
 loss = mean over rows of  -E_q[log p(x|h)] + kl_weight * KL(q(h|x) || p(h))  (one reparameterized sample);
 s^2 is a learned per-feature variance. latent(x) is mu(x). score is the squared reconstruction error of
-g(mu(x)) (`score: recon`) or the negative ELBO with its likelihood term taken at h = mu(x) (`score: elbo`):
-both deterministic, so a row always gets the same score.
+g(mu(x)) (`score: recon`), its calibrated form (`score: calibrated`, the default for every kind), or the
+negative ELBO with its likelihood term taken at h = mu(x) (`score: elbo`): all deterministic, so a row always
+gets the same score.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,8 +25,6 @@ from pipeline.models import Autoencoder, mlp
 class VariationalSettings:
     kl_weight: float = 1.0
     """variational: weight of KL(q(h|x) || N(0, I)) in the negative ELBO (1 is the true ELBO; beta-VAE)."""
-    score: Literal["recon", "elbo"] = "recon"
-    """variational: the anomaly score; mean squared reconstruction error of the posterior mean, or -ELBO."""
 
     def __post_init__(self) -> None:
         check_config(self.kl_weight > 0, "model.kl_weight", f"{self.kl_weight} must be > 0")
@@ -37,7 +36,7 @@ class VariationalAutoencoder(Autoencoder):
 
     def __init__(self, n_features: int, hidden_dims: Sequence[int] = (64, 32), latent_dim: int = 8,
                  activation: str = "gelu", dropout: float = 0.0, code_activation: Optional[str] = None,
-                 settings: VariationalSettings = VariationalSettings()):
+                 score: str = "recon", settings: VariationalSettings = VariationalSettings()):
         nn.Module.__init__(self)  # not Autoencoder's layers: two heads (mu, logvar) and a learned variance
         self.settings = settings
         self.n_features, self.latent_dim = n_features, latent_dim
@@ -49,6 +48,7 @@ class VariationalAutoencoder(Autoencoder):
         self.code_act = nn.Identity()
         self.decoder = mlp([latent_dim, *reversed(list(hidden_dims)), n_features], activation, dropout)
         self.out_logvar = nn.Parameter(torch.zeros(n_features))  # log s^2 per feature; data is unit-variance
+        self._init_score(score)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder(x)
@@ -83,7 +83,12 @@ class VariationalAutoencoder(Autoencoder):
         return self._nll(x, self.decode(mu)) + self.settings.kl_weight * self.kl(mu, logvar)
 
     def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
-        return self.neg_elbo(x).sum()  # early stopping follows the training objective, whatever the score
+        mu, logvar = self.posterior(x)
+        recon = self.decode(mu)
+        if self.score_kind == "calibrated":
+            self.calibration.observe((recon.float() - x.float()) ** 2, mu)
+        # early stopping follows the training objective, whatever the score
+        return (self._nll(x, recon) + self.settings.kl_weight * self.kl(mu, logvar)).sum()
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.score_and_latent(x)[0]
@@ -92,10 +97,10 @@ class VariationalAutoencoder(Autoencoder):
         mu, logvar = self.posterior(x)
         recon = self.decode(mu)
         sq = (recon.float() - x.float()) ** 2
-        if self.settings.score == "elbo":
+        if self.score_kind == "elbo":
             s = self._nll(x, recon) + self.settings.kl_weight * self.kl(mu, logvar)
         else:
-            s = sq.mean(dim=1)
+            s = self._row_score(sq, mu)
         return s, mu.float(), sq
 
     @torch.no_grad()

@@ -1,0 +1,236 @@
+"""Anomaly-ranking quality on labelled tables: the real pipeline against scikit-learn baselines.
+
+    evaluate_tables(tables, workdir) -> dict   (what `python -m jobs.evaluate` writes to eval-results.json)
+
+Protocol (ADBench's unsupervised setting, the one a real user is in): per class, a seed-0 numpy permutation;
+the first 30% go to test, the rest to training. Training rows are written to Parquet WITHOUT their labels
+(anomalies included, as in a real unlabeled table); the pipeline trains on them with its defaults
+(`train_job`, then `score_job` on the test rows: the code path of `jobs.run`), and the test rows' scores
+are compared with their labels (AUROC and average precision). The baselines see the same split, with
+min-max scaling fitted on the training rows: scikit-learn's IsolationForest (defaults, random_state 0) and
+PCA reconstruction error (the components that explain 95% of the training variance).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+
+BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "adbench"
+TEST_FRACTION = 0.3
+SEED = 0
+ID = "row_id"
+
+
+@dataclass
+class Table:
+    name: str
+    X: np.ndarray
+    y: np.ndarray
+
+
+def load_npz(path: Path) -> Table:
+    with np.load(path, allow_pickle=False) as z:
+        return Table(path.stem, np.asarray(z["X"], np.float64), np.asarray(z["y"]).astype(int))
+
+
+def load_labelled(path: str, label_column: str) -> Table:
+    """A user's own table (Parquet file or folder, CSV, or .npz): numeric columns except the label."""
+    p = Path(path)
+    if p.suffix == ".npz":
+        return load_npz(p)
+    if p.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        t = pcsv.read_csv(p)
+    elif p.exists():
+        t = pq.read_table(p)
+    else:
+        raise InputError(f"--input {path}: not found")
+    if label_column not in t.column_names:
+        raise InputError(f"--input {path}: no column {label_column!r} (have: {', '.join(t.column_names)})")
+    y = np.asarray(t.column(label_column).to_numpy(zero_copy_only=False)).astype(int)
+    if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) != 2:
+        raise InputError(f"--label-column {label_column}: must hold both 0 (normal) and 1 (anomaly)")
+    cols = [c for c in t.column_names if c != label_column
+            and (pa.types.is_integer(t.schema.field(c).type) or pa.types.is_floating(t.schema.field(c).type)
+                 or pa.types.is_boolean(t.schema.field(c).type))]
+    if not cols:
+        raise InputError(f"--input {path}: no numeric feature columns besides {label_column!r}")
+    X = np.column_stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in cols])
+    return Table(p.stem, X, y)
+
+
+def protocol_split(y: np.ndarray) -> np.ndarray:
+    """Boolean test mask: per class, a seed-0 permutation, the first 30% to test (ADBench's stratified split)."""
+    test = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        perm = idx[np.random.RandomState(SEED).permutation(len(idx))]
+        test[perm[: int(round(TEST_FRACTION * len(idx)))]] = True
+    return test
+
+
+def feature_names(n: int) -> list[str]:
+    return [f"f{j}" for j in range(n)]
+
+
+def write_split(path: Path, X: np.ndarray, ids: np.ndarray) -> None:
+    """Ids and one float64 column per feature; no label column (the pipeline never sees the labels)."""
+    path.mkdir(parents=True, exist_ok=True)
+    cols = {ID: pa.array(ids, pa.int64())}
+    cols.update({name: pa.array(X[:, j]) for j, name in enumerate(feature_names(X.shape[1]))})
+    pq.write_table(pa.table(cols), path / "part-0.parquet")
+
+
+def ranking_metrics(scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    return {"auroc": float(roc_auc_score(y, scores)), "ap": float(average_precision_score(y, scores))}
+
+
+def minmax(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = train.min(axis=0), train.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return (train - lo) / span, (test - lo) / span
+
+
+def iforest_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    from sklearn.ensemble import IsolationForest
+
+    a, b = minmax(train, test)
+    return -IsolationForest(random_state=SEED).fit(a).score_samples(b)
+
+
+def pca_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    a, b = minmax(train, test)
+    pca = PCA(n_components=0.95, svd_solver="full", random_state=SEED).fit(a)
+    return ((b - pca.inverse_transform(pca.transform(b))) ** 2).sum(axis=1)
+
+
+BASELINES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "iforest": iforest_scores, "pca": pca_scores,
+}
+
+
+def pipeline_scores(table: Table, test: np.ndarray, workdir: Path, overrides: list[str],
+                    num_cpus: Optional[int]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train with the defaults on the unlabeled training rows, score the test rows; test scores in row order."""
+    from pipeline.config import load_config
+    from pipeline.jobs import score_job, train_job
+    from pipeline.storage import Storage
+
+    ids = np.arange(len(table.y))
+    base = workdir / table.name
+    write_split(base / "train", table.X[~test], ids[~test])
+    write_split(base / "test", table.X[test], ids[test])
+    common = [f"run.name={table.name}", f"artifacts.uri={base / 'artifacts'}", f"output.uri={base / 'output'}",
+              f"data.id_columns=[{ID}]", f"data.features={json.dumps(feature_names(table.X.shape[1]))}",
+              *([f"run.num_cpus={num_cpus}"] if num_cpus else []), *overrides]
+    train_cfg = load_config(None, [f"data.input={base / 'train'}", *common])
+    storage = Storage(train_cfg.storage)
+    t = train_job(train_cfg, storage, overwrite=True)
+    score_cfg = load_config(None, [f"data.input={base / 'test'}", *common])
+    res = score_job(score_cfg, storage)
+    out = pa.concat_tables([pq.read_table(f, columns=[ID, "recon_error"]) for f in res.files])
+    by_id = dict(zip(out.column(ID).to_pylist(), out.column("recon_error").to_pylist()))
+    scores = np.array([by_id[i] for i in ids[test]], np.float64)
+    m = t.manifest
+    info = {"epochs_run": t.epochs_run, "best_epoch": t.best_epoch + 1,
+            "model": {k: m["model"].get(k) for k in ("kind", "hidden_dims", "latent_dim", "ensemble")},
+            "still_improving": bool(m["metrics"].get("still_improving", False))}
+    return scores, info
+
+
+def evaluate_table(table: Table, workdir: Path, overrides: list[str] = (),
+                   num_cpus: Optional[int] = None) -> dict[str, Any]:
+    test = protocol_split(table.y)
+    y_test = table.y[test]
+    row: dict[str, Any] = {"rows": int(len(table.y)), "features": int(table.X.shape[1]),
+                           "anomaly_share": float(table.y.mean()), "test_rows": int(test.sum())}
+    t0 = time.perf_counter()
+    scores, info = pipeline_scores(table, test, workdir, list(overrides), num_cpus)
+    row["pipeline"] = {**ranking_metrics(scores, y_test), "seconds": time.perf_counter() - t0, **info}
+    for name, fn in BASELINES.items():
+        t0 = time.perf_counter()
+        s = fn(table.X[~test], table.X[test])
+        row[name] = {**ranking_metrics(s, y_test), "seconds": time.perf_counter() - t0}
+    print(f"[eval] {table.name}: pipeline AUROC {row['pipeline']['auroc']:.3f} AP {row['pipeline']['ap']:.3f} | "
+          + " | ".join(f"{n} AUROC {row[n]['auroc']:.3f}" for n in BASELINES), flush=True)
+    return row
+
+
+METHODS = ("pipeline", *BASELINES)
+
+
+def start_ray(num_cpus: Optional[int], attempts: int = 8) -> None:
+    """One local Ray for every table. On a loaded machine a starting raylet can miss its startup window
+    (its agents come up too slowly and it aborts): stop what the attempt left running and try again."""
+    import logging
+
+    import psutil
+    import ray
+
+    for i in range(attempts):
+        try:
+            # address "local": a new cluster of our own, even when another `ray start` on this machine has
+            # written /tmp/ray/ray_current_cluster (a plain ray.init() would join that one)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or i == attempts - 1:
+                raise
+            print(f"[eval] local Ray did not start in time; trying again ({i + 2}/{attempts})", flush=True)
+            ray.shutdown()
+            for child in psutil.Process().children(recursive=True):  # only what this process started
+                child.kill()
+
+
+def evaluate_tables(tables: list[Table], workdir: Path, overrides: list[str] = (),
+                    num_cpus: Optional[int] = None,
+                    on_table: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Every table in turn; `on_table(results so far)` after each, so a long run keeps what it measured."""
+    start = time.perf_counter()
+    start_ray(num_cpus)
+    per: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    for t in tables:
+        per[t.name] = evaluate_table(t, workdir, overrides, num_cpus)
+        mean = {m: {k: float(np.mean([per[n][m][k] for n in per])) for k in ("auroc", "ap")} for m in METHODS}
+        results = {"tables": per, "mean": mean, "overrides": list(overrides),
+                   "wall_seconds": time.perf_counter() - start, "complete": len(per) == len(tables),
+                   "protocol": "stratified 70/30 (per class a seed-0 numpy permutation, first 30% to test); "
+                               "training rows unlabeled; baselines on min-max scaling fitted on the training rows"}
+        if on_table:
+            on_table(results)
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    head = ("| table | rows | features | anomalies | pipeline AUROC | pipeline AP | IForest AUROC | IForest AP "
+            "| PCA AUROC | PCA AP | pipeline s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for name, r in results["tables"].items():
+        lines.append(f"| {name} | {r['rows']} | {r['features']} | {r['anomaly_share']:.1%} | "
+                     f"{r['pipeline']['auroc']:.3f} | {r['pipeline']['ap']:.3f} | {r['iforest']['auroc']:.3f} | "
+                     f"{r['iforest']['ap']:.3f} | {r['pca']['auroc']:.3f} | {r['pca']['ap']:.3f} | "
+                     f"{r['pipeline']['seconds']:.0f} |")
+    m = results["mean"]
+    lines.append(f"| **mean** | | | | **{m['pipeline']['auroc']:.3f}** | **{m['pipeline']['ap']:.3f}** | "
+                 f"{m['iforest']['auroc']:.3f} | {m['iforest']['ap']:.3f} | {m['pca']['auroc']:.3f} | "
+                 f"{m['pca']['ap']:.3f} | |")
+    lines.append("")
+    done = "" if results.get("complete", True) else f" Incomplete: {len(results['tables'])} tables so far."
+    lines.append(f"Wall time {results['wall_seconds']:.0f} s.{done} {results['protocol']}.")
+    return "\n".join(lines) + "\n"
