@@ -80,3 +80,5 @@ def test_train_epoch_times_the_first_batch_and_the_data_wait_apart():
     assert stats.loss == pytest.approx(want, rel=1e-5)
     assert 7 * 0.02 <= stats.data_wait_seconds < stats.steady_seconds
     assert stats.steady_seconds == pytest.approx(stats.seconds - stats.first_batch_seconds)
+    # the steps alone: every batch's wait excluded (the per-epoch fixed cost is the epoch's time beyond them)
+    assert 0 < stats.step_seconds <= stats.seconds - stats.data_wait_seconds
