@@ -10,7 +10,7 @@ FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup feast-env browser run test test-unit bench scale eval clean
+.PHONY: setup feast-env browser run test test-unit bench bench-gpu scale eval clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ test-unit: setup
 ## make bench: pipeline vs plain PyTorch / pyarrow; writes bench-results.json and bench-results.md
 bench: setup
 	$(PY) -m benchmarks
+
+## make bench-gpu: the train step and predictor on a CUDA device vs a plain bf16 loop (no Ray; ~1 minute)
+bench-gpu: setup
+	$(PY) -m benchmarks.gpu
 
 ## make scale: 200,000 vs 10,000,000 rows x 64 features, object store capped at 1 GB (~2.5 GB data on local disk)
 scale: setup

@@ -191,6 +191,13 @@ class TrainSection:
     stall_timeout_s: float = 1800.0
     """End the job (exit 2) after this long without progress in any Ray phase: prepare, training, validation,
     scoring (0: never). A job without progress says what it waits for every minute before that."""
+    cache_fraction: float = 0.25
+    """Read the training and validation splits once and keep them in Ray's object store when their size
+    (rows x features x 4 bytes, from the Parquet footers) is at most this share of it; epochs then iterate
+    from memory instead of re-reading the input. 0: always stream the input each epoch."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many epochs (the last epoch and the early-stopping epoch always get
+    one); the epochs between report metrics only. A failure redoes at most this many epochs."""
 
     def __post_init__(self) -> None:
         _check(self.epochs == AUTO or self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
@@ -206,6 +213,8 @@ class TrainSection:
         _check(self.min_delta >= 0, "train.min_delta", "must be >= 0")
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.shuffle_buffer_rows >= 0, "train.shuffle_buffer_rows", "must be >= 0")
+        _check(0.0 <= self.cache_fraction <= 1.0, "train.cache_fraction", f"{self.cache_fraction} must be in [0, 1]")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"{self.checkpoint_every} must be >= 1")
         _check(0.0 <= self.recirculation_lambda < 1.0, "train.recirculation_lambda",
                f"{self.recirculation_lambda} must be in [0, 1)")
         _check(self.stall_timeout_s >= 0, "train.stall_timeout_s", f"{self.stall_timeout_s} must be >= 0 (0: off)")

@@ -70,6 +70,8 @@ class EpochStats:
     first_batch_rows: int = 0
     data_wait_seconds: float = 0.0
     """Time spent waiting for the next batch after the first: where the GPU/CPU sat idle for want of data."""
+    step_seconds: float = 0.0
+    """Time in the training steps themselves (forward, backward, optimizer), every batch's wait excluded."""
     parts: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -127,8 +129,9 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
     parts_sum: dict[str, Any] = {}
     step_done = start
     for i, x in enumerate(batches):
+        step_start = time.perf_counter()
         if i:  # the first batch's wait is warm-up, reported apart
-            stats.data_wait_seconds += time.perf_counter() - step_done
+            stats.data_wait_seconds += step_start - step_done
         if step_fn is not None:
             loss, parts = step_fn(x)
         else:
@@ -145,6 +148,7 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
         if i == 0:
             stats.first_batch_seconds, stats.first_batch_rows = time.perf_counter() - start, n
         step_done = time.perf_counter()
+        stats.step_seconds += step_done - step_start
     stats.loss_sum = float(loss_sum)
     stats.parts = {k: float(v) / max(stats.rows, 1) for k, v in parts_sum.items()}
     stats.seconds = time.perf_counter() - start
@@ -374,14 +378,21 @@ class EpochTotals:
 
 
 def epoch_metrics(epoch: int, totals: EpochTotals, stats: EpochStats, stopper: EarlyStopping,
-                  stage: Optional[str], elapsed: float) -> dict[str, Any]:
-    """The metrics reported (and kept in the history) for one epoch."""
+                  stage: Optional[str], elapsed: float, last_report_seconds: float = 0.0) -> dict[str, Any]:
+    """The metrics reported (and kept in the history) for one epoch.
+
+    `fixed_seconds` is what the epoch cost besides its training steps: reading and waiting for data,
+    validation, the all-reduce, and the previous epoch's report (+ checkpoint), counted here because an
+    epoch's metrics travel in its own report, before that report's time is known.
+    """
     steady = totals.steady_seconds
     return {
         "epoch": epoch, "train_loss": totals.train_loss, "val_loss": totals.val_loss, "best_val_loss": stopper.best,
         "best_epoch": stopper.best_epoch, "train_rows": int(totals.train_rows), "val_rows": int(totals.val_rows),
         "rows_per_s": totals.train_rows / max(elapsed, 1e-9), "epoch_seconds": elapsed,
-        "first_batch_seconds": stats.first_batch_seconds,
+        "first_batch_seconds": stats.first_batch_seconds, "step_seconds": stats.step_seconds,
+        "fixed_seconds": max(elapsed + last_report_seconds - stats.step_seconds, 0.0),
+        "last_report_seconds": last_report_seconds,
         # steady state per worker: training steps only, the first batch (warm-up) excluded
         "worker_rows_per_s": totals.steady_rows / steady if steady > 0 else 0.0,
         "data_wait_fraction": totals.data_wait_seconds / steady if steady > 0 else 0.0,
@@ -402,7 +413,8 @@ def epoch_line(metrics: dict[str, Any], epochs: int, stopper: EarlyStopping, eta
 
 
 Report = Callable[[dict[str, Any], Optional[dict[str, Any]]], None]
-"""(metrics, checkpoint payload or None) -> None; every rank calls it once per epoch (a barrier under Ray)."""
+"""(metrics, checkpoint payload or None) -> None; every rank calls it once per epoch (a barrier under Ray);
+rank 0 passes a payload on the epochs train.checkpoint_every picks, the last and the early-stopping one."""
 
 
 def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
@@ -419,7 +431,9 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
     if state.finished(epochs):
         epochs = state.start_epoch  # a finished run resumed: nothing left to do
     pretraining = wc.model.pretrain_epochs_total
+    every = wc.train.checkpoint_every
     run_start = time.perf_counter()
+    report_seconds = 0.0
     for epoch in range(state.start_epoch, epochs):
         t0 = time.perf_counter()
         stage = trainee.ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a staged kind
@@ -430,15 +444,20 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
         improved = epoch >= pretraining and state.stopper.update(totals.val_loss, epoch)
         if improved or state.best_state is None:
             state.best_state = _state_to_cpu(trainee.model)
-        metrics = {**epoch_metrics(epoch, totals, stats, state.stopper, stage, time.perf_counter() - t0),
-                   **(extra_metrics or {})}
+        metrics = {**epoch_metrics(epoch, totals, stats, state.stopper, stage, time.perf_counter() - t0,
+                                   report_seconds), **(extra_metrics or {})}
         state.history.append(metrics)
         stop = state.stopper.should_stop
         if rank == 0:
             done, left = epoch + 1 - state.start_epoch, (epochs - epoch - 1) if not stop else 0
             eta = (time.perf_counter() - run_start) / done * left
             print(epoch_line(metrics, epochs, state.stopper, eta, stop), flush=True)
-        report(metrics, state.checkpoint(trainee, epoch) if rank == 0 else None)
+        # every rank reports every epoch (a barrier under Ray); only some epochs carry a checkpoint. The
+        # best weights travel in each checkpoint, so a resume from an earlier one redoes the epochs since.
+        save = stop or epoch == epochs - 1 or (epoch + 1) % every == 0
+        t_report = time.perf_counter()
+        report(metrics, state.checkpoint(trainee, epoch) if rank == 0 and save else None)
+        report_seconds = time.perf_counter() - t_report
         if stop:
             break
 
@@ -510,6 +529,23 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
 # ------------------------------------------------------------------------------------------ driver
 
 
+def split_bytes(spec) -> int:
+    """What the training and validation splits take in memory: one float32 per feature per row."""
+    return spec.num_rows * spec.num_features * 4
+
+
+def cache_splits(spec, cache_fraction: float) -> bool:
+    """Whether the splits fit `cache_fraction` of the cluster's object store; says which in one log line."""
+    import ray
+
+    size, store = split_bytes(spec), float(ray.cluster_resources().get("object_store_memory", 0.0))
+    cache = cache_fraction > 0 and size <= cache_fraction * store
+    what = "caching the splits in the object store" if cache else "streaming the input each epoch"
+    print(f"[train] {what} ({size / 1e6:,.1f} MB of {store / 1e6:,.0f} MB; train.cache_fraction="
+          f"{cache_fraction:g})", flush=True)
+    return cache
+
+
 @dataclass
 class FitResult:
     best_state: dict[str, torch.Tensor]
@@ -535,6 +571,10 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         SplitFeatures(data, spec.num_features, "train"), batch_format="pyarrow", batch_size=None)
     val_ds = read_dataset(spec, storage).map_batches(
         SplitFeatures(data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
+    if cache_splits(spec, tr.cache_fraction):
+        # Read once; every epoch then iterates the blocks in the object store (no re-read, no re-planning).
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    # Per epoch (each execution draws a new order), cached or streamed: the same shuffle as before caching.
     train_ds = train_ds.randomize_block_order(seed=None)
 
     from pipeline.sizing import step_budget

@@ -44,6 +44,22 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
         assert (r["pipeline_rows_per_s"], r["baseline_rows_per_s"]) == (best["pipeline_rows_per_s"],
                                                                         best["baseline_rows_per_s"]), measure
         assert r["ratio"] == pytest.approx(best["pipeline_rows_per_s"] / best["baseline_rows_per_s"])
+    # the scoring ratio of each model at its best batch size, from that batch size's figures
+    for m in res["scoring"]["by_model"].values():
+        best = m["by_batch_size"][str(m["best_batch_size"])]
+        assert m["ratio"] == pytest.approx(best["pipeline_rows_per_s"] / best["baseline_rows_per_s"])
+    lg = res["ingest_large_shards"]
+    assert lg["rows"] == bc.large_shard_rows and lg["shard_mb"] == bc.large_shard_mb and lg["files"] >= 1
+    assert lg["pipeline_rows_per_s"] == pytest.approx(statistics.median(lg["pipeline_samples"]))
+    assert lg["ratio"] == pytest.approx(lg["pipeline_rows_per_s"] / lg["baseline_rows_per_s"])
+    assert lg["v2_ratio"] == pytest.approx(lg["v2_rows_per_s"] / lg["baseline_rows_per_s"]) and lg["v2_rows_per_s"] > 0
+    e2e = res["training_end_to_end"]
+    assert set(e2e) == {"small", "medium"} == set(bc.e2e_rows)
+    for r in e2e.values():  # seconds of each side from the same run; ratio > 1 would mean faster than plain
+        assert r["epochs"] == bc.e2e_epochs == len(r["fixed_seconds"])
+        assert r["ratio"] == pytest.approx(r["baseline_seconds"] / r["pipeline_seconds"])
+        assert r["per_epoch_fixed_seconds"] == pytest.approx(statistics.median(r["fixed_seconds"]))
+        assert 0 <= r["per_epoch_fixed_seconds"] and sum(r["epoch_seconds"]) < r["pipeline_seconds"]
     mem = res["memory"]
     assert mem["rows_4x"] == mem["scale"] * mem["rows_1x"] == 4 * bc.rows  # the larger run had 4x the rows
     assert mem["peak_mb_1x"] > 50 and mem["peak_mb_4x"] > 50  # a job process tree holds torch and Ray
@@ -52,6 +68,8 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
         row = next(line for line in table.splitlines() if line.startswith(f"| {measure}") and mark in line)
         assert f"| {res[measure.split()[0]]['ratio']:.2f} |" in row, row
     assert "peak MB" in table
+    assert "Ray Data V2 reader" in table and f"| {lg['v2_ratio']:.2f} |" in table
+    assert f"| {e2e['medium']['ratio']:.2f} | >= 0.7 |" in table
 
 
 def test_train_epoch_times_the_first_batch_and_the_data_wait_apart():
@@ -80,3 +98,33 @@ def test_train_epoch_times_the_first_batch_and_the_data_wait_apart():
     assert stats.loss == pytest.approx(want, rel=1e-5)
     assert 7 * 0.02 <= stats.data_wait_seconds < stats.steady_seconds
     assert stats.steady_seconds == pytest.approx(stats.seconds - stats.first_batch_seconds)
+    # the steps alone: every batch's wait excluded (the per-epoch fixed cost is the epoch's time beyond them)
+    assert 0 < stats.step_seconds <= stats.seconds - stats.data_wait_seconds
+
+
+def test_gpu_check_refuses_bad_arguments_and_runs_its_measures_on_any_device(capsys):
+    """`make bench-gpu`'s code path on the CPU (no GPU here): argument checks, then every measure's figures."""
+    import argparse
+    import sys
+
+    import torch
+
+    from benchmarks import gpu
+
+    with pytest.raises(SystemExit) as e:
+        gpu.parse_args(["--rows", "100", "--batch-size", "200"])
+    assert e.value.code == 2 and "error: --batch-size 200 must be <= --rows 100" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert gpu.main(["--rows", "256", "--batch-size", "64"]) == 2
+        assert capsys.readouterr().err.startswith("error: no CUDA device here")
+    res = gpu.measure(argparse.Namespace(rows=512, features=8, batch_size=128, repeats=1), torch.device("cpu"))
+    for model in ("small", "large"):
+        for step in ("train", "score"):
+            r = res[model][step]
+            assert r["pipeline_rows_per_s"] > 0 and r["ratio"] == pytest.approx(
+                r["pipeline_rows_per_s"] / r["baseline_rows_per_s"])
+    # no Ray anywhere on its import path: Ray's wheel need not be on the GPU box
+    import subprocess
+
+    probe = "import sys, benchmarks.gpu as g, pipeline.score, pipeline.train; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"

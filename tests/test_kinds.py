@@ -8,6 +8,7 @@ worker parts Ray runs (build_trainee, run_training), checkpoint and resume inclu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pickle
 import typing
@@ -24,7 +25,7 @@ from pipeline.errors import ConfigError, check_config
 from pipeline.kinds import KINDS, build_model, register
 from pipeline.kinds.spec import KindSpec
 from pipeline.models import MLP_SETTINGS, Autoencoder
-from pipeline.train import ALGORITHMS, TrainState, WorkerConfig, build_trainee, run_training
+from pipeline.train import ALGORITHMS, TrainState, WorkerConfig, build_trainee, evaluate, run_training
 
 BASE = {"data": {"input": "x"}}
 CPU = torch.device("cpu")
@@ -217,3 +218,54 @@ def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
     assert len(final.history) == 5 and final.best_state is not None
     # the model a manifest describes rebuilds with the kind's settings
     assert build_model(6, **dataclasses.asdict(cfg.model)).settings == ShrinkSettings(0.5)
+
+
+def saved(payload):
+    """A checkpoint payload as Ray's report stores it (torch.save): a copy, not the live optimizer state."""
+    return copy.deepcopy(payload)
+
+
+def test_checkpoint_every_saves_some_epochs_always_the_last_and_the_stop_and_resumes_with_the_best():
+    cfg = config_from_dict({**BASE, "model": {"hidden_dims": [8], "latent_dim": 3},
+                            "train": {"epochs": 5, "lr": 1e-2, "checkpoint_every": 2, "patience": 10}})
+    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=64,
+                      epochs=cfg.train.epochs, seed=0)
+    data = batches(6)
+    reports: list[tuple[dict, dict]] = []
+    torch.manual_seed(0)
+    trainee, state = build_trainee(wc, CPU, no_ddp)
+    run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
+                 report=lambda m, payload: reports.append((m, saved(payload))))
+    # every epoch reports (Ray's report is a barrier); epochs 2, 4 and the last (5) carry a checkpoint
+    assert [m["epoch"] for m, _ in reports] == [0, 1, 2, 3, 4]
+    assert [m["epoch"] for m, p in reports if p is not None] == [1, 3, 4]
+    for m, _ in reports:  # the per-epoch fixed cost: wall time (+ the previous report) minus the steps
+        assert 0 < m["step_seconds"] <= m["epoch_seconds"]
+        assert m["fixed_seconds"] == pytest.approx(m["epoch_seconds"] + m["last_report_seconds"]
+                                                   - m["step_seconds"])
+
+    # a failure after epoch 3 resumes from the checkpoint of epoch 2 (index 1): the epochs since are redone,
+    # and the best weights are those of the best epoch the resumed run has seen
+    trainee, state = build_trainee(wc, CPU, no_ddp, saved=reports[1][1])
+    assert state.start_epoch == 2 and len(state.history) == 2
+    resumed: list[tuple[dict, dict]] = []
+    run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
+                 report=lambda m, payload: resumed.append((m, saved(payload))))
+    assert [m["epoch"] for m, p in resumed if p is not None] == [3, 4]
+    final = resumed[-1][1]
+    vals = [h["val_loss"] for h in final["history"]]
+    assert [h["epoch"] for h in final["history"]] == [0, 1, 2, 3, 4]
+    assert final["best_val"] == min(vals) and final["best_epoch"] == vals.index(min(vals))
+    best = build_model(6, **dataclasses.asdict(cfg.model))
+    best.load_state_dict(final["best_model"])
+    assert evaluate(data[:1], best)[0] == pytest.approx(min(vals) * data[0].shape[0], rel=1e-5)
+
+    # early stopping ends at an epoch checkpoint_every would skip: that epoch is checkpointed too
+    stalled = dataclasses.replace(wc, epochs=10, train=dataclasses.replace(cfg.train, epochs=10, lr=1e-12, patience=1,
+                                                                checkpoint_every=4))
+    trainee, state = build_trainee(stalled, CPU, no_ddp)
+    stops: list[tuple[dict, dict]] = []
+    run_training(stalled, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
+                 report=lambda m, payload: stops.append((m, saved(payload))))
+    assert [m["epoch"] for m, _ in stops] == [0, 1]
+    assert stops[-1][1] is not None and stops[-1][1]["epoch"] == 1

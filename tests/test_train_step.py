@@ -73,3 +73,29 @@ def test_early_stopping():
     assert not es.should_stop
     assert not es.update(math.nan, 3)
     assert es.should_stop and es.best_epoch == 1
+
+
+def test_splits_are_cached_when_they_fit_the_share_of_the_object_store_and_epochs_still_shuffle(ray_cluster,
+                                                                                               capsys):
+    import ray
+
+    from pipeline.data import InputSpec
+    from pipeline.train import cache_splits, split_bytes
+
+    store = ray.cluster_resources()["object_store_memory"]
+    spec = InputSpec(uri="s3://b/t", files=["s3://b/t/a.parquet"], feature_names=[f"f{i}" for i in range(16)],
+                     num_rows=4_318, columns=[])
+    assert split_bytes(spec) == 4_318 * 16 * 4
+    assert cache_splits(spec, 0.25)
+    assert "[train] caching the splits in the object store (0.3 MB of" in capsys.readouterr().out
+    assert not cache_splits(spec, 0.0)  # 0: never
+    big = InputSpec(uri=spec.uri, files=spec.files, feature_names=spec.feature_names, columns=[],
+                    num_rows=int(store * 0.25 / (16 * 4)) + 1)
+    assert not cache_splits(big, 0.25) and cache_splits(big, 0.5)
+    assert "[train] streaming the input each epoch" in capsys.readouterr().out
+
+    # what fit() does with a cached split: materialize once, then randomize the block order; each pass
+    # (epoch) over it draws a new order, as each streamed epoch did
+    cached = ray.data.range(64, override_num_blocks=16).materialize().randomize_block_order(seed=None)
+    orders = {tuple(b["id"][0] for b in cached.iter_batches(batch_size=None)) for _ in range(4)}
+    assert len(orders) > 1 and all(sorted(o) == list(range(0, 64, 4)) for o in orders)
