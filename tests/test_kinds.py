@@ -31,6 +31,12 @@ BASE = {"data": {"input": "x"}}
 CPU = torch.device("cpu")
 
 
+def worker_config(cfg, batch_size: int, seed: int) -> WorkerConfig:
+    """What fit() tells the workers, for 6 standardized features."""
+    return WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=batch_size,
+                        epochs=cfg.train.epochs, seed=seed)
+
+
 def no_ddp(module: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
     """The worker's `wrap` outside Ray: one process, so no DistributedDataParallel."""
     return module
@@ -136,8 +142,7 @@ def test_manifests_written_by_main_still_build_and_new_ones_keep_the_format(kind
 def test_training_settings_reach_the_workers_typed_and_picklable():
     cfg = config_from_dict({**BASE, "model": {"kind": "denoising", "noise_level": 0.4},
                             "train": {"algorithm": "backprop", "lr": 0.02, "cpus_per_worker": 2.5}})
-    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=32,
-                      epochs=cfg.train.epochs, seed=1)
+    wc = worker_config(cfg, batch_size=32, seed=1)
     back = pickle.loads(pickle.dumps(wc))
     assert back == wc and back.model.kind_settings.noise_level == 0.4 and back.torch_threads == 2
     trainee, state = build_trainee(back, CPU, no_ddp)
@@ -192,8 +197,7 @@ def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
         config_from_dict({**BASE, "model": {"kind": "shrink", "latent_dim": 6}}).model.check_features(6)
     cfg = config_from_dict({**BASE, "model": {"kind": "shrink", "shrink_weight": 0.5, "hidden_dims": [8],
                                               "latent_dim": 3}, "train": {"epochs": 3, "lr": 1e-2}})
-    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=64,
-                      epochs=cfg.train.epochs, seed=0)
+    wc = worker_config(cfg, batch_size=64, seed=0)
     data = batches(6)
     reports: list[tuple[dict, dict]] = []
 
@@ -228,8 +232,7 @@ def saved(payload):
 def test_checkpoint_every_saves_some_epochs_always_the_last_and_the_stop_and_resumes_with_the_best():
     cfg = config_from_dict({**BASE, "model": {"hidden_dims": [8], "latent_dim": 3},
                             "train": {"epochs": 5, "lr": 1e-2, "checkpoint_every": 2, "patience": 10}})
-    wc = WorkerConfig(cfg.model, cfg.train, n_features=6, mean=[0.0] * 6, scale=[1.0] * 6, batch_size=64,
-                      epochs=cfg.train.epochs, seed=0)
+    wc = worker_config(cfg, batch_size=64, seed=0)
     data = batches(6)
     reports: list[tuple[dict, dict]] = []
     torch.manual_seed(0)
