@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cluster import connect
 from pipeline.errors import InputError
 
 BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "adbench"
@@ -174,35 +175,12 @@ def evaluate_table(table: Table, workdir: Path, overrides: list[str] = (),
 METHODS = ("pipeline", *BASELINES)
 
 
-def start_ray(num_cpus: Optional[int], attempts: int = 8) -> None:
-    """One local Ray for every table. On a loaded machine a starting raylet can miss its startup window
-    (its agents come up too slowly and it aborts): stop what the attempt left running and try again."""
-    import logging
-
-    import psutil
-    import ray
-
-    for i in range(attempts):
-        try:
-            # address "local": a new cluster of our own, even when another `ray start` on this machine has
-            # written /tmp/ray/ray_current_cluster (a plain ray.init() would join that one)
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if "timed out during startup" not in str(e) or i == attempts - 1:
-                raise
-            print(f"[eval] local Ray did not start in time; trying again ({i + 2}/{attempts})", flush=True)
-            ray.shutdown()
-            for child in psutil.Process().children(recursive=True):  # only what this process started
-                child.kill()
-
-
 def evaluate_tables(tables: list[Table], workdir: Path, overrides: list[str] = (),
                     num_cpus: Optional[int] = None,
                     on_table: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Every table in turn; `on_table(results so far)` after each, so a long run keeps what it measured."""
     start = time.perf_counter()
-    start_ray(num_cpus)
+    connect(num_cpus)  # one Ray for every table: the job's own local one, or the cluster already joined
     per: dict[str, Any] = {}
     results: dict[str, Any] = {}
     for t in tables:
