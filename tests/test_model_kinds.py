@@ -332,7 +332,9 @@ def _recirculation_worker(rank: int, world: int, port: int, x: torch.Tensor, out
         _recirculation_train(trained, x.chunk(world)[rank], 64 // world, epochs=3)
         if rank == 0:
             with torch.no_grad():
-                out.put((one_step.state_dict(), float(torch.mean((trained(x) - x) ** 2))))
+                # numpy, not tensors: torch's queue shares tensors through files this process removes on exit
+                out.put(({k: v.numpy().copy() for k, v in one_step.state_dict().items()},
+                         float(torch.mean((trained(x) - x) ** 2))))
     finally:
         dist.destroy_process_group()
 
@@ -363,7 +365,7 @@ def test_recirculation_on_two_workers_averages_updates_and_matches_one_worker():
         assert p.exitcode == 0
     # one step: the all-reduced update is exactly the single-worker update on the combined batch
     for k, v in single.state_dict().items():
-        assert torch.allclose(state[k], v, atol=1e-6), k
+        assert torch.allclose(torch.from_numpy(state[k]), v, atol=1e-6), k
     # training: the same loss up to minibatch noise (the workers' batches are other rows)
     assert loss_one < 0.6 * start and loss_two == pytest.approx(loss_one, rel=0.1), (start, loss_one, loss_two)
 
