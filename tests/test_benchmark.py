@@ -37,7 +37,7 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
         assert set(by_model) == {m.name for m in bc.models}
         for m in by_model.values():
             by_bs = m["by_batch_size"]
-            assert m["best_batch_size"] == max(by_bs, key=lambda bs: by_bs[bs]["pipeline_rows_per_s"]) and \
+            assert str(m["best_batch_size"]) == max(by_bs, key=lambda bs: by_bs[bs]["pipeline_rows_per_s"]) and \
                 all(v["pipeline_rows_per_s"] > 0 and v["baseline_rows_per_s"] > 0 for v in by_bs.values())
         # the headline is one model's best batch size, both sides from that same run
         best = by_model[r["model"]]["by_batch_size"][str(r["batch_size"])]

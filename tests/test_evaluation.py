@@ -52,17 +52,16 @@ def test_two_small_tables_through_the_real_pipeline(ray_cluster, tmp_path):
                         "--workdir", str(tmp_path / "w1"), "--set", "train.epochs=4", "--set", "train.steps=0"])
     assert rc == 0
     first = json.loads(out.read_text())
-    rc = evaluate_main(["--tables", "40_vowels", "--out", str(out), "--workdir", str(tmp_path / "w2"),
-                        "--set", "train.epochs=4", "--set", "train.steps=0"])
+    rc = evaluate_main(["--tables", "40_vowels", "--out", str(out), "--workdir", str(tmp_path / "w2")])
     assert rc == 0
     second = json.loads(out.read_text())
     rows = {**first["tables"], **second["tables"]}
     assert set(rows) == {"thyroid", "40_vowels"}
     for name, r in rows.items():
         assert r["pipeline"]["model"]["latent_dim"] < r["features"]  # auto sizes, recorded
-        assert r["pipeline"]["auroc"] > 0.5, (name, r["pipeline"])  # better than chance on a 4-epoch budget
+        assert r["pipeline"]["auroc"] > 0.6, (name, r["pipeline"])
         for method in ("pipeline", "iforest", "pca"):
             assert 0 <= r[method]["ap"] <= 1 and 0 <= r[method]["auroc"] <= 1
-    assert rows["thyroid"]["pipeline"]["auroc"] > 0.8  # anomalies far out: an easy table even on this budget
-    # (vowels needs the full default budget: 0.76 in `make eval`; 0.55 after 4 epochs here)
+    assert rows["thyroid"]["pipeline"]["auroc"] > 0.8  # anomalies far out: an easy table even on 4 epochs
+    # vowels runs with the defaults (0.76 in `make eval`): 4 epochs left it near chance (0.55)
     assert "| 40_vowels |" in (tmp_path / "eval-results.md").read_text()
