@@ -154,21 +154,27 @@ def _share(key: str, count: int, noun: str, per: float, total: float, budget: fl
 
 
 def plan_actor_pool(concurrency: int, cpus_per_actor: float, use_gpu: bool, cluster: Cluster,
-                    fused: bool = False, what: str = "scoring") -> tuple[float, Optional[str]]:
-    """(CPUs per scoring worker to use, a line saying why it was lowered or None); raises ConfigError.
+                    fused: bool = False, what: str = "scoring") -> tuple[float, int, Optional[str]]:
+    """(CPUs per scoring worker, workers at once, a line saying what was lowered or None); raises ConfigError.
 
-    `fused`: read, score and write run in one task (score.compute tasks), so no CPU is kept for reading;
-    otherwise the actors hold their CPUs for the whole pass and Ray Data reads beside them.
+    `fused`: read, score and write run in plain tasks (score.compute tasks, and the validation pass), so no CPU
+    is kept for reading and score.concurrency is only a cap: above the cluster it is lowered (a cluster that
+    lost a node goes on with fewer tasks at once). An actor pool waits for all its actors: above the cluster
+    it could never start, so it is refused; the actors hold their CPUs and Ray Data reads beside them.
     """
     if use_gpu:
         _check_gpus("score.use_gpu", concurrency, cluster, "scoring worker")
     _check_per_node("score.cpus_per_actor", cpus_per_actor, use_gpu, cluster)
     total = cluster.max_cpus()
     if total is None:
-        return cpus_per_actor, None
+        return cpus_per_actor, concurrency, None
     asked = concurrency * cpus_per_actor
     if asked > total:
         fits = max(1, math.floor(total / cpus_per_actor))
+        if fused:
+            return cpus_per_actor, fits, (
+                f"score.concurrency lowered from {concurrency} to {fits}: {what} tasks x score.cpus_per_actor "
+                f"{_num(cpus_per_actor)} = {_num(asked)} CPUs, but the cluster has {_plural(total, 'CPU')}")
         raise ConfigError(f"config score.concurrency: {concurrency} {what} workers x score.cpus_per_actor "
                           f"{_num(cpus_per_actor)} = {_num(asked)} CPUs, but the cluster has "
                           f"{_plural(total, 'CPU')} ({cluster.describe()}); set score.concurrency to at most {fits}")
@@ -177,14 +183,15 @@ def plan_actor_pool(concurrency: int, cpus_per_actor: float, use_gpu: bool, clus
         raise ConfigError(f"config run.num_cpus: the cluster has {_plural(total, 'CPU')}; {what} with an actor "
                           f"pool needs more than {_num(DATA_CPUS)} (Ray Data reads beside the actors): set "
                           f"run.num_cpus: 2 or more, or score.compute: tasks")
-    return _share("score.cpus_per_actor", concurrency, f"{what} actor", cpus_per_actor, total, budget)
+    cpa, note = _share("score.cpus_per_actor", concurrency, f"{what} actor", cpus_per_actor, total, budget)
+    return cpa, concurrency, note
 
 
 def fit_job(cfg, cluster: Cluster, job: str, log=print):
     """The config to run on `cluster`: checked, with reservations lowered where Ray Data would starve.
 
-    `job` "train": the training workers, then the validation pass (a CPU actor pool of score.concurrency
-    actors, started once training has released its workers); "score": the scoring pass. Prints one
+    `job` "train": the training workers, then the validation pass (plain tasks, at most score.concurrency at
+    once, started once training has released its workers); "score": the scoring pass. Prints one
     `[resources]` line per change; raises ConfigError on requests that can never be met.
     """
     tr, sc = cfg.train, cfg.score
@@ -193,14 +200,16 @@ def fit_job(cfg, cluster: Cluster, job: str, log=print):
         cpw, note = plan_training(tr.num_workers, tr.cpus_per_worker, tr.use_gpu, cluster)
         tr = dataclasses.replace(tr, cpus_per_worker=cpw)
         notes.append(note)
-        cpa, note = plan_actor_pool(sc.concurrency, sc.cpus_per_actor, False, cluster, what="validation")
+        # the validation pass: plain tasks (pipeline/validation.py), started once training released its workers
+        cpa, conc, note = plan_actor_pool(sc.concurrency, sc.cpus_per_actor, False, cluster, fused=True,
+                                          what="validation")
     else:
-        cpa, note = plan_actor_pool(sc.concurrency, sc.cpus_per_actor, sc.use_gpu, cluster,
-                                    fused=not sc.uses_actors)
+        cpa, conc, note = plan_actor_pool(sc.concurrency, sc.cpus_per_actor, sc.use_gpu, cluster,
+                                          fused=not sc.uses_actors)
     notes.append(note)
     for note in filter(None, notes):
         log(f"[resources] {note}")
-    out = dataclasses.replace(cfg, train=tr, score=dataclasses.replace(sc, cpus_per_actor=cpa))
+    out = dataclasses.replace(cfg, train=tr, score=dataclasses.replace(sc, cpus_per_actor=cpa, concurrency=conc))
     log(f"[resources] cluster: {cluster.describe()}; "
         + (training_phase(out) if job == "train" else data_phase(out, "scoring", out.score.uses_actors)))
     return out

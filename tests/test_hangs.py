@@ -105,7 +105,9 @@ def test_impossible_training_requests_end_in_one_line_before_any_data_is_read(s3
 def test_scoring_concurrency_above_the_cluster_ends_in_one_line_before_any_data_is_read(trained, s3_server, env):
     bucket = trained[0]
     assert trained[1].returncode == 0
-    proc = run_job("jobs.score", *job_args(bucket, s3_server, "score.concurrency=4", "run.name=hangs"),
+    # an actor pool waits for all its actors (plain scoring tasks above the cluster are only capped)
+    proc = run_job("jobs.score", *job_args(bucket, s3_server, "score.concurrency=4", "score.compute=actors",
+                                           "run.name=hangs"),
                    env=env, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_lines(proc.stderr) == [

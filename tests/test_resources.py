@@ -76,17 +76,20 @@ def test_a_one_cpu_cluster_is_refused_with_the_fix():
         plan_training(1, 0.5, False, Cluster((Node(1),)))
 
 
-def test_scoring_concurrency_above_the_cluster_is_refused():
-    with pytest.raises(ConfigError) as e:
-        plan_actor_pool(4, 1.0, False, LAPTOP, fused=True)
+def test_an_actor_pool_above_the_cluster_is_refused_and_tasks_above_it_are_capped():
+    with pytest.raises(ConfigError) as e:  # a pool waits for all its actors: it could never start
+        plan_actor_pool(4, 1.0, False, LAPTOP, fused=False)
     assert str(e.value) == ("config score.concurrency: 4 scoring workers x score.cpus_per_actor 1 = 4 CPUs, "
                             "but the cluster has 2 CPUs (2 CPUs, 0 GPUs on 1 node); set score.concurrency "
                             "to at most 2")
+    # plain tasks only cap how many run at once: lowered to what the cluster has (e.g. after losing a node)
+    cpa, conc, note = plan_actor_pool(4, 1.0, False, LAPTOP, fused=True)
+    assert (cpa, conc) == (1.0, 2) and note.startswith("score.concurrency lowered from 4 to 2: scoring tasks")
 
 
 def test_fused_scoring_tasks_may_use_every_cpu_but_an_actor_pool_leaves_ray_data_one():
-    assert plan_actor_pool(2, 1.0, False, LAPTOP, fused=True) == (1.0, None)
-    used, note = plan_actor_pool(2, 1.0, False, LAPTOP, fused=False)
+    assert plan_actor_pool(2, 1.0, False, LAPTOP, fused=True) == (1.0, 2, None)
+    used, _, note = plan_actor_pool(2, 1.0, False, LAPTOP, fused=False)
     assert used == 0.5 and note.startswith("score.cpus_per_actor lowered from 1 to 0.5: 2 scoring actors x 1 CPU would")
 
 
@@ -94,11 +97,11 @@ def test_fit_job_returns_the_config_to_run_and_says_what_changed():
     cfg = config_from_dict({"train": {"num_workers": 2}, "score": {"concurrency": 2}})
     lines: list[str] = []
     out = fit_job(cfg, LAPTOP, "train", log=lines.append)
-    assert out.train.cpus_per_worker == 0.5 and out.score.cpus_per_actor == 0.5  # validation pass: an actor pool
+    # the validation pass runs in plain tasks after training: nothing to lower for it on 2 CPUs
+    assert out.train.cpus_per_worker == 0.5 and out.score.cpus_per_actor == 1.0
     assert cfg.train.cpus_per_worker == 1.0  # the caller's config is left as it was
-    assert [ln.split(" lowered")[0] for ln in lines[:2]] == ["[resources] train.cpus_per_worker",
-                                                              "[resources] score.cpus_per_actor"]
-    assert lines[2] == ("[resources] cluster: 2 CPUs, 0 GPUs on 1 node; 2 training workers x 0.5 CPU + "
+    assert [ln.split(" lowered")[0] for ln in lines[:1]] == ["[resources] train.cpus_per_worker"]
+    assert lines[1] == ("[resources] cluster: 2 CPUs, 0 GPUs on 1 node; 2 training workers x 0.5 CPU + "
                         "Ray Data reading data/sample")
     scored = fit_job(cfg, LAPTOP, "score", log=lines.append)
     assert scored.score.cpus_per_actor == 1.0  # fused tasks: nothing to keep for reading
