@@ -74,8 +74,10 @@ def beat(what: str = "batch") -> None:
 
         if not ray.is_initialized():
             return
-        if _Sender.handle is None:
-            if now - _Sender.looked_up < 30:  # no watchdog in this job (yet): do not ask at every batch
+        # looked up again now and then: each watched phase makes the job's heartbeat actor anew, so a handle
+        # kept from an earlier phase (a reused worker process) would point at a dead actor
+        if _Sender.handle is None or now - _Sender.looked_up >= 30:
+            if _Sender.handle is None and now - _Sender.looked_up < 30:  # no watchdog (yet): not every batch
                 return
             _Sender.looked_up = now
             _Sender.handle = ray.get_actor(_heartbeat_name())
