@@ -192,12 +192,17 @@ class TrainSection:
     """End the job (exit 2) after this long without progress in any Ray phase: prepare, training, validation,
     scoring (0: never). A job without progress says what it waits for every minute before that."""
     cache_fraction: float = 0.25
-    """Read the training and validation splits once and keep them in Ray's object store when their size
-    (rows x features x 4 bytes, from the Parquet footers) is at most this share of it; epochs then iterate
-    from memory instead of re-reading the input. 0: always stream the input each epoch."""
-    checkpoint_every: int = 1
-    """Write a checkpoint every this many epochs (the last epoch and the early-stopping epoch always get
-    one); the epochs between report metrics only. A failure redoes at most this many epochs."""
+    """Read the training and validation splits once and run later epochs from the training workers' memory
+    (every row reshuffled each epoch) when their size (rows x features x 4 bytes, from the Parquet footers)
+    is at most this share of Ray's object store; otherwise re-read the input each epoch. 0: always stream."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many epochs; 0: by time instead (train.checkpoint_interval_s). The last
+    epoch and the early-stopping epoch always get one, and each carries the best weights so far. A failure
+    resumes from the newest checkpoint and redoes the epochs since."""
+    checkpoint_interval_s: float = 60.0
+    """With train.checkpoint_every 0: checkpoint after the first epoch that ends this many seconds after the
+    previous checkpoint (or the run's start). On a small table that is just the last epoch: no per-epoch
+    checkpoint and report cost."""
 
     def __post_init__(self) -> None:
         _check(self.epochs == AUTO or self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
@@ -214,7 +219,9 @@ class TrainSection:
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.shuffle_buffer_rows >= 0, "train.shuffle_buffer_rows", "must be >= 0")
         _check(0.0 <= self.cache_fraction <= 1.0, "train.cache_fraction", f"{self.cache_fraction} must be in [0, 1]")
-        _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"{self.checkpoint_every} must be >= 1")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"{self.checkpoint_every} must be >= 0")
+        _check(self.checkpoint_interval_s > 0, "train.checkpoint_interval_s",
+               f"{self.checkpoint_interval_s} must be > 0")
         _check(0.0 <= self.recirculation_lambda < 1.0, "train.recirculation_lambda",
                f"{self.recirculation_lambda} must be in [0, 1)")
         _check(self.stall_timeout_s >= 0, "train.stall_timeout_s", f"{self.stall_timeout_s} must be >= 0 (0: off)")

@@ -4,7 +4,8 @@ Driver (`fit`): builds the train/validation datasets, `ScalingConfig`, `RunConfi
 a `TorchTrainer`; the run's checkpoints live in artifact storage, so rerunning the same `run.name` resumes.
 Worker (`train_loop_per_worker`, told a typed `WorkerConfig`): builds the model and learning rule
 (`build_trainee`, restored from the last checkpoint), then `run_training` per epoch trains, evaluates,
-all-reduces the losses, and reports metrics with a checkpoint holding the latest and the best weights.
+all-reduces the losses, and on checkpoint epochs reports to Ray Train with a checkpoint holding the latest
+and the best weights and the history.
 Early stopping is decided from all-reduced validation loss, so every rank stops at the same epoch.
 """
 
@@ -59,6 +60,44 @@ def tensor_batches(tables: Iterable[pa.Table], normalizer: Normalizer, device: t
         if non_blocking:
             x = x.pin_memory()
         yield normalizer(x.to(device, non_blocking=non_blocking))
+
+
+class EpochCache:
+    """A worker's shard of a split, read from Ray Data once and kept in the worker's memory.
+
+    The first pass streams (`stream()`: the normalized batches) and keeps every batch; each later pass
+    draws a fresh permutation of all the kept rows and batches it: a full row-level shuffle of the shard
+    every epoch (streaming shuffles only the block order, plus an optional local buffer), and no dataset
+    execution, split coordinator round trip or re-read per epoch. Only a pass that ran to its end is kept.
+    On a GPU the rows are kept in host memory and each batch is copied over as it is used.
+    """
+
+    def __init__(self, stream: Callable[[], Iterable[torch.Tensor]], batch_size: int, device: torch.device,
+                 shuffle: bool, seed: int):
+        self.stream, self.batch_size, self.device, self.shuffle = stream, batch_size, device, shuffle
+        self.rows: Optional[torch.Tensor] = None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> Iterator[torch.Tensor]:
+        return self._first_pass() if self.rows is None else self._from_memory(self.rows)
+
+    def _first_pass(self) -> Iterator[torch.Tensor]:
+        kept = []
+        for x in self.stream():
+            kept.append(x.to("cpu"))
+            yield x
+        if kept:
+            self.rows = torch.cat(kept)
+            if self.device.type == "cuda":
+                self.rows = self.rows.pin_memory()
+
+    def _from_memory(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        n, non_blocking = rows.shape[0], self.device.type == "cuda"
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for i in range(0, n, self.batch_size):
+            beat()
+            x = rows[order[i:i + self.batch_size]] if order is not None else rows[i:i + self.batch_size]
+            yield x.to(self.device, non_blocking=non_blocking)
 
 
 @dataclass
@@ -262,6 +301,8 @@ class WorkerConfig:
     """The run's Storage: rank 0 looks there for a newer complete checkpoint than Ray Train registered."""
     checkpoints_uri: Optional[str] = None
     """Where Ray Train writes this run's checkpoints (`<run>/train/<run.name>`)."""
+    cache: bool = False
+    """Keep each worker's shards in its memory after the first epoch (EpochCache; fit's cache_splits)."""
 
     @property
     def torch_threads(self) -> int:
@@ -413,8 +454,9 @@ def epoch_line(metrics: dict[str, Any], epochs: int, stopper: EarlyStopping, eta
 
 
 Report = Callable[[dict[str, Any], Optional[dict[str, Any]]], None]
-"""(metrics, checkpoint payload or None) -> None; every rank calls it once per epoch (a barrier under Ray);
-rank 0 passes a payload on the epochs train.checkpoint_every picks, the last and the early-stopping one."""
+"""(metrics, checkpoint payload or None) -> None; every rank calls it on the checkpoint epochs (a barrier
+under Ray): those train.checkpoint_every or train.checkpoint_interval_s pick, the last and the early-stopping
+one; rank 0 passes the payload, the others None."""
 
 
 def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
@@ -431,8 +473,7 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
     if state.finished(epochs):
         epochs = state.start_epoch  # a finished run resumed: nothing left to do
     pretraining = wc.model.pretrain_epochs_total
-    every = wc.train.checkpoint_every
-    run_start = time.perf_counter()
+    run_start = last_save = time.perf_counter()
     report_seconds = 0.0
     for epoch in range(state.start_epoch, epochs):
         t0 = time.perf_counter()
@@ -452,14 +493,27 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
             done, left = epoch + 1 - state.start_epoch, (epochs - epoch - 1) if not stop else 0
             eta = (time.perf_counter() - run_start) / done * left
             print(epoch_line(metrics, epochs, state.stopper, eta, stop), flush=True)
-        # every rank reports every epoch (a barrier under Ray); only some epochs carry a checkpoint. The
-        # best weights travel in each checkpoint, so a resume from an earlier one redoes the epochs since.
-        save = stop or epoch == epochs - 1 or (epoch + 1) % every == 0
-        t_report = time.perf_counter()
-        report(metrics, state.checkpoint(trainee, epoch) if rank == 0 and save else None)
-        report_seconds = time.perf_counter() - t_report
+        # Only checkpoint epochs report: Ray's report is a barrier with a round trip to the controller, the
+        # costliest part of a small table's epoch, and the history travels in the checkpoint anyway. All
+        # ranks decide alike: the epoch counter, the all-reduced stop, and rank 0's clock (all-reduced).
+        report_seconds = 0.0
+        if stop or epoch == epochs - 1 or checkpoint_due(wc.train, epoch, all_reduce_sum, rank, last_save):
+            t_report = time.perf_counter()
+            report(metrics, state.checkpoint(trainee, epoch) if rank == 0 else None)
+            last_save = time.perf_counter()
+            report_seconds = last_save - t_report
         if stop:
             break
+
+
+def checkpoint_due(train, epoch: int, all_reduce_sum: Callable[[list[float]], list[float]], rank: int,
+                   last_save: float) -> bool:
+    """Whether `epoch` (not the last) gets a checkpoint: every train.checkpoint_every epochs, or with 0
+    once train.checkpoint_interval_s have passed since the previous one on rank 0's clock."""
+    if train.checkpoint_every:
+        return (epoch + 1) % train.checkpoint_every == 0
+    since = time.perf_counter() - last_save if rank == 0 else 0.0
+    return all_reduce_sum([since])[0] >= train.checkpoint_interval_s
 
 
 # ------------------------------------------------------------------------------------------ Ray worker
@@ -520,9 +574,12 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     if wc.train.shuffle_buffer_rows:
         iter_kw["local_shuffle_buffer_size"] = wc.train.shuffle_buffer_rows
     val_kw = dict(batch_size=wc.batch_size * 4, batch_format="pyarrow", prefetch_batches=2)
-    run_training(wc, trainee, state,
-                 lambda: tensor_batches(train_shard.iter_batches(**iter_kw), normalizer, device),
-                 lambda: tensor_batches(val_shard.iter_batches(**val_kw), normalizer, device),
+    train_batches = lambda: tensor_batches(train_shard.iter_batches(**iter_kw), normalizer, device)  # noqa: E731
+    val_batches = lambda: tensor_batches(val_shard.iter_batches(**val_kw), normalizer, device)  # noqa: E731
+    if wc.cache:
+        train_batches = EpochCache(train_batches, wc.batch_size, device, shuffle=True, seed=wc.seed + rank)
+        val_batches = EpochCache(val_batches, wc.batch_size * 4, device, shuffle=False, seed=0)
+    run_training(wc, trainee, state, train_batches, val_batches,
                  device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
 
 
@@ -535,12 +592,14 @@ def split_bytes(spec) -> int:
 
 
 def cache_splits(spec, cache_fraction: float) -> bool:
-    """Whether the splits fit `cache_fraction` of the cluster's object store; says which in one log line."""
+    """Whether the splits fit `cache_fraction` of the cluster's object store (the yardstick of what the
+    cluster's memory can spare; the cache itself lives in the training workers); says which in one line."""
     import ray
 
     size, store = split_bytes(spec), float(ray.cluster_resources().get("object_store_memory", 0.0))
     cache = cache_fraction > 0 and size <= cache_fraction * store
-    what = "caching the splits in the object store" if cache else "streaming the input each epoch"
+    what = ("reading the splits once and keeping them in the training workers' memory" if cache
+            else "streaming the input each epoch")
     print(f"[train] {what} ({size / 1e6:,.1f} MB of {store / 1e6:,.0f} MB; train.cache_fraction="
           f"{cache_fraction:g})", flush=True)
     return cache
@@ -571,10 +630,8 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
         SplitFeatures(data, spec.num_features, "train"), batch_format="pyarrow", batch_size=None)
     val_ds = read_dataset(spec, storage).map_batches(
         SplitFeatures(data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
-    if cache_splits(spec, tr.cache_fraction):
-        # Read once; every epoch then iterates the blocks in the object store (no re-read, no re-planning).
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-    # Per epoch (each execution draws a new order), cached or streamed: the same shuffle as before caching.
+    cache = cache_splits(spec, tr.cache_fraction)
+    # Streamed epochs draw a new block order per execution; cached ones shuffle rows in the worker instead.
     train_ds = train_ds.randomize_block_order(seed=None)
 
     from pipeline.sizing import step_budget
@@ -586,7 +643,8 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     worker = WorkerConfig(model=cfg.model, train=tr, n_features=spec.num_features, mean=mean.tolist(),
                           scale=scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
                           # resume from the newest complete checkpoint in storage, registered or not (resume.py)
-                          storage=storage, checkpoints_uri=join_uri(cfg.run_uri, "train", cfg.run.name))
+                          storage=storage, checkpoints_uri=join_uri(cfg.run_uri, "train", cfg.run.name),
+                          cache=cache)
     resources = {"CPU": tr.cpus_per_worker}
     if tr.use_gpu:
         resources["GPU"] = 1

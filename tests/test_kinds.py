@@ -206,9 +206,11 @@ def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
     assert isinstance(trainee.ae, ShrinkAutoencoder) and trainee.ae.settings.shrink_weight == 0.5
     run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
                  report=lambda m, payload: reports.append((m, payload)))
-    assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
-    assert all("train_shrink" in m for m, _ in reports)  # the kind's loss parts reach the metrics
-    assert reports[-1][0]["train_loss"] < reports[0][0]["train_loss"]
+    assert [m["epoch"] for m, _ in reports] == [2]  # checkpoints by time: a short run saves its last epoch
+    history = reports[-1][1]["history"]
+    assert [m["epoch"] for m in history] == [0, 1, 2]
+    assert all("train_shrink" in m for m in history)  # the kind's loss parts reach the metrics
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
 
     # resume from the last checkpoint payload with more epochs: picks up at epoch 3, history kept
     longer = dataclasses.replace(wc, epochs=5)
@@ -216,7 +218,7 @@ def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
     assert state.start_epoch == 3 and len(state.history) == 3
     run_training(longer, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
                  report=lambda m, payload: reports.append((m, payload)))
-    assert [m["epoch"] for m, _ in reports] == [0, 1, 2, 3, 4]
+    assert [m["epoch"] for m, _ in reports] == [2, 4]
     final = TrainState.restore(reports[-1][1], build_model(6, **dataclasses.asdict(cfg.model)),
                                trainee.optimizer, cfg.train)
     assert len(final.history) == 5 and final.best_state is not None
@@ -239,22 +241,24 @@ def test_checkpoint_every_saves_some_epochs_always_the_last_and_the_stop_and_res
     trainee, state = build_trainee(wc, CPU, no_ddp)
     run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
                  report=lambda m, payload: reports.append((m, saved(payload))))
-    # every epoch reports (Ray's report is a barrier); epochs 2, 4 and the last (5) carry a checkpoint
-    assert [m["epoch"] for m, _ in reports] == [0, 1, 2, 3, 4]
-    assert [m["epoch"] for m, p in reports if p is not None] == [1, 3, 4]
-    for m, _ in reports:  # the per-epoch fixed cost: wall time (+ the previous report) minus the steps
+    # only checkpoint epochs report (Ray's report is a barrier): epochs 2, 4 and the last (5)
+    assert [m["epoch"] for m, p in reports] == [1, 3, 4] and all(p is not None for _, p in reports)
+    history = reports[-1][1]["history"]
+    assert [m["epoch"] for m in history] == [0, 1, 2, 3, 4]
+    for m in history:  # the per-epoch fixed cost: wall time (+ the previous report) minus the steps
         assert 0 < m["step_seconds"] <= m["epoch_seconds"]
         assert m["fixed_seconds"] == pytest.approx(m["epoch_seconds"] + m["last_report_seconds"]
                                                    - m["step_seconds"])
+    assert [m["last_report_seconds"] > 0 for m in history] == [False, False, True, False, True]
 
     # a failure after epoch 3 resumes from the checkpoint of epoch 2 (index 1): the epochs since are redone,
     # and the best weights are those of the best epoch the resumed run has seen
-    trainee, state = build_trainee(wc, CPU, no_ddp, saved=reports[1][1])
+    trainee, state = build_trainee(wc, CPU, no_ddp, saved=reports[0][1])
     assert state.start_epoch == 2 and len(state.history) == 2
     resumed: list[tuple[dict, dict]] = []
     run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
                  report=lambda m, payload: resumed.append((m, saved(payload))))
-    assert [m["epoch"] for m, p in resumed if p is not None] == [3, 4]
+    assert [m["epoch"] for m, p in resumed] == [3, 4]
     final = resumed[-1][1]
     vals = [h["val_loss"] for h in final["history"]]
     assert [h["epoch"] for h in final["history"]] == [0, 1, 2, 3, 4]
@@ -270,5 +274,31 @@ def test_checkpoint_every_saves_some_epochs_always_the_last_and_the_stop_and_res
     stops: list[tuple[dict, dict]] = []
     run_training(stalled, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
                  report=lambda m, payload: stops.append((m, saved(payload))))
-    assert [m["epoch"] for m, _ in stops] == [0, 1]
+    assert [m["epoch"] for m, _ in stops] == [1]
     assert stops[-1][1] is not None and stops[-1][1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("interval_s, checkpointed", [(1e-9, [0, 1, 2]), (3600.0, [2])])
+def test_checkpoints_by_time_by_default(interval_s, checkpointed):
+    """train.checkpoint_every 0 (the default): a checkpoint once checkpoint_interval_s have passed since the
+    previous one, and always the last epoch; rank 0's clock decides for all ranks (through the all-reduce)."""
+    cfg = config_from_dict({**BASE, "model": {"hidden_dims": [8], "latent_dim": 3},
+                            "train": {"epochs": 3, "patience": 10, "checkpoint_interval_s": interval_s}})
+    assert cfg.train.checkpoint_every == 0
+    wc = worker_config(cfg, batch_size=64, seed=0)
+    data = batches(6)
+    reports: list[tuple[dict, dict]] = []
+    reduced: list[list[float]] = []
+    trainee, state = build_trainee(wc, CPU, no_ddp)
+    run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
+                 report=lambda m, payload: reports.append((m, saved(payload))),
+                 all_reduce_sum=lambda v: reduced.append(v) or v)
+    assert [m["epoch"] for m, _ in reports] == checkpointed
+    assert [p["epoch"] for _, p in reports] == checkpointed
+    # a rank other than 0 sends 0 seconds and follows rank 0's decision
+    trainee, state = build_trainee(wc, CPU, no_ddp)
+    other: list[dict] = []
+    run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=1,
+                 report=lambda m, payload: other.append(payload),
+                 all_reduce_sum=lambda v: [interval_s] if len(v) == 1 else v)
+    assert other == [None] * 3

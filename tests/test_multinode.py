@@ -109,7 +109,8 @@ def args(s3: str, bucket: str, run: str, **sets) -> list[str]:
     base = {"run.name": run, "run.num_cpus": None, "data.input": f"s3://{bucket}/in",
             "artifacts.uri": f"s3://{bucket}/artifacts", "output.uri": f"s3://{bucket}/out-{run}",
             "storage.endpoint_url": s3, "train.epochs": 4, "train.patience": 4, "train.num_workers": 2,
-            "train.cpus_per_worker": 0.5, "train.batch_size": 64, "train.lr": 0.003, "model.hidden_dims": "[32,16]",
+            "train.cpus_per_worker": 0.5, "train.batch_size": 64, "train.lr": 0.003, "train.checkpoint_every": 1,
+            "model.hidden_dims": "[32,16]",
             "model.latent_dim": 4, "score.batch_size": 256, "score.concurrency": 3, "score.cpus_per_actor": 1}
     base.update(sets)
     out = ["--config", str(ROOT / "jobs/configs/demo.yaml")]

@@ -45,7 +45,7 @@ def base_args(s3: str, bucket: str, run: str = "base", data: str = "in", out: st
         "run.name": run, "run.num_cpus": 2, "data.input": f"s3://{bucket}/{data}",
         "artifacts.uri": f"s3://{bucket}/artifacts", "output.uri": f"s3://{bucket}/{out}",
         "storage.endpoint_url": s3, "train.epochs": 6, "train.patience": 6, "train.num_workers": 1,
-        "train.cpus_per_worker": 0.5, "train.batch_size": 64, "train.lr": 0.003,
+        "train.cpus_per_worker": 0.5, "train.batch_size": 64, "train.lr": 0.003, "train.checkpoint_every": 1,
         "model.hidden_dims": "[32,16]", "model.latent_dim": 4, "score.batch_size": 256,
     }
     out_args = ["--config", str(ROOT / "jobs/configs/demo.yaml")]

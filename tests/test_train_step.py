@@ -75,8 +75,7 @@ def test_early_stopping():
     assert es.should_stop and es.best_epoch == 1
 
 
-def test_splits_are_cached_when_they_fit_the_share_of_the_object_store_and_epochs_still_shuffle(ray_cluster,
-                                                                                               capsys):
+def test_splits_are_cached_when_they_fit_the_share_of_the_object_store(ray_cluster, capsys):
     import ray
 
     from pipeline.data import InputSpec
@@ -87,15 +86,41 @@ def test_splits_are_cached_when_they_fit_the_share_of_the_object_store_and_epoch
                      num_rows=4_318, columns=[])
     assert split_bytes(spec) == 4_318 * 16 * 4
     assert cache_splits(spec, 0.25)
-    assert "[train] caching the splits in the object store (0.3 MB of" in capsys.readouterr().out
+    assert "[train] reading the splits once and keeping them in the training workers' memory (0.3 MB of" in \
+        capsys.readouterr().out
     assert not cache_splits(spec, 0.0)  # 0: never
     big = InputSpec(uri=spec.uri, files=spec.files, feature_names=spec.feature_names, columns=[],
                     num_rows=int(store * 0.25 / (16 * 4)) + 1)
     assert not cache_splits(big, 0.25) and cache_splits(big, 0.5)
     assert "[train] streaming the input each epoch" in capsys.readouterr().out
 
-    # what fit() does with a cached split: materialize once, then randomize the block order; each pass
-    # (epoch) over it draws a new order, as each streamed epoch did
-    cached = ray.data.range(64, override_num_blocks=16).materialize().randomize_block_order(seed=None)
-    orders = {tuple(b["id"][0] for b in cached.iter_batches(batch_size=None)) for _ in range(4)}
-    assert len(orders) > 1 and all(sorted(o) == list(range(0, 64, 4)) for o in orders)
+
+def test_epoch_cache_streams_once_then_shuffles_every_row_in_memory():
+    from pipeline.train import EpochCache
+
+    rows = torch.arange(100, dtype=torch.float32).reshape(50, 2)
+    reads: list[int] = []
+
+    def stream():  # what Ray Data's iter_batches feeds: blocks in some order, batches of 16
+        reads.append(1)
+        yield from batches(rows, 16)
+
+    cache = EpochCache(stream, batch_size=8, device=torch.device("cpu"), shuffle=True, seed=0)
+    first = list(cache())
+    assert [b.shape[0] for b in first] == [16, 16, 16, 2]  # the first pass is the stream itself
+    passes = [torch.cat(list(cache())) for _ in range(3)]
+    assert len(reads) == 1  # read once
+    for p in passes:  # every row once per epoch, in batches of the cache's size, in a new order each time
+        assert sorted(p[:, 0].tolist()) == rows[:, 0].tolist()
+    assert len({tuple(p[:, 0].tolist()) for p in passes}) == 3
+    # rows stay whole (a row's features travel together)
+    assert all(torch.equal(p[:, 1], p[:, 0] + 1) for p in passes)
+    # validation: no shuffle, the same order every time
+    val = EpochCache(stream, batch_size=8, device=torch.device("cpu"), shuffle=False, seed=0)
+    list(val())
+    assert torch.equal(torch.cat(list(val())), rows)
+
+    # a first pass cut short (a failure mid-epoch) is not kept: the next pass streams again
+    partial = EpochCache(stream, batch_size=8, device=torch.device("cpu"), shuffle=True, seed=0)
+    next(iter(partial()))
+    assert partial.rows is None
