@@ -408,7 +408,8 @@ def merge_moment_rows(rows: Iterable[dict[str, Any]], num_features: int) -> tupl
 # ------------------------------------------------------------------------------------------ Ray Data
 
 
-def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num_cpus: Optional[float] = None):
+def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num_cpus: Optional[float] = None,
+                 shuffle_files: bool = False):
     """A streaming Ray Dataset over the shards: one read task per file, only the needed columns.
 
     Ray 2.60's default Parquet reader (DataSourceV2: ListFiles -> ReadFiles) planned every file of the input
@@ -417,6 +418,9 @@ def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num
     the end). The V1 `ParquetDatasource` reads a file per task and splits blocks larger than
     `target_max_block_size`, so reads run in parallel and the data streams through the object store.
     `num_cpus`, when a following map asks for the same, lets Ray fuse the read into that map's tasks.
+    `shuffle_files`: each execution (each streamed epoch) reads the files in a new order, without the
+    all-to-all barrier of `randomize_block_order`, which waits for every block of the input and, on an
+    input larger than the object store, spills most of it.
     """
     import ray.data
 
@@ -427,7 +431,8 @@ def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num
     try:
         # `columns=` is pushed down into the V1 reader (V2 would want select_columns instead).
         return ray.data.read_parquet(paths, filesystem=fs, include_paths=with_paths, columns=spec.columns,
-                                     override_num_blocks=len(paths), num_cpus=num_cpus)
+                                     override_num_blocks=len(paths), num_cpus=num_cpus,
+                                     shuffle="files" if shuffle_files else None)
     finally:
         ctx.use_datasource_v2 = prev
 

@@ -282,7 +282,7 @@ class ScoreResult:
     seconds: float
     files: list[str]
     phases: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase (checks, score_and_write, verify, publish): where a run's time went."""
+    """Seconds per phase (checks, ray_start, plan, score_and_write, verify, publish): where a run's time went."""
 
 
 def check_features_match(manifest: dict[str, Any], spec: InputSpec) -> None:
@@ -361,12 +361,14 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     from pipeline.cluster import connect
     from pipeline.multinode import check_shared_storage
 
+    lap("checks")
     connect(cfg.run.num_cpus)  # only once the cheap checks (model, storage, schema) have passed
+    lap("ray_start")  # ~0 when the job has its Ray already (jobs.run, a cluster)
     cfg = check_job(cfg, "score")  # before any data is read: requests the cluster can never meet end here
     check_shared_storage(cfg)
     ds, write_args = scoring_dataset(cfg, storage, spec, model_run_uri, as_of, rejects_uri, run_id=staging)
     fs, staging_path = storage.resolve(staging)
-    lap("checks")
+    lap("plan")
     try:
         with watch(cfg.train.stall_timeout_s, "scoring", data_phase(cfg, "scoring", actors=cfg.score.uses_actors)):
             # on S3, making directories costs a round trip per file for nothing

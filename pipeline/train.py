@@ -626,13 +626,12 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     from pipeline.storage import join_uri
 
     data, tr = cfg.data, cfg.train
-    train_ds = read_dataset(spec, storage).map_batches(
+    cache = cache_splits(spec, tr.cache_fraction)
+    # Streamed epochs read the files in a new order each time; cached ones shuffle every row in the worker.
+    train_ds = read_dataset(spec, storage, shuffle_files=not cache).map_batches(
         SplitFeatures(data, spec.num_features, "train"), batch_format="pyarrow", batch_size=None)
     val_ds = read_dataset(spec, storage).map_batches(
         SplitFeatures(data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
-    cache = cache_splits(spec, tr.cache_fraction)
-    # Streamed epochs draw a new block order per execution; cached ones shuffle rows in the worker instead.
-    train_ds = train_ds.randomize_block_order(seed=None)
 
     from pipeline.sizing import step_budget
 

@@ -124,3 +124,27 @@ def test_epoch_cache_streams_once_then_shuffles_every_row_in_memory():
     partial = EpochCache(stream, batch_size=8, device=torch.device("cpu"), shuffle=True, seed=0)
     next(iter(partial()))
     assert partial.rows is None
+
+
+def test_streamed_epochs_read_the_files_in_a_new_order_each_time(ray_cluster, tmp_path):
+    """What fit() streams when the splits are not cached: each execution (epoch) reads the files in a new
+    order, and every row once."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import StorageSection
+    from pipeline.data import InputSpec, read_dataset
+    from pipeline.storage import Storage
+
+    files = []
+    for i in range(8):
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"id": np.arange(i * 10, i * 10 + 10)}), files[-1])
+    spec = InputSpec(uri=str(tmp_path), files=files, feature_names=["id"], num_rows=80, columns=["id"])
+    storage = Storage(StorageSection())
+
+    def first_ids(ds):
+        return tuple(int(b["id"][0]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+    ds = read_dataset(spec, storage, with_paths=False, shuffle_files=True)
+    orders = {first_ids(ds) for _ in range(4)}
+    assert len(orders) > 1 and all(sorted(o) == list(range(0, 80, 10)) for o in orders)
