@@ -83,9 +83,11 @@ def job_config(data: Path, work: Path, label: str) -> dict[str, Any]:
 
 def spilled_bytes() -> int:
     """Bytes this Ray cluster spilled to disk so far (from the raylets' memory summary)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # this job's own Ray, by address (other Rays may run on the machine)
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     m = re.search(r"Spilled (\d+) MiB", text)
     return int(m.group(1)) * 2**20 if m else 0
 
@@ -118,7 +120,7 @@ def run_stages(config_path: str, result_path: str, num_cpus: int, object_store_m
     # the job's own stages, timed where train_job calls them
     jobs._prepare = timed("prepare", jobs._prepare)
     jobs.fit = timed("train_run", jobs.fit)
-    jobs._validation_errors = timed("threshold", jobs._validation_errors)
+    jobs.validation_errors = timed("threshold", jobs.validation_errors)
     t0 = time.perf_counter()
     summary = jobs.train_job(cfg, overwrite=True)
     times["train_job"] = time.perf_counter() - t0
@@ -146,7 +148,8 @@ def measure(label: str, rows: int, args, work: Path) -> dict[str, Any]:
     gen = generate(data, rows, args.features)
     cfg_path, res_path = work / f"config-{label}.yaml", work / f"result-{label}.json"
     cfg_path.write_text(yaml.safe_dump(job_config(data, work, label)))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))  # a local Ray of its own
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "benchmarks.scale", "--stages", str(cfg_path), "--result", str(res_path),
            "--num-cpus", str(args.num_cpus), "--object-store-mb", str(args.object_store_mb)]
