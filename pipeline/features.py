@@ -13,8 +13,9 @@ class Normalizer:
     """(x - mean) / scale with the stored statistics, on whatever device the model is on."""
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, device: torch.device | str = "cpu"):
-        self.mean = torch.as_tensor(np.asarray(mean, np.float32), device=device)
-        self.inv_scale = 1.0 / torch.as_tensor(np.asarray(scale, np.float32), device=device)
+        # copies: statistics can arrive as read-only arrays (from Ray's object store), which torch warns about
+        self.mean = torch.tensor(np.array(mean, np.float32), device=device)
+        self.inv_scale = 1.0 / torch.tensor(np.array(scale, np.float32), device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) * self.inv_scale

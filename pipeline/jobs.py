@@ -28,7 +28,7 @@ from pipeline.report import scoring_report, training_report
 from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
-from pipeline.score import ScoreResult, check_features_match, score
+from pipeline.score import Lap, ScoreResult, check_features_match, score
 from pipeline.sizing import resolve_model, still_improving
 from pipeline.sketch import error_histogram_of
 from pipeline.storage import Storage, join_uri
@@ -57,6 +57,8 @@ class TrainSummary:
     manifest: dict[str, Any]
     still_improving: Optional[str] = None
     """Set when the run hit its epoch limit with the validation loss still falling (what to raise)."""
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds per phase (checks, ray_start, prepare, training, threshold, artifact_and_report)."""
 
 
 def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
@@ -116,6 +118,8 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
               check_output: bool = False) -> TrainSummary:
     """`check_output`: also check that `output.uri` is writable before training (for train-then-score)."""
     start = time.perf_counter()
+    phases: dict[str, float] = {}
+    lap = Lap(phases)
     storage = storage or Storage(cfg.storage)
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
@@ -125,18 +129,23 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         print(f"[train] model sizes for {spec.num_features} features: "
               f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim} ({', '.join(auto)}: auto)",
               flush=True)
+    lap("checks")
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
+    lap("ray_start")  # ~0 when the job has its Ray already (a cluster)
     cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
     check_shared_storage(cfg, ("data.input", "artifacts.uri") + (("output.uri",) if check_output else ()))
     stall_s = cfg.train.stall_timeout_s
     with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
         prep = _prepare(cfg, storage, spec)
+    lap("prepare")
     mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
 
     with watch(stall_s, "training", training_phase(cfg)):
         result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
+    lap("training")
     with watch(stall_s, "validation", data_phase(cfg, "the validation pass")):
         sketch = validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+    lap("threshold")
     if sketch.rows == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
     feat_err = sketch.sq_sum / sketch.rows
@@ -178,15 +187,21 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     report = join_uri(run_uri, "report.html")
     storage.write_bytes(report, training_report(manifest, sketch.sample, *validation_projection(
         cfg, storage, spec, manifest, model), val_rows=sketch.rows).encode())
+    lap("artifact_and_report")
     print(f"[train] report: {report}", flush=True)
     print(f"[train] model {manifest['model_version']} written to {model_dir(run_uri)} "
           f"(threshold {threshold:.5f} = q{q} of {sketch.rows} validation errors)", flush=True)
+    steps = sum(h["step_seconds"] for h in hist)
+    print(f"[train] done in {time.perf_counter() - start:.1f}s ("
+          + ", ".join(f"{k} {v:.1f}s" + (f" ({len(hist)} epochs, {steps:.1f}s in training steps)"
+                                          if k == "training" else "") for k, v in phases.items()) + ")",
+          flush=True)
     return TrainSummary(run_uri=run_uri, model_version=manifest["model_version"], train_rows=prep["train_rows"],
                         validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],
                         best_val_loss=result.best_val_loss, final_train_loss=hist[-1]["train_loss"],
                         threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest,
-                        still_improving=metrics["still_improving"])
+                        still_improving=metrics["still_improving"], phases=phases)
 
 
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,

@@ -349,7 +349,7 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     """Score every input row with the model at `model_run_uri`; publish to `output_uri` atomically."""
     start = time.perf_counter()
     phases: dict[str, float] = {}
-    lap = _Lap(phases)
+    lap = Lap(phases)
     as_of = as_of or dt.datetime.now(dt.timezone.utc)
     spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
     manifest = read_manifest(storage, model_run_uri)
@@ -398,7 +398,7 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
                        time.perf_counter() - start, files, phases)
 
 
-class _Lap:
+class Lap:
     """Records the seconds since the previous lap under a phase name."""
 
     def __init__(self, into: dict[str, float]):
