@@ -375,7 +375,9 @@ def measure_training_end_to_end(bc: BenchConfig, storage: Storage, uris: dict[st
                           "epochs": len(hist), "rows": bc.e2e_rows[label],
                           "per_epoch_fixed_seconds": _median([float(h["fixed_seconds"]) for h in hist]),
                           "fixed_seconds": [float(h["fixed_seconds"]) for h in hist],
-                          "epoch_seconds": [float(h["epoch_seconds"]) for h in hist]}
+                          "epoch_seconds": [float(h["epoch_seconds"]) for h in hist],
+                          "step_seconds": sum(float(h["step_seconds"]) for h in hist),
+                          "phases": summary.phases}
         print(f"[bench] training end to end {label} ({r['rows']:,} rows, {r['epochs']} epochs): pipeline "
               f"{pipe:.1f}s, plain script {base:.1f}s ({r['ratio']:.2f}), fixed cost "
               f"{r['per_epoch_fixed_seconds']:.2f}s an epoch", flush=True)
@@ -579,7 +581,8 @@ def limits(results: dict[str, Any]) -> dict[str, str]:
                 f"{r['per_epoch_fixed_seconds']:.2f}s an epoch (target <= {TARGETS['per_epoch_fixed_seconds']}): "
                 f"{r['pipeline_seconds'] - r['baseline_seconds']:.1f}s more than the plain script over "
                 f"{r['epochs']} epochs, of which {r['epochs'] * r['per_epoch_fixed_seconds']:.1f}s per-epoch fixed "
-                "cost; the rest is per-job (Ray start, input checks, the moments pass, the artifact)")
+                f"cost; the job's phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.get("phases", {}).items())
+                + f" (training steps {r.get('step_seconds', 0):.1f}s)")
     m = results["memory"]["ratio"]
     if m > TARGETS["memory"]:
         out["memory"] = f"ratio {m:.2f} > target {TARGETS['memory']}"
