@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -170,15 +170,16 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
                      columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1])
 
 
-def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> list[str]:
-    """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns`."""
+def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> Union[str, list[str]]:
+    """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
+    input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
+    left is the vector form."""
     skip = set(data.id_columns) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
-    unknown = [c for c in data.exclude_columns if schema.get_field_index(c) < 0]
-    if unknown:
-        raise InputError(f"file {f_uri}: data.exclude_columns names {unknown}, not columns of the input")
     cols = [name for name in schema.names if name not in skip]
     if not cols:
         raise InputError(f"file {f_uri}: data.features auto: no columns left besides ids, timestamp and exclusions")
+    if len(cols) == 1 and _is_list(schema.field(cols[0]).type):
+        return cols[0]
     return cols
 
 
