@@ -416,7 +416,7 @@ class Featurizer:
                                        and c.family in ("float", "integer"))
             if not same:
                 raise InputError(f"{where}: column {c.name!r} is {t} ({fam or 'unsupported'}), but the model was "
-                                 f"trained on a {c.family} column")
+                                 f"trained on it as {c.family}")
 
     def matrix(self, table: pa.Table, missing_policy: str,
                nan_policy: str) -> tuple[np.ndarray, np.ndarray, Optional[list[str]], np.ndarray]:

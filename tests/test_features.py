@@ -161,7 +161,7 @@ def test_manifest_round_trip_and_type_changes_name_the_column():
     fz.check_types(t.schema, "in")  # float32 vs float64 and int vs float are all numbers: fine
     changed = t.set_column(t.schema.get_field_index("items"), "items", pa.array([str(i) for i in range(2000)]))
     with pytest.raises(InputError, match=r"^in: column 'items' is string \(string\), but the model was trained "
-                                         "on a integer column$"):
+                                         "on it as integer$"):
         fz.check_types(changed.schema, "in")
 
 
