@@ -105,8 +105,8 @@ def featurizer_of(manifest: dict[str, Any]) -> Featurizer:
     """The manifest's typed `features` section (every reader goes through this, not through its keys)."""
     if "features" in manifest:
         return Featurizer.from_dict(manifest["features"])
-    norm = manifest["normalization"]
     names = list(manifest["feature_names"])
+    norm = manifest.get("normalization") or {"mean": [0.0] * len(names), "scale": [1.0] * len(names)}
     vector = names[0].rsplit("[", 1)[0] if names and names[0].endswith("]") else None
     return Featurizer.numeric(names, norm["mean"], norm["scale"], vector=vector)
 
