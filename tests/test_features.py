@@ -207,3 +207,21 @@ def test_split_and_stats_do_not_depend_on_the_fitted_statistics_without_ids():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SplitFeatures(data, 0, "validation", fz)(t)
+
+
+def test_kinds_and_rules_without_a_softmax_head_refuse_categoricals_with_one_line():
+    from pipeline.config import load_config
+    from pipeline.data import InputSpec
+    from pipeline.errors import ConfigError
+    from pipeline.features import ColumnRole
+    from pipeline.jobs import check_categoricals
+
+    spec = InputSpec("in", ["in/a"], ["a", "c"], 10, ["a", "c"],
+                     roles=[ColumnRole("a", "numeric", "float"), ColumnRole("c", "categorical", "string")])
+    check_categoricals(load_config(None, []), spec)  # dense with backprop takes them
+    for overrides, key in [(["train.algorithm=recirculation", "model.hidden_dims=[]"], "train.algorithm"),
+                           (["model.kind=variational"], "model.kind")]:
+        with pytest.raises(ConfigError, match=rf"^config {key}: .* numeric columns only; \['c'\] are categorical"):
+            check_categoricals(load_config(None, overrides), spec)
+    numeric = InputSpec("in", ["in/a"], ["a"], 10, ["a"], roles=[ColumnRole("a", "numeric", "float")])
+    check_categoricals(load_config(None, ["model.kind=variational"]), numeric)
