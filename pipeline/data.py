@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import AUTO, DataSection
 from pipeline.errors import InputError, StorageError
-from pipeline.features import ColumnMoments, ColumnRole, Featurizer, LevelCounts, TableStats, column_roles, counter_capacity
+from pipeline.features import (ColumnMoments, ColumnRole, Featurizer, LevelCounts, TableStats, column_roles,
+                               counter_capacity)
 from pipeline.storage import Storage, map_io, normalize_uri, scheme_of
 from pipeline.watchdog import beating
 
@@ -214,8 +215,8 @@ def feature_matrix(table: pa.Table, data: DataSection, num_features: int) -> np.
             bad = np.flatnonzero(lengths != num_features)
             if bad.size:
                 raise InputError(
-                    f"file {source_of(table, lengths != num_features)}: column {col!r} has {bad.size} vectors whose length is not "
-                    f"{num_features} (e.g. {int(lengths[bad[0]])})")
+                    f"file {source_of(table, lengths != num_features)}: column {col!r} has {bad.size} vectors whose "
+                    f"length is not {num_features} (e.g. {int(lengths[bad[0]])})")
         elif arr.type.list_size != num_features:
             raise InputError(f"file {source_of(table)}: column {col!r} has vectors of length "
                              f"{arr.type.list_size}, expected {num_features}")

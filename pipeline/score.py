@@ -8,9 +8,10 @@ staged rejected rows equal the input's rows does `publish` swap the files into `
 `_SUCCESS` (with the counts) last. Readers take a directory only once `_SUCCESS` is there; `_`-prefixed
 paths are hidden from them. A crash before `publish` leaves the published location as it was.
 
-Rejects (data.nan_policy=drop, data.missing=drop): rows with NaN/infinite (or missing) features are not scored; they are written, with the
-id columns, raw features, `source_file` and `reason`, to `<output>/_rejects/` (published with the output,
-hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as `rejected_rows`.
+Rejects (data.nan_policy=drop, data.missing=drop): rows with infinite (or missing) features are not scored;
+they are written, with the id columns, raw features, `source_file` and `reason`, to `<output>/_rejects/`
+(published with the output, hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as
+`rejected_rows`.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         fz = loaded.featurizer
-        self.featurizer = None if fz.vector else fz  # a vector column: the float matrix as it is
+        self.featurizer = None if fz.vector or data.vector_column else fz  # a vector: the float matrix as it is
         self.normalizer = Normalizer(fz.offset, fz.scale, self.device)
         self.n_features = fz.width
         self.names = fz.names

@@ -83,7 +83,8 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
     assert t.train_rows + t.validation_rows == ROWS and t.rejected_rows == 0
     manifest = t.manifest
     assert manifest["feature_names"] == NUMERIC + CATEGORICAL  # data.features auto, in the input's order
-    roles = {c["name"]: (c["role"], c.get("indicator"), len(c.get("levels", []))) for c in manifest["features"]["columns"]}
+    roles = {c["name"]: (c["role"], c.get("indicator"), len(c.get("levels", [])))
+             for c in manifest["features"]["columns"]}
     assert roles["account_age_days"] == ("numeric", True, 0) and roles["amount"] == ("numeric", False, 0)
     assert roles["currency"][0] == roles["card_present"][0] == "categorical" and roles["card_present"][2] == 2
     assert roles["merchant"][2] == 64  # 300 merchants: the 64 most frequent, the rest `other`
