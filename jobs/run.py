@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             if ev:
                 lines.append(f"planted truth    AUROC {ev['auroc']:.3f}, precision {ev['precision']:.3f}, "
                              f"recall {ev['recall']:.3f} ({ev['planted']} planted)")
+                for kind, a in ev.get("auroc_by_kind", {}).items():
+                    lines.append(f"  {kind + '-only':<14} AUROC {a:.3f} (planted rows only these columns reveal)")
         print("\n".join(lines), flush=True)
 
     return run_main(_run)

@@ -1,8 +1,9 @@
 """The model artifact under `artifacts.uri/<run.name>/model/`: weights plus a manifest that scoring needs.
 
     model/weights.safetensors   the best epoch's weights (safetensors: loading runs no code)
-    model/manifest.json         config, feature names and order, normalization statistics, threshold,
-                                metrics, library versions, and the weights' sha256 (checked on load)
+    model/manifest.json         config, feature names and order, the featurizer (`features`: each column's
+                                role, normalization, levels), threshold, metrics, library versions, and
+                                the weights' sha256 (checked on load)
 
 The manifest is written last, so a model directory without one is incomplete and is never loaded.
 """
@@ -21,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline.errors import ArtifactError, StorageError
+from pipeline.features import Featurizer
 from pipeline.kinds import build_model
 from pipeline.models import Autoencoder
 from pipeline.storage import Storage, join_uri
@@ -82,6 +84,11 @@ class LoadedModel:
         return np.asarray(self.manifest["normalization"]["scale"], dtype=np.float32)
 
     @property
+    def featurizer(self) -> Featurizer:
+        """The input's featurizer; a manifest from before categoricals: its numeric features, as they were."""
+        return featurizer_of(self.manifest)
+
+    @property
     def threshold(self) -> float:
         return float(self.manifest["threshold"])
 
@@ -92,6 +99,16 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return str(self.manifest["model_version"])
+
+
+def featurizer_of(manifest: dict[str, Any]) -> Featurizer:
+    """The manifest's typed `features` section (every reader goes through this, not through its keys)."""
+    if "features" in manifest:
+        return Featurizer.from_dict(manifest["features"])
+    names = list(manifest["feature_names"])
+    norm = manifest.get("normalization") or {"mean": [0.0] * len(names), "scale": [1.0] * len(names)}
+    vector = names[0].rsplit("[", 1)[0] if names and names[0].endswith("]") else None
+    return Featurizer.numeric(names, norm["mean"], norm["scale"], vector=vector)
 
 
 def read_manifest(storage: Storage, run_uri: str) -> dict[str, Any]:
@@ -121,7 +138,7 @@ def load_artifact(storage: Storage, run_uri: str, device: str | torch.device = "
         raise ArtifactError(f"model {w_uri}: checksum does not match the manifest (tampered or foreign weights)")
     try:
         state = st_load(blob)
-        model = build_model(manifest["n_features"], **manifest["model"])
+        model = build_model(manifest["n_features"], layout=featurizer_of(manifest).layout(), **manifest["model"])
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - any failure here means the artifact does not fit its manifest
         raise ArtifactError(f"model {w_uri}: weights do not fit the manifest's model ({e.__class__.__name__})") \

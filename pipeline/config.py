@@ -46,7 +46,21 @@ class DataSection:
     input: str = "data/sample"
     """URI prefix or local path of the Parquet shards (s3://bucket/prefix, other fsspec URIs, or a path)."""
     features: Union[str, list[str]] = "features"
-    """One column of float vectors (list<float> or fixed_size_list<float>), or a list of numeric columns."""
+    """One column of float vectors (list<float> or fixed_size_list<float>); a list of columns of any supported
+    type (numeric, string, dictionary, boolean); or `auto`: every column but the id, timestamp and excluded
+    ones. A column's role comes from its Arrow type (README, Column roles)."""
+    exclude_columns: list[str] = field(default_factory=list)
+    """With `features: auto`: columns that are not features either (labels, free text, raw timestamps)."""
+    categorical_columns: list[str] = field(default_factory=list)
+    """Integer columns to take as categories (codes) rather than numbers; strings, dictionaries and booleans
+    are categorical anyway."""
+    missing: Literal["impute", "error", "drop"] = "impute"
+    """Nulls (and NaN in float columns) in scalar feature columns: `impute` fills a numeric one with its training
+    mean and adds a missing-indicator input where training saw any, and gives a categorical its own `missing`
+    level; `error` stops the job; `drop` skips the row (counted, written to the rejects table)."""
+    max_categories: int = 64
+    """Levels one-hot encoded per categorical column: the most frequent in training; rarer and unseen levels
+    share an `other` level."""
     id_columns: list[str] = field(default_factory=lambda: ["id"])
     """Columns copied unchanged to the output; also hashed for the train/validation split."""
     timestamp_column: Optional[str] = None
@@ -54,24 +68,37 @@ class DataSection:
     validation_fraction: float = 0.1
     """Share of rows held out for validation (chosen by hashing the id columns, stable across reruns)."""
     nan_policy: Literal["error", "drop"] = "error"
-    """Rows with NaN/inf features: `error` stops the job; `drop` counts them and writes a rejects table."""
+    """Rows with infinite features (and NaN in a vector column): `error` stops the job; `drop` counts them and
+    writes a rejects table. NaN and nulls in scalar columns follow `data.missing`."""
 
     def __post_init__(self) -> None:
         _check(bool(self.input), "data.input", "must be set")
         if isinstance(self.features, list):
             _check(len(self.features) > 0, "data.features", "an empty list of columns")
             _check(len(set(self.features)) == len(self.features), "data.features", "duplicate column names")
+        _check(self.max_categories >= 1, "data.max_categories", f"{self.max_categories} must be >= 1")
+        if isinstance(self.features, list):
+            stray = [c for c in self.categorical_columns if c not in self.features]
+            _check(not stray, "data.categorical_columns", f"{stray} are not in data.features")
         _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
                f"{self.validation_fraction} must be in (0, 1)")
 
     @property
     def feature_columns(self) -> list[str]:
+        """The feature columns; with `auto`, only known once the input's schema is read (InputSpec.data)."""
+        if self.features == AUTO:
+            raise ValueError("data.features: auto is resolved from the input's schema (pipeline.data.inspect_input)")
         return [self.features] if isinstance(self.features, str) else list(self.features)
+
+    @property
+    def drops_rows(self) -> bool:
+        """Bad rows are skipped into a rejects table (data.nan_policy or data.missing is `drop`)."""
+        return self.nan_policy == "drop" or self.missing == "drop"
 
     @property
     def vector_column(self) -> bool:
         """True when the features are one list-typed column rather than several scalar columns."""
-        return isinstance(self.features, str)
+        return isinstance(self.features, str) and self.features != AUTO
 
 
 @dataclass

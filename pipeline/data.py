@@ -10,9 +10,10 @@ worker counts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -20,8 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import DataSection
+from pipeline.config import AUTO, DataSection
 from pipeline.errors import InputError, StorageError
+from pipeline.features import (ColumnMoments, ColumnRole, Featurizer, LevelCounts, TableStats, column_roles,
+                               counter_capacity)
 from pipeline.storage import Storage, map_io, normalize_uri, scheme_of
 from pipeline.watchdog import beating
 
@@ -41,10 +44,21 @@ class InputSpec:
     columns: list[str]
     """Columns to read: features, ids and timestamp."""
     file_rows: dict[str, int] = field(default_factory=dict)
+    data: Optional[DataSection] = None
+    """The data section with `features: auto` resolved to the input's columns."""
+    roles: list[ColumnRole] = field(default_factory=list)
+    """Scalar feature columns: each one's role (numeric, categorical) and type family; empty for a vector."""
+    schema: Optional[pa.Schema] = None
+    """The first file's schema (every file has the same types in the columns read)."""
 
     @property
     def num_features(self) -> int:
         return len(self.feature_names)
+
+    @property
+    def featurizer(self) -> Optional[Featurizer]:
+        """The scalar columns' featurizer before the prepare pass fits it; None for a vector column."""
+        return Featurizer.unfitted(self.roles) if self.roles else None
 
 
 def _is_numeric(t: pa.DataType) -> bool:
@@ -101,6 +115,8 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
 
     footers = map_io(lambda u: _read_footer(storage, u), files)
 
+    if data.features == AUTO:
+        data = dataclasses.replace(data, features=auto_features(data, footers[0][1], footers[0][0]))
     feature_cols = data.feature_columns
     required = list(dict.fromkeys(feature_cols + data.id_columns
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
@@ -122,8 +138,8 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
             if data.vector_column:
                 if not (_is_list(t) and _is_numeric(t.value_type)):
                     raise InputError(f"file {f_uri}: feature column {col!r} is {t}, expected a list of floats")
-            elif not _is_numeric(t):
-                raise InputError(f"file {f_uri}: feature column {col!r} is {t}, expected a numeric type")
+        roles = [] if data.vector_column else column_roles(schema, feature_cols, data.categorical_columns,
+                                                           f"file {f_uri}")
         if data.timestamp_column:
             t = schema.field(data.timestamp_column).type
             if not (pa.types.is_timestamp(t) or pa.types.is_date(t)):
@@ -152,13 +168,26 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     else:
         names = list(feature_cols)
     return InputSpec(uri=uri, files=list(files), feature_names=names, num_rows=num_rows,
-                     columns=required, file_rows=file_rows)
+                     columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1])
+
+
+def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> Union[str, list[str]]:
+    """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
+    input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
+    left is the vector form."""
+    skip = set(data.id_columns) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
+    cols = [name for name in schema.names if name not in skip]
+    if not cols:
+        raise InputError(f"file {f_uri}: data.features auto: no columns left besides ids, timestamp and exclusions")
+    if len(cols) == 1 and _is_list(schema.field(cols[0]).type):
+        return cols[0]
+    return cols
 
 
 # ------------------------------------------------------------------------------------------ batches
 
 
-def _source_of(table: pa.Table, rows: Optional[np.ndarray] = None) -> str:
+def source_of(table: pa.Table, rows: Optional[np.ndarray] = None) -> str:
     """The shard(s) of a batch, or of the rows selected by the boolean mask `rows` (the offending ones)."""
     if PATH_COLUMN in table.column_names and table.num_rows:
         col = table.column(PATH_COLUMN)
@@ -180,20 +209,20 @@ def feature_matrix(table: pa.Table, data: DataSection, num_features: int) -> np.
         arr = table.column(col)
         arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
         if arr.null_count:
-            raise InputError(f"file {_source_of(table)}: column {col!r} has {arr.null_count} null vectors")
+            raise InputError(f"file {source_of(table)}: column {col!r} has {arr.null_count} null vectors")
         if not pa.types.is_fixed_size_list(arr.type):
             lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
             bad = np.flatnonzero(lengths != num_features)
             if bad.size:
                 raise InputError(
-                    f"file {_source_of(table, lengths != num_features)}: column {col!r} has {bad.size} vectors whose length is not "
-                    f"{num_features} (e.g. {int(lengths[bad[0]])})")
+                    f"file {source_of(table, lengths != num_features)}: column {col!r} has {bad.size} vectors whose "
+                    f"length is not {num_features} (e.g. {int(lengths[bad[0]])})")
         elif arr.type.list_size != num_features:
-            raise InputError(f"file {_source_of(table)}: column {col!r} has vectors of length "
+            raise InputError(f"file {source_of(table)}: column {col!r} has vectors of length "
                              f"{arr.type.list_size}, expected {num_features}")
         values = arr.flatten()
         if values.null_count:
-            raise InputError(f"file {_source_of(table)}: column {col!r} has {values.null_count} null values")
+            raise InputError(f"file {source_of(table)}: column {col!r} has {values.null_count} null values")
         if values.type != pa.float32():
             values = values.cast(pa.float32())
         return values.to_numpy(zero_copy_only=False).reshape(n, num_features)
@@ -201,7 +230,7 @@ def feature_matrix(table: pa.Table, data: DataSection, num_features: int) -> np.
     for j, col in enumerate(data.feature_columns):
         c = table.column(col)
         if c.null_count:
-            raise InputError(f"file {_source_of(table)}: column {col!r} has {c.null_count} null values")
+            raise InputError(f"file {source_of(table)}: column {col!r} has {c.null_count} null values")
         out[:, j] = c.to_numpy()
     return out
 
@@ -230,7 +259,8 @@ def row_hash(table: pa.Table, id_columns: list[str], features: Optional[np.ndarr
             h = _splitmix64(h ^ part)
         return h
     assert features is not None, "without id columns the split hashes the features"
-    u = np.ascontiguousarray(features, dtype=np.float32).view(np.uint32)
+    # float features hash by their bits; Featurizer.hash_parts hands over uint32 already
+    u = features if features.dtype == np.uint32 else np.ascontiguousarray(features, dtype=np.float32).view(np.uint32)
     for j in range(u.shape[1]):
         h = _splitmix64(h ^ u[:, j].astype(np.uint64))
     return h
@@ -253,7 +283,7 @@ def check_finite(table: pa.Table, x: np.ndarray, data: DataSection) -> np.ndarra
     if data.nan_policy == "error" and not ok.all():
         bad_cols = np.flatnonzero(~np.isfinite(x).all(axis=0))
         col = data.feature_columns[0] if data.vector_column else data.feature_columns[int(bad_cols[0])]
-        raise InputError(f"file {_source_of(table, ~ok)}: column {col!r} has {int((~ok).sum())} rows with NaN or "
+        raise InputError(f"file {source_of(table, ~ok)}: column {col!r} has {int((~ok).sum())} rows with NaN or "
                          "infinite values (set data.nan_policy=drop to skip them)")
     return ok
 
@@ -262,10 +292,14 @@ def feature_name(data: DataSection, j: int) -> str:
     return f"{data.feature_columns[0]}[{j}]" if data.vector_column else data.feature_columns[j]
 
 
-def rejects_table(table: pa.Table, x: np.ndarray, keep: np.ndarray, data: DataSection) -> pa.Table:
-    """The rows `keep` drops: id columns, raw features, the shard they came from and why they were dropped."""
+def rejects_table(table: pa.Table, x: np.ndarray, keep: np.ndarray, data: DataSection,
+                  reasons: Optional[list[str]] = None) -> pa.Table:
+    """The rows `keep` drops: id columns, raw features, the shard they came from and why they were dropped
+    (`reasons`, one per dropped row, or the first non-finite feature of `x`)."""
     idx = np.flatnonzero(~keep)
-    first_bad = (~np.isfinite(x[idx])).argmax(axis=1)
+    if reasons is None:
+        reasons = [f"NaN or infinite value in {feature_name(data, int(j))}"
+                   for j in (~np.isfinite(x[idx])).argmax(axis=1)]
     take = pa.array(idx)
     cols: dict[str, Any] = {c: table.column(c).take(take) for c in data.id_columns}
     for c in data.feature_columns:
@@ -274,8 +308,7 @@ def rejects_table(table: pa.Table, x: np.ndarray, keep: np.ndarray, data: DataSe
         cols[REJECT_SOURCE] = table.column(PATH_COLUMN).take(take)
     else:
         cols[REJECT_SOURCE] = pa.array(["input"] * len(idx), pa.string())
-    cols[REJECT_REASON] = pa.array([f"NaN or infinite value in {feature_name(data, int(j))}" for j in first_bad],
-                                   pa.string())
+    cols[REJECT_REASON] = pa.array(reasons, pa.string())
     return pa.table(cols)
 
 
@@ -300,9 +333,37 @@ class RejectWriter:
     def __init__(self, storage: Storage, dir_uri: str, data: DataSection):
         self.storage, self.dir_uri, self.data = storage, dir_uri, data
 
-    def __call__(self, table: pa.Table, x: np.ndarray, keep: np.ndarray) -> None:
+    def __call__(self, table: pa.Table, x: np.ndarray, keep: np.ndarray, reasons: Optional[list[str]] = None) -> None:
         if not keep.all():
-            write_rejects(self.storage, self.dir_uri, rejects_table(table, x, keep, self.data))
+            write_rejects(self.storage, self.dir_uri, rejects_table(table, x, keep, self.data, reasons))
+
+
+@dataclass
+class Rows:
+    """One batch as the model's input: its raw slots, which rows to keep (and why not), what the split hashes."""
+
+    x: np.ndarray
+    """(rows, slots) float32, every row of the batch (normalize with the featurizer's offset and scale)."""
+    keep: np.ndarray
+    """Rows without bad values (the others are rejected, or raised on, per data.missing / data.nan_policy)."""
+    reasons: Optional[list[str]] = None
+    """Why each dropped row was dropped (None: none dropped, or the first non-finite slot of a vector)."""
+    split_key: Optional[np.ndarray] = None
+    """What validation_mask hashes without id columns."""
+    raw: Optional[np.ndarray] = None
+    """Scalar columns: the numeric columns' raw values, NaN where missing (the prepare pass's statistics)."""
+
+
+def batch_rows(table: pa.Table, data: DataSection, num_features: int, featurizer: Optional[Featurizer]) -> Rows:
+    """The model's input for one Arrow batch: a vector column (or plain numeric columns without a featurizer)
+    as before, scalar columns of any role through the featurizer."""
+    if featurizer is None or featurizer.vector:
+        x = feature_matrix(table, data, num_features)
+        return Rows(x, check_finite(table, x, data), split_key=x)
+    x, keep, reasons, raw = featurizer.matrix(table, data.missing, data.nan_policy)
+    # the raw values, not x: the prepare pass splits before there are statistics to impute with
+    key = None if data.id_columns else featurizer.hash_parts(table, raw)
+    return Rows(x, keep, reasons, key, raw)
 
 
 def to_fixed_size_list(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -313,18 +374,17 @@ def to_fixed_size_list(x: np.ndarray) -> pa.FixedSizeListArray:
 class SplitFeatures:
     """Ray Data UDF: raw Arrow batch -> one `x` column (fixed_size_list<float32>) for one split."""
 
-    def __init__(self, data: DataSection, num_features: int, split: str):
+    def __init__(self, data: DataSection, num_features: int, split: str, featurizer: Optional[Featurizer] = None):
         assert split in ("train", "validation", "all")
-        self.data, self.num_features, self.split = data, num_features, split
+        self.data, self.num_features, self.split, self.featurizer = data, num_features, split, featurizer
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        x = feature_matrix(table, self.data, self.num_features)
-        keep = check_finite(table, x, self.data)
+        rows = batch_rows(table, self.data, self.num_features, self.featurizer)
+        keep = rows.keep
         if self.split != "all":
-            val = validation_mask(table, self.data, x)
+            val = validation_mask(table, self.data, rows.split_key)
             keep = keep & (val if self.split == "validation" else ~val)
-        x = x[keep]
-        return pa.table({"x": to_fixed_size_list(x)})
+        return pa.table({"x": to_fixed_size_list(rows.x[keep])})
 
 
 # ------------------------------------------------------------------------------------------ moments
@@ -374,12 +434,17 @@ def normalization_stats(m: Moments) -> tuple[np.ndarray, np.ndarray]:
 
 
 class BatchMoments:
-    """Ray Data UDF: one row of partial statistics per batch (train rows), plus split and reject counts."""
+    """Ray Data UDF: one row of partial statistics per batch (train rows), plus split and reject counts.
 
-    def __init__(self, data: DataSection, num_features: int, on_reject: Optional[RejectWriter] = None):
-        self.data, self.num_features, self.on_reject = data, num_features, on_reject
+    With a (not yet fitted) featurizer, the statistics are the scalar columns' TableStats (JSON in `stats`)."""
+
+    def __init__(self, data: DataSection, num_features: int, on_reject: Optional[RejectWriter] = None,
+                 featurizer: Optional[Featurizer] = None):
+        self.data, self.num_features, self.on_reject, self.featurizer = data, num_features, on_reject, featurizer
 
     def __call__(self, table: pa.Table) -> dict[str, Any]:
+        if self.featurizer is not None:
+            return self._table_stats(table)
         x = feature_matrix(table, self.data, self.num_features)
         keep = check_finite(table, x, self.data)
         if self.on_reject is not None:
@@ -393,6 +458,37 @@ class BatchMoments:
             "n_val": np.array([int((keep & val).sum())], dtype=np.int64),
             "n_rejected": np.array([int((~keep).sum())], dtype=np.int64),
         }
+
+
+    def _table_stats(self, table: pa.Table) -> dict[str, Any]:
+        fz, data = self.featurizer, self.data
+        rows = batch_rows(table, data, self.num_features, fz)
+        if self.on_reject is not None:
+            self.on_reject(table, rows.x, rows.keep, rows.reasons)
+        val = validation_mask(table, data, rows.split_key)
+        train = rows.keep & ~val
+        cap = counter_capacity(data.max_categories)
+        xnum = rows.raw[train]
+        stats = TableStats(ColumnMoments.of(xnum), np.isnan(xnum).sum(axis=0).astype(np.int64),
+                           [LevelCounts.of(table.column(c.name).filter(pa.array(train)), cap)
+                            for c in fz.categorical_columns])
+        return {
+            "n": np.array([int(train.sum())], dtype=np.int64),
+            "stats": np.array([stats.to_json()], dtype=object),
+            "n_val": np.array([int((rows.keep & val).sum())], dtype=np.int64),
+            "n_rejected": np.array([int((~rows.keep).sum())], dtype=np.int64),
+        }
+
+
+def merge_table_rows(rows: Iterable[dict[str, Any]], featurizer: Featurizer,
+                     max_categories: int) -> tuple[TableStats, int, int, int]:
+    """(merged statistics, train rows, validation rows, rejected rows) from BatchMoments' rows."""
+    total = TableStats.empty(len(featurizer.numeric_columns), len(featurizer.categorical_columns))
+    n = n_val = n_rej = 0
+    for r in rows:
+        total = total.merge(TableStats.from_json(str(r["stats"])), counter_capacity(max_categories))
+        n, n_val, n_rej = n + int(r["n"]), n_val + int(r["n_val"]), n_rej + int(r["n_rejected"])
+    return total, n, n_val, n_rej
 
 
 def merge_moment_rows(rows: Iterable[dict[str, Any]], num_features: int) -> tuple[Moments, int, int]:
@@ -437,16 +533,28 @@ def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num
         ctx.use_datasource_v2 = prev
 
 
-def compute_moments(spec: InputSpec, data: DataSection, storage: Storage,
-                    rejects_uri: Optional[str] = None) -> tuple[Moments, int, int]:
-    """One distributed pass: normalization moments of the training rows, validation and reject counts.
-
-    With `rejects_uri` (and nan_policy=drop), the dropped rows are written there with the reason."""
-    on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri and data.nan_policy == "drop" else None
-    ds = read_dataset(spec, storage).map_batches(BatchMoments(data, spec.num_features, on_reject),
+def _moment_rows(spec: InputSpec, data: DataSection, storage: Storage, rejects_uri: Optional[str],
+                 featurizer: Optional[Featurizer]) -> list[dict[str, Any]]:
+    on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri and data.drops_rows else None
+    ds = read_dataset(spec, storage).map_batches(BatchMoments(data, spec.num_features, on_reject, featurizer),
                                                  batch_format="pyarrow", batch_size=None)
     rows = []
     for batch in beating(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i in range(len(batch["n"])):
             rows.append({k: batch[k][i] for k in batch})
-    return merge_moment_rows(rows, spec.num_features)
+    return rows
+
+
+def compute_moments(spec: InputSpec, data: DataSection, storage: Storage,
+                    rejects_uri: Optional[str] = None) -> tuple[Moments, int, int]:
+    """One distributed pass over a vector column: normalization moments of the training rows, validation and
+    reject counts. With `rejects_uri` (and nan_policy=drop), the dropped rows are written there with the reason."""
+    return merge_moment_rows(_moment_rows(spec, data, storage, rejects_uri, None), spec.num_features)
+
+
+def compute_table_stats(spec: InputSpec, data: DataSection, storage: Storage,
+                        rejects_uri: Optional[str] = None) -> tuple[TableStats, int, int, int]:
+    """The same pass over scalar columns of any role: (TableStats, train, validation, rejected rows)."""
+    fz = spec.featurizer
+    assert fz is not None, "a vector column goes through compute_moments"
+    return merge_table_rows(_moment_rows(spec, data, storage, rejects_uri, fz), fz, data.max_categories)

@@ -19,8 +19,9 @@ import pyarrow as pa
 from pipeline.artifacts import MANIFEST, model_dir, read_manifest, save_artifact
 from pipeline.cluster import connect
 from pipeline.config import AUTO, Config
-from pipeline.data import InputSpec, compute_moments, inspect_input, normalization_stats
+from pipeline.data import InputSpec, compute_moments, compute_table_stats, inspect_input, normalization_stats
 from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.features import Featurizer
 from pipeline.kinds import build_model
 from pipeline.metrics import output_error_counts
 from pipeline.multinode import check_shared_storage
@@ -28,7 +29,7 @@ from pipeline.report import scoring_report, training_report
 from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
-from pipeline.score import Lap, ScoreResult, check_features_match, score
+from pipeline.score import Lap, ScoreResult, check_features_match, for_model, score
 from pipeline.sizing import resolve_model, still_improving
 from pipeline.sketch import error_histogram_of
 from pipeline.storage import Storage, join_uri
@@ -64,9 +65,11 @@ class TrainSummary:
 def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     """Normalization statistics and split counts; stored with the run so a resumed run reuses them."""
     uri = join_uri(cfg.run_uri, PREPARE)
+    data = spec.data or cfg.data
     key = {"input": spec.uri, "num_rows": spec.num_rows, "features": spec.feature_names,
-           "validation_fraction": cfg.data.validation_fraction, "id_columns": cfg.data.id_columns,
-           "nan_policy": cfg.data.nan_policy}
+           "validation_fraction": data.validation_fraction, "id_columns": data.id_columns,
+           "nan_policy": data.nan_policy, "missing": data.missing, "max_categories": data.max_categories,
+           "roles": [[r.name, r.role, r.family] for r in spec.roles]}
     if storage.exists(uri):
         prev = storage.read_json(uri)
         if prev.get("key") == key:
@@ -75,14 +78,22 @@ def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     rejects_uri = join_uri(cfg.run_uri, REJECTS)
     storage.delete_dir(rejects_uri)  # a recomputed pass rewrites them all
-    moments, n_val, n_rej = compute_moments(spec, cfg.data, storage, rejects_uri)
-    if moments.n == 0:
+    if spec.featurizer is None:  # one vector column
+        moments, n_val, n_rej = compute_moments(spec, data, storage, rejects_uri)
+        n_train = moments.n
+        mean, scale = normalization_stats(moments)
+        featurizer = Featurizer.numeric(spec.feature_names, mean, scale, vector=data.feature_columns[0])
+    else:  # scalar columns: numeric moments, nulls and categorical levels from the same pass
+        stats, n_train, n_val, n_rej = compute_table_stats(spec, data, storage, rejects_uri)
+        offset, scale = normalization_stats(stats.numeric)
+        featurizer = spec.featurizer.fit(stats, offset, scale, data.max_categories, data.missing)
+    if n_train == 0:
         raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
-    mean, scale = normalization_stats(moments)
-    prep = {"key": key, "mean": mean.tolist(), "scale": scale.tolist(), "train_rows": moments.n,
+    prep = {"key": key, "mean": featurizer.offset.tolist(), "scale": featurizer.scale.tolist(),
+            "features": featurizer.to_dict(), "train_rows": n_train,
             "validation_rows": n_val, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}
     storage.write_json(uri, prep)
-    print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {moments.n} train, {n_val} validation, "
+    print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {n_train} train, {n_val} validation, "
           f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s", flush=True)
     return prep
 
@@ -102,16 +113,32 @@ def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: 
     if output:
         storage.check_writable(cfg.output.uri)
     spec = inspect_input(cfg.data, storage)
-    table_model(cfg, spec)  # checks explicit sizes against the input's width
+    check_categoricals(cfg, spec)
+    if not any(r.role == "categorical" for r in spec.roles):  # else checked once the prepare pass knows the levels
+        table_model(cfg, spec.num_features)  # checks explicit sizes against the input's width
     if finished:  # only once the new run's input has passed its checks
         print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
         storage.delete_dir(run_uri)
     return spec
 
 
-def table_model(cfg: Config, spec: InputSpec):
-    """The model section with `auto` sizes chosen for this input (pipeline/sizing.py); explicit ones checked."""
-    return resolve_model(cfg.model, spec.num_features, cfg.train.algorithm)
+def table_model(cfg: Config, width: int):
+    """The model section with `auto` sizes chosen for an input `width` slots wide (pipeline/sizing.py);
+    explicit ones checked."""
+    return resolve_model(cfg.model, width, cfg.train.algorithm)
+
+
+def check_categoricals(cfg: Config, spec: InputSpec) -> None:
+    """A model kind or learning rule without a softmax head refuses categorical columns, before any work."""
+    cats = [r.name for r in spec.roles if r.role == "categorical"]
+    if not cats:
+        return
+    if cfg.train.algorithm == "recirculation":
+        raise ConfigError(f"config train.algorithm: recirculation takes numeric columns only; {cats[:3]} are "
+                          "categorical (use backprop, or leave them out of data.features)")
+    if not cfg.model.spec.categorical:
+        raise ConfigError(f"config model.kind: {cfg.model.kind} takes numeric columns only; {cats[:3]} are "
+                          "categorical (use another kind, or leave them out of data.features)")
 
 
 def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
@@ -123,12 +150,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     storage = storage or Storage(cfg.storage)
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
-    requested, cfg = cfg, dataclasses.replace(cfg, model=table_model(cfg, spec))
-    auto = [k for k in ("hidden_dims", "latent_dim") if getattr(requested.model, k) == AUTO]
-    if auto:
-        print(f"[train] model sizes for {spec.num_features} features: "
-              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim} ({', '.join(auto)}: auto)",
-              flush=True)
+    requested, cfg = cfg, dataclasses.replace(cfg, data=spec.data or cfg.data)
     lap("checks")
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     lap("ray_start")  # ~0 when the job has its Ray already (a cluster)
@@ -138,13 +160,20 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
         prep = _prepare(cfg, storage, spec)
     lap("prepare")
-    mean, scale = np.asarray(prep["mean"], np.float32), np.asarray(prep["scale"], np.float32)
+    featurizer = Featurizer.from_dict(prep["features"])
+    # sizes once the input's width is known: one-hot slots and missing indicators count
+    cfg = dataclasses.replace(cfg, model=table_model(cfg, featurizer.width))
+    auto = [k for k in ("hidden_dims", "latent_dim") if getattr(requested.model, k) == AUTO]
+    if auto:
+        print(f"[train] model sizes for {featurizer.width} input slots ({len(featurizer.columns)} columns): "
+              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim} ({', '.join(auto)}: auto)",
+              flush=True)
 
     with watch(stall_s, "training", training_phase(cfg)):
-        result = fit(cfg, storage, spec, mean, scale, prep["train_rows"])
+        result = fit(cfg, storage, spec, featurizer, prep["train_rows"])
     lap("training")
     with watch(stall_s, "validation", data_phase(cfg, "the validation pass")):
-        sketch = validation_errors(cfg, storage, spec, result.best_state, mean, scale)
+        sketch = validation_errors(cfg, storage, spec, result.best_state, featurizer)
     lap("threshold")
     if sketch.rows == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
@@ -163,13 +192,14 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     }
     if metrics["still_improving"]:
         print(f"[train] warning: {metrics['still_improving']}", flush=True)
-    model = build_model(spec.num_features, **dataclasses.asdict(cfg.model))
+    model = build_model(featurizer.width, layout=featurizer.layout(), **dataclasses.asdict(cfg.model))
     model.load_state_dict(result.best_state)
     manifest = save_artifact(storage, run_uri, model, {
         "run_name": cfg.run.name,
         "config": requested.to_dict(),  # as asked; `model` below holds the sizes chosen for this input
-        "n_features": spec.num_features,
-        "feature_names": spec.feature_names,
+        "n_features": featurizer.width,
+        "feature_names": featurizer.names,  # one per per-column error, in data.features order
+        "features": featurizer.to_dict(),
         "latent_dim": cfg.model.latent_dim,
         "model": dataclasses.asdict(cfg.model),
         "auto_sizes": auto,
@@ -186,7 +216,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     })
     report = join_uri(run_uri, "report.html")
     storage.write_bytes(report, training_report(manifest, sketch.sample, *validation_projection(
-        cfg, storage, spec, manifest, model), val_rows=sketch.rows).encode())
+        cfg, storage, spec, featurizer, manifest, model), val_rows=sketch.rows).encode())
     lap("artifact_and_report")
     print(f"[train] report: {report}", flush=True)
     print(f"[train] model {manifest['model_version']} written to {model_dir(run_uri)} "
@@ -218,6 +248,7 @@ def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optiona
         storage.check_bucket(uri)  # a missing bucket must not read as "no trained model here"
     run_uri = resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
     manifest = read_manifest(storage, run_uri)
+    cfg = for_model(cfg, manifest)
     n_features = len(manifest["feature_names"])
     if cfg.output.top_k_features > n_features:
         raise ConfigError(f"config output.top_k_features: {cfg.output.top_k_features} exceeds the model's "
@@ -269,6 +300,7 @@ def dry_run(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[
     if model_run or not train:
         run_uri = resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
         manifest = read_manifest(storage, run_uri)
+        spec = inspect_input(for_model(cfg, manifest).data, storage)
         check_features_match(manifest, spec)
         lines.append(f"model ok: {manifest['model_version']} ({run_uri}) matches the input's features")
         if cfg.score.incremental:

@@ -17,6 +17,7 @@ from pipeline.data import inspect_input
 from pipeline.report import decile_counts, histogram_counts
 from pipeline.storage import Storage
 
+KIND_COLUMN = "anomaly_kind"  # the mixed sample's: which columns give a planted row away (numeric, categorical)
 TRUTH_COLUMN = "is_anomaly_truth"  # a planted-truth column some inputs carry (the sample data does)
 
 
@@ -61,7 +62,8 @@ def evaluate_against_truth(cfg: Config, storage: Storage, output_uri: str,
         with storage.open_parquet(f) as pf:
             if truth_column not in pf.schema_arrow.names:
                 return None
-            truth_parts.append(pf.read(columns=id_cols + [truth_column]))
+            kinds = [KIND_COLUMN] if KIND_COLUMN in pf.schema_arrow.names else []
+            truth_parts.append(pf.read(columns=id_cols + [truth_column] + kinds))
     truth = pa.concat_tables(truth_parts)
     out_parts = []
     for f in storage.list_files(output_uri, suffix=".parquet"):
@@ -72,5 +74,10 @@ def evaluate_against_truth(cfg: Config, storage: Storage, output_uri: str,
     s = joined.column("recon_error").to_numpy(zero_copy_only=False)
     flag = joined.column("is_anomaly").to_numpy(zero_copy_only=False).astype(bool)
     tp = int((flag & y).sum())
-    return {"auroc": auroc(s, y), "precision": tp / max(int(flag.sum()), 1), "recall": tp / max(int(y.sum()), 1),
-            "planted": int(y.sum()), "rows": int(len(y))}
+    out = {"auroc": auroc(s, y), "precision": tp / max(int(flag.sum()), 1), "recall": tp / max(int(y.sum()), 1),
+           "planted": int(y.sum()), "rows": int(len(y))}
+    if KIND_COLUMN in joined.column_names:  # the mixed sample: AUROC of each kind of planted row against normal ones
+        kind = np.asarray(joined.column(KIND_COLUMN).to_pylist(), dtype=object)
+        out["auroc_by_kind"] = {k: auroc(s[(kind == k) | ~y], y[(kind == k) | ~y])
+                                for k in sorted(set(kind[y])) if k}
+    return out

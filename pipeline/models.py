@@ -5,9 +5,9 @@ r = g(h), and exposes the same methods, so training and scoring never branch on 
 
     loss(x)             -> (scalar training objective, {name: tensor} parts for logging)
     eval_loss(x)        -> the validation objective, summed over rows
-    score(x)            -> per-row anomaly score (mean squared reconstruction error unless said otherwise)
+    score(x)            -> per-row anomaly score (mean per-column reconstruction error unless said otherwise)
     latent(x)           -> the code written to the output (for a stochastic encoder, the posterior mean)
-    score_and_latent(x) -> (score, latent, per-feature squared error) from one forward pass
+    score_and_latent(x) -> (score, latent, per-column error) from one forward pass (see SlotLayout)
     forward(x)          -> reconstruction
 
 `Autoencoder` here is the plain undercomplete MLP (`model.kind: dense`); the other kinds subclass it, one
@@ -19,6 +19,7 @@ settings as one dataclass, `settings`, kept on the model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -82,6 +83,33 @@ def blocks(seq: nn.Sequential) -> list[nn.Sequential]:
     return [nn.Sequential(*b) for b in out]
 
 
+@dataclass(frozen=True)
+class SlotLayout:
+    """Which input slots make which input column, for inputs with categorical columns or missing indicators
+    (pipeline/features.py builds it; a numeric-only input has none and each slot is its own column).
+
+    A column's error: a numeric column's squared error (plus its missing indicator's), a categorical column's
+    cross-entropy of its softmax over its slots (levels, other, missing) against the observed level. So a
+    column counts once, however many levels it has."""
+
+    n_columns: int
+    numeric: tuple[tuple[int, int], ...]
+    """(slot, column) of every numeric value and missing-indicator slot."""
+    groups: tuple[tuple[int, int, int], ...]
+    """(first slot, end slot, column) of every categorical column's one-hot block."""
+
+    def errors(self, recon: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, cols: torch.Tensor,
+               group_cols: torch.Tensor) -> torch.Tensor:
+        """(rows, n_columns) per-column errors; the index tensors come from the model's buffers."""
+        out = recon.new_zeros(recon.shape[0], self.n_columns)
+        if len(self.numeric):
+            out = out.index_add(1, cols, (recon[:, slots] - x[:, slots]) ** 2)
+        if self.groups:
+            ce = [F.cross_entropy(recon[:, a:b], x[:, a:b].argmax(dim=1), reduction="none") for a, b, _ in self.groups]
+            out = out.index_add(1, group_cols, torch.stack(ce, dim=1))
+        return out
+
+
 MLP_SETTINGS = ("hidden_dims", "latent_dim", "activation", "dropout", "code_activation", "score")
 AUTO = "auto"  # a size chosen from the input's width and rows when training starts (pipeline/sizing.py)
 """The settings every kind shares: Autoencoder's keyword arguments (typed and documented in config.ModelSection)."""
@@ -95,10 +123,11 @@ class Autoencoder(nn.Module):
 
     def __init__(self, n_features: int, hidden_dims: Sequence[int] = (64, 32), latent_dim: int = 8,
                  activation: str = "gelu", dropout: float = 0.0, code_activation: Optional[str] = None,
-                 score: str = "recon", settings: Any = None):
+                 score: str = "recon", settings: Any = None, layout: Optional[SlotLayout] = None):
         super().__init__()
         self.settings = settings  # first: default_code_activation() may depend on it
         self.n_features = n_features
+        self._init_layout(layout)
         self.latent_dim = latent_dim
         self.activation = activation
         self.code_activation = code_activation or self.default_code_activation()
@@ -108,11 +137,34 @@ class Autoencoder(nn.Module):
         self.decoder = mlp(enc_dims[::-1], activation, dropout)
         self._init_score(score)
 
+    def _init_layout(self, layout: Optional[SlotLayout]) -> None:
+        """Per-column errors over `layout` (None: one column per slot). Its index tensors are buffers (they
+        follow the model to its device) but not state: the layout is rebuilt from the manifest."""
+        self.layout = layout
+        self.n_columns = layout.n_columns if layout is not None else self.n_features
+        if layout is not None:
+            num = torch.tensor(layout.numeric, dtype=torch.long).reshape(-1, 2)
+            self.register_buffer("_slots", num[:, 0].contiguous(), persistent=False)
+            self.register_buffer("_cols", num[:, 1].contiguous(), persistent=False)
+            self.register_buffer("_group_cols", torch.tensor([g[2] for g in layout.groups], dtype=torch.long),
+                                 persistent=False)
+
+    def column_errors(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(rows, columns) reconstruction error per input column (SlotLayout); without a layout, the squared
+        error per feature, as always."""
+        if self.layout is None:
+            return (recon.float() - x.float()) ** 2
+        return self.layout.errors(recon.float(), x.float(), self._slots, self._cols, self._group_cols)
+
+    def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The mean over rows and columns of column_errors: the mean squared error on a numeric-only input."""
+        return torch.mean(self.column_errors(recon, x))
+
     def _init_score(self, score: str) -> None:
-        """`recon`: mean squared error; `calibrated`: see pipeline/calibration.py (buffers only with it)."""
+        """`recon`: mean per-column error; `calibrated`: see pipeline/calibration.py (buffers only with it)."""
         self.score_kind = score
         if score == "calibrated":
-            self.calibration = ScoreCalibration(self.n_features, self.latent_dim)
+            self.calibration = ScoreCalibration(self.n_columns, self.latent_dim)
 
     def default_code_activation(self) -> str:
         return "linear"
@@ -127,15 +179,14 @@ class Autoencoder(nn.Module):
         return self.decode(self.encode(x))
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        recon = self(x)
-        mse = torch.mean((recon.float() - x.float()) ** 2)
+        mse = self.recon_loss(self(x), x)
         return mse, {"recon": mse.detach()}
 
     def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The validation objective (sum over rows, to be divided by the row count after all-reduce): the mean
         squared error, whatever the score; with the calibrated score, also gathers its statistics."""
         h = self.encode(x)
-        sq = (self.decode(h).float() - x.float()) ** 2
+        sq = self.column_errors(self.decode(h), x)
         if self.score_kind == "calibrated":
             self.calibration.observe(sq, h)
         return sq.mean(dim=1).sum()
@@ -151,10 +202,9 @@ class Autoencoder(nn.Module):
         return self.encode(x)
 
     def score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-row score, latent code, per-feature squared error) in one forward pass."""
+        """(per-row score, latent code, per-column error) in one forward pass."""
         h = self.encode(x)
-        recon = self.decode(h).float()
-        sq = (recon - x.float()) ** 2
+        sq = self.column_errors(self.decode(h), x)
         return self._row_score(sq, h), h.float(), sq
 
     def begin_epoch(self, epoch: int) -> Optional[str]:

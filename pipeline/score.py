@@ -8,13 +8,15 @@ staged rejected rows equal the input's rows does `publish` swap the files into `
 `_SUCCESS` (with the counts) last. Readers take a directory only once `_SUCCESS` is there; `_`-prefixed
 paths are hidden from them. A crash before `publish` leaves the published location as it was.
 
-Rejects (data.nan_policy=drop): rows with NaN/infinite features are not scored; they are written, with the
-id columns, raw features, `source_file` and `reason`, to `<output>/_rejects/` (published with the output,
-hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as `rejected_rows`.
+Rejects (data.nan_policy=drop, data.missing=drop): rows with infinite (or missing) features are not scored;
+they are written, with the id columns, raw features, `source_file` and `reason`, to `<output>/_rejects/`
+(published with the output, hidden from readers of it by the `_` prefix), and counted in `_SUCCESS` as
+`rejected_rows`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 import uuid
@@ -28,7 +30,8 @@ import torch
 
 from pipeline.artifacts import LoadedModel, load_artifact, read_manifest
 from pipeline.config import Config, DataSection, OutputSection
-from pipeline.data import InputSpec, RejectWriter, check_finite, feature_matrix, inspect_input, read_dataset
+from pipeline.artifacts import featurizer_of
+from pipeline.data import InputSpec, RejectWriter, batch_rows, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
 from pipeline.features import Normalizer
 from pipeline.resources import check_job, data_phase
@@ -48,10 +51,12 @@ def output_schema(id_fields: Sequence[pa.Field], latent_dim: int, output: Output
     <id columns>       as in the input, unchanged
     latent             list<float32> of length latent_dim (a plain list: feature stores read it)
     z_0 … z_{k-1}      float32, the latent code as scalar columns (only with output.flat_latent)
-    recon_error        float32, the model's anomaly score (mean squared error in normalized space)
+    recon_error        float32, the model's anomaly score (README, "recon_error"): per-column errors combined,
+                       each input column counted once
     is_anomaly         bool, recon_error > the threshold stored in the model manifest
-    feature_errors     list<float32>, squared error per feature in input order (only with output.feature_errors)
-    top_features       list<string>, the output.top_k_features features with the largest error, largest first
+    feature_errors     list<float32>, the error of each input column, in data.features order (only with
+                       output.feature_errors): squared normalized error, cross-entropy for a categorical
+    top_features       list<string>, the output.top_k_features columns with the largest error, largest first
     model_version      string, `<run.name>@<weights sha256 prefix>`
     event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
     scored_at          timestamp[us, UTC]
@@ -119,8 +124,11 @@ class Predictor:
         self.output = output or OutputSection()
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
-        self.normalizer = Normalizer(loaded.mean, loaded.scale, self.device)
-        self.n_features = len(loaded.feature_names)
+        fz = loaded.featurizer
+        self.featurizer = None if fz.vector or data.vector_column else fz  # a vector: the float matrix as it is
+        self.normalizer = Normalizer(fz.offset, fz.scale, self.device)
+        self.n_features = fz.width
+        self.names = fz.names
         self.threshold = np.float32(loaded.threshold)
         self.version = loaded.version
         self.as_of = as_of
@@ -129,11 +137,11 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
         beat()  # progress for the driver's stall watch (pipeline/watchdog.py)
-        x = feature_matrix(table, self.data, self.n_features)
-        keep = check_finite(table, x, self.data)
+        rows = batch_rows(table, self.data, self.n_features, self.featurizer)
+        x, keep = rows.x, rows.keep
         if not keep.all():
             if self.on_reject is not None:
-                self.on_reject(table, x, keep)
+                self.on_reject(table, x, keep, rows.reasons)
             table, x = table.filter(pa.array(keep)), x[keep]
         n = len(x)
         xt = torch.from_numpy(x)
@@ -143,7 +151,7 @@ class Predictor:
             score, h, sq = self.model.score_and_latent(self.normalizer(xt))
         err = score.float().cpu().numpy().astype(np.float32, copy=False)
         h = h.float().cpu().numpy()
-        extra = explanation_columns(h, sq.float().cpu().numpy(), self.loaded.feature_names, self.output)
+        extra = explanation_columns(h, sq.float().cpu().numpy(), self.names, self.output)
         cols: dict[str, Any] = {c: table.column(c) for c in self.data.id_columns}
         cols["latent"] = latent_list(h)
         cols.update(extra)
@@ -285,9 +293,23 @@ class ScoreResult:
     """Seconds per phase (checks, ray_start, plan, score_and_write, verify, publish): where a run's time went."""
 
 
+def for_model(cfg: Config, manifest: dict[str, Any]) -> Config:
+    """`data.features: auto` when scoring means the model's columns (new columns in the input are ignored)."""
+    if cfg.data.features != "auto":
+        return cfg
+    fz = featurizer_of(manifest)
+    features = fz.vector if fz.vector else fz.names
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=features))
+
+
 def check_features_match(manifest: dict[str, Any], spec: InputSpec) -> None:
-    want, got = list(manifest["feature_names"]), spec.feature_names
+    """The input's features are the model's: the same columns in the same order, and for scalar columns the
+    same kind of type (a column that was an integer in training and is a string now: one line naming it)."""
+    fz = featurizer_of(manifest)
+    want, got = fz.names, spec.feature_names
     if want == got:
+        if spec.schema is not None:
+            fz.check_types(spec.schema, f"data.input {spec.uri}")
         return
     if len(want) != len(got):
         raise InputError(f"data.input {spec.uri}: {len(got)} features, but the model was trained on {len(want)}")
@@ -351,12 +373,13 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     phases: dict[str, float] = {}
     lap = Lap(phases)
     as_of = as_of or dt.datetime.now(dt.timezone.utc)
-    spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
     manifest = read_manifest(storage, model_run_uri)
+    cfg = for_model(cfg, manifest)
+    spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
     out = normalize_uri(output_uri)
     remove_abandoned_staging(storage, out)
     staging = join_uri(out, STAGING, f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
-    rejects_uri = join_uri(staging, REJECTS) if cfg.data.nan_policy == "drop" else None
+    rejects_uri = join_uri(staging, REJECTS) if cfg.data.drops_rows else None
 
     from pipeline.cluster import connect
     from pipeline.multinode import check_shared_storage

@@ -209,7 +209,8 @@ class ValidationSketch:
     def __call__(self, table: "pa.Table") -> "pa.Table":
         scorer = self.scorer()
         parts = [scorer(table.slice(i, self.batch_size)) for i in range(0, table.num_rows, self.batch_size)]
-        n_features = self.scorer_kwargs["n_features"]
+        layout = self.scorer_kwargs.get("layout")  # per-column errors: one per input column
+        n_columns = layout.n_columns if layout is not None else self.scorer_kwargs["n_features"]
         scores = np.concatenate([p["score"] for p in parts]) if parts else np.zeros(0, np.float32)
-        sq = np.concatenate([p["sq_error"] for p in parts]) if parts else np.zeros((0, n_features), np.float32)
+        sq = np.concatenate([p["sq_error"] for p in parts]) if parts else np.zeros((0, n_columns), np.float32)
         return summary_table(scores, sq)

@@ -27,7 +27,7 @@ import torch
 from pipeline.config import ModelSection, TrainSection
 from pipeline.features import Normalizer
 from pipeline.kinds import build_model
-from pipeline.models import Autoencoder
+from pipeline.models import Autoencoder, SlotLayout
 from pipeline.resume import CHECKPOINT_FILE, resume_state
 from pipeline.watchdog import beat
 
@@ -303,6 +303,8 @@ class WorkerConfig:
     """Where Ray Train writes this run's checkpoints (`<run>/train/<run.name>`)."""
     cache: bool = False
     """Keep each worker's shards in its memory after the first epoch (EpochCache; fit's cache_splits)."""
+    layout: Optional[SlotLayout] = None
+    """Which input slots make which column (categoricals, missing indicators); None: one column per slot."""
 
     @property
     def torch_threads(self) -> int:
@@ -382,7 +384,7 @@ class TrainState:
 def build_trainee(wc: WorkerConfig, device: torch.device, wrap: Wrap,
                   saved: Optional[dict[str, Any]] = None) -> tuple[Trainee, TrainState]:
     """Model, optimizer and learning rule for `wc`, restored from a checkpoint payload if there is one."""
-    ae = build_model(wc.n_features, **dataclasses.asdict(wc.model))
+    ae = build_model(wc.n_features, layout=wc.layout, **dataclasses.asdict(wc.model))
     optimizer = torch.optim.AdamW(ae.parameters(), lr=wc.train.lr, weight_decay=wc.train.weight_decay)
     state = TrainState.restore(saved, ae, optimizer, wc.train)  # before wrapping: DDP broadcasts rank 0's weights
     model, step_fn = ALGORITHMS[wc.train.algorithm](ae, wc, device, wrap)
@@ -586,17 +588,17 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def split_bytes(spec) -> int:
-    """What the training and validation splits take in memory: one float32 per feature per row."""
-    return spec.num_rows * spec.num_features * 4
+def split_bytes(spec, width: Optional[int] = None) -> int:
+    """What the training and validation splits take in memory: one float32 per input slot per row."""
+    return spec.num_rows * (width or spec.num_features) * 4
 
 
-def cache_splits(spec, cache_fraction: float) -> bool:
+def cache_splits(spec, cache_fraction: float, width: Optional[int] = None) -> bool:
     """Whether the splits fit `cache_fraction` of the cluster's object store (the yardstick of what the
     cluster's memory can spare; the cache itself lives in the training workers); says which in one line."""
     import ray
 
-    size, store = split_bytes(spec), float(ray.cluster_resources().get("object_store_memory", 0.0))
+    size, store = split_bytes(spec, width), float(ray.cluster_resources().get("object_store_memory", 0.0))
     cache = cache_fraction > 0 and size <= cache_fraction * store
     what = ("reading the splits once and keeping them in the training workers' memory" if cache
             else "streaming the input each epoch")
@@ -616,7 +618,7 @@ class FitResult:
     """The epoch limit the run had (train.epochs, or with `auto` what train.steps needed)."""
 
 
-def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -> FitResult:
+def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
     """Run the TorchTrainer over the train/validation splits; checkpoints go to `<run>/train/`."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -626,12 +628,13 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     from pipeline.storage import join_uri
 
     data, tr = cfg.data, cfg.train
-    cache = cache_splits(spec, tr.cache_fraction)
+    fz = None if featurizer.vector else featurizer  # a vector column: the float matrix as it is
+    cache = cache_splits(spec, tr.cache_fraction, featurizer.width)
     # Streamed epochs read the files in a new order each time; cached ones shuffle every row in the worker.
     train_ds = read_dataset(spec, storage, shuffle_files=not cache).map_batches(
-        SplitFeatures(data, spec.num_features, "train"), batch_format="pyarrow", batch_size=None)
+        SplitFeatures(data, spec.num_features, "train", fz), batch_format="pyarrow", batch_size=None)
     val_ds = read_dataset(spec, storage).map_batches(
-        SplitFeatures(data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None)
+        SplitFeatures(data, spec.num_features, "validation", fz), batch_format="pyarrow", batch_size=None)
 
     from pipeline.sizing import step_budget
 
@@ -639,8 +642,9 @@ def fit(cfg, storage, spec, mean: np.ndarray, scale: np.ndarray, n_train: int) -
     if batch_size != tr.batch_size or tr.epochs == "auto":
         print(f"[train] batch size {batch_size}, up to {epochs} epochs (train.epochs {tr.epochs}, train.steps "
               f"{tr.steps}; {n_train} training rows, {tr.num_workers} workers)", flush=True)
-    worker = WorkerConfig(model=cfg.model, train=tr, n_features=spec.num_features, mean=mean.tolist(),
-                          scale=scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
+    worker = WorkerConfig(model=cfg.model, train=tr, n_features=featurizer.width, mean=featurizer.offset.tolist(),
+                          scale=featurizer.scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
+                          layout=featurizer.layout(),
                           # resume from the newest complete checkpoint in storage, registered or not (resume.py)
                           storage=storage, checkpoints_uri=join_uri(cfg.run_uri, "train", cfg.run.name),
                           cache=cache)

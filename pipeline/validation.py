@@ -1,9 +1,10 @@
 """The training run's validation pass: the best model scored on the held-out rows.
 
-    validation_errors(cfg, storage, spec, state, mean, scale)  a bounded-memory sketch of the per-row scores
-                                                               (for the anomaly threshold) and per-feature
-                                                               squared error, on Ray Data
-    validation_projection(cfg, storage, spec, manifest, model) a sample of validation rows read on the driver,
+    validation_errors(cfg, storage, spec, state, featurizer)   a bounded-memory sketch of the per-row scores
+                                                               (for the anomaly threshold) and per-column
+                                                               error, on Ray Data
+    validation_projection(cfg, storage, spec, featurizer,      a sample of validation rows read on the driver,
+                          manifest, model)
                                                                their codes, flags and planted truth (for the
                                                                training report's charts)
 """
@@ -19,9 +20,8 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import Config
-from pipeline.data import (InputSpec, SplitFeatures, check_finite, feature_matrix, read_dataset,
-                           validation_mask)
-from pipeline.features import Normalizer
+from pipeline.data import InputSpec, SplitFeatures, batch_rows, read_dataset, validation_mask
+from pipeline.features import Featurizer, Normalizer
 from pipeline.kinds import build_model
 from pipeline.metrics import TRUTH_COLUMN
 from pipeline.sketch import ScoreSketch, ValidationSketch
@@ -32,16 +32,16 @@ PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enoug
 
 
 class ErrorScorer:
-    """The validation pass's map function: per-row score and per-feature squared error of `x` rows.
+    """The validation pass's map function: per-row score and per-column error of `x` rows.
 
     Made on the driver and run in Ray Data tasks (like scoring's `ScoreBatches`), not an actor pool: Ray Data
     restarts pool actors from constructor arguments kept in the object store, and Ray's core worker logs an
     error-level line about that for every pool, which reads like a failure."""
 
     def __init__(self, model_settings: dict[str, Any], n_features: int, state: dict[str, torch.Tensor],
-                 mean: np.ndarray, scale: np.ndarray, torch_threads: int = 1):
+                 mean: np.ndarray, scale: np.ndarray, torch_threads: int = 1, layout=None):
         self.torch_threads = max(1, torch_threads)
-        self.model = build_model(n_features, **model_settings)
+        self.model = build_model(n_features, layout=layout, **model_settings)
         self.model.load_state_dict(state)
         self.model.eval()
         self.normalizer = Normalizer(mean, scale)
@@ -56,27 +56,31 @@ class ErrorScorer:
         return {"score": score.numpy().astype(np.float32), "sq_error": sq.numpy().astype(np.float32)}
 
 
-def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, mean, scale) -> ScoreSketch:
-    """Sketch of the best model's per-row validation scores and per-feature squared error (distributed).
+def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, featurizer: Featurizer) -> ScoreSketch:
+    """Sketch of the best model's per-row validation scores and per-column error (distributed).
 
     Each block is scored and summarized in one task (pipeline/sketch.py); the driver merges fixed-size
     summaries, so its memory does not grow with the validation rows."""
-    fn = ValidationSketch(dict(model_settings=dataclasses.asdict(cfg.model), n_features=spec.num_features,
-                               state=state, mean=mean, scale=scale), cfg.score.batch_size, uuid.uuid4().hex)
+    fn = ValidationSketch(dict(model_settings=dataclasses.asdict(cfg.model), n_features=featurizer.width,
+                               state=state, mean=featurizer.offset, scale=featurizer.scale,
+                               layout=featurizer.layout()), cfg.score.batch_size, uuid.uuid4().hex)
     cpus = {"num_cpus": cfg.score.cpus_per_actor}
+    fz = None if featurizer.vector else featurizer
     summaries = read_dataset(spec, storage, **cpus).map_batches(
-        SplitFeatures(cfg.data, spec.num_features, "validation"), batch_format="pyarrow", batch_size=None,
+        SplitFeatures(cfg.data, spec.num_features, "validation", fz), batch_format="pyarrow", batch_size=None,
         **cpus).map_batches(fn, batch_format="pyarrow", batch_size=None, **cpus)
-    sketch = ScoreSketch(spec.num_features)
+    sketch = ScoreSketch(len(featurizer.columns))
     for b in beating(summaries.iter_batches(batch_format="pyarrow", batch_size=None)):
         for row in b.to_pylist():
             sketch.add(row)
     return sketch
 
 
-def validation_sample(cfg: Config, storage: Storage, spec: InputSpec,
+def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Optional[Featurizer] = None,
                       max_rows: int = PROJECTION_ROWS) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Up to `max_rows` validation rows read on the driver: (features, planted truth or None)."""
+    """Up to `max_rows` validation rows read on the driver: (input slots, planted truth or None)."""
+    fz = None if featurizer is None or featurizer.vector else featurizer
+    width = featurizer.width if featurizer is not None else spec.num_features
     xs, truths, n, has_truth = [], [], 0, True
     for f in spec.files:
         with storage.open_parquet(f) as pf:
@@ -84,9 +88,9 @@ def validation_sample(cfg: Config, storage: Storage, spec: InputSpec,
             cols = spec.columns + ([TRUTH_COLUMN] if has_truth else [])
             for batch in pf.iter_batches(batch_size=8192, columns=cols):
                 t = pa.Table.from_batches([batch])
-                x = feature_matrix(t, cfg.data, spec.num_features)
-                keep = validation_mask(t, cfg.data, x) & check_finite(t, x, cfg.data)
-                xs.append(x[keep])
+                rows = batch_rows(t, cfg.data, spec.num_features, fz)
+                keep = validation_mask(t, cfg.data, rows.split_key) & rows.keep
+                xs.append(rows.x[keep])
                 if has_truth:
                     truths.append(t.column(TRUTH_COLUMN).to_numpy(zero_copy_only=False)[keep].astype(bool))
                 n += int(keep.sum())
@@ -94,17 +98,16 @@ def validation_sample(cfg: Config, storage: Storage, spec: InputSpec,
                     break
         if n >= max_rows:
             break
-    x = np.concatenate(xs)[:max_rows] if xs else np.zeros((0, spec.num_features), np.float32)
+    x = np.concatenate(xs)[:max_rows] if xs else np.zeros((0, width), np.float32)
     truth = np.concatenate(truths)[:max_rows] if has_truth and truths else None
     return x, truth
 
 
-def validation_projection(cfg: Config, storage: Storage, spec: InputSpec, manifest: dict[str, Any],
-                          model) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def validation_projection(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Featurizer,
+                          manifest: dict[str, Any], model) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """A validation sample through the stored model: (codes, anomaly flags, planted truth or None)."""
-    x, truth = validation_sample(cfg, storage, spec)
-    norm = Normalizer(np.asarray(manifest["normalization"]["mean"], np.float32),
-                      np.asarray(manifest["normalization"]["scale"], np.float32))
+    x, truth = validation_sample(cfg, storage, spec, featurizer)
+    norm = Normalizer(featurizer.offset, featurizer.scale)
     with torch.inference_mode():
         score, h, _ = model.eval().score_and_latent(norm(torch.from_numpy(x)))
     return h.float().numpy(), score.float().numpy() > float(manifest["threshold"]), truth

@@ -15,11 +15,11 @@ manifest rebuilds it; nothing else branches on the kind. Document its keys in th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.kinds import contractive, dense, denoising, sparse, stacked, variational
 from pipeline.kinds.spec import KindSpec
-from pipeline.models import AUTO, MLP_SETTINGS, Autoencoder
+from pipeline.models import AUTO, MLP_SETTINGS, Autoencoder, SlotLayout
 
 KINDS: dict[str, KindSpec] = {}
 """`model.kind` -> its spec, in registration order (dense, the default, first)."""
@@ -57,10 +57,11 @@ def kind_setting_names() -> set[str]:
     return {name for spec in KINDS.values() for name in spec.setting_names}
 
 
-def build_model(n_features: int, kind: str = "dense", **settings: Any) -> Autoencoder:
+def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayout] = None,
+                **settings: Any) -> Autoencoder:
     """The autoencoder named by `kind`, from a flat model section (`dataclasses.asdict(cfg.model)`, or a
     manifest's `model`). Another kind's settings are skipped; a name no kind declares is an error, so no
-    setting is ever dropped silently."""
+    setting is ever dropped silently. `layout`: the input's columns (pipeline/features.py; None: numeric)."""
     spec = spec_of(kind)
     if AUTO in (settings.get("latent_dim"), settings.get("hidden_dims")):  # sizes not chosen by a job yet
         from pipeline.sizing import auto_sizes  # noqa: PLC0415 - sizing imports the config module
@@ -72,4 +73,4 @@ def build_model(n_features: int, kind: str = "dense", **settings: Any) -> Autoen
         raise ValueError(f"model settings {', '.join(sorted(unknown))}: declared by no model kind "
                          f"(have: {', '.join(KINDS)})")
     shared = {k: settings[k] for k in MLP_SETTINGS if k in settings}
-    return spec.model(n_features, settings=spec.settings_from(settings), **shared)
+    return spec.model(n_features, settings=spec.settings_from(settings), layout=layout, **shared)

@@ -50,7 +50,7 @@ class ContractiveAutoencoder(Autoencoder):
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _, jac = encoder_jacobian_sq_norm(self, x)
-        mse = torch.mean((self(x).float() - x.float()) ** 2)
+        mse = self.recon_loss(self(x), x)
         pen = jac.mean()
         return mse + self.settings.contractive_weight * pen, {"recon": mse.detach(), "jacobian": pen.detach()}
 

@@ -43,7 +43,7 @@ class DenoisingAutoencoder(Autoencoder):
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         recon = self(self.corrupt(x))
-        mse = torch.mean((recon.float() - x.float()) ** 2)
+        mse = self.recon_loss(recon, x)
         return mse, {"recon": mse.detach()}
 
 

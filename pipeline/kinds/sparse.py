@@ -50,7 +50,7 @@ class SparseAutoencoder(Autoencoder):
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         h = self.encode(x)
-        mse = torch.mean((self.decode(h).float() - x.float()) ** 2)
+        mse = self.recon_loss(self.decode(h), x)
         pen = self.penalty(h)
         return mse + self.settings.sparsity_weight * pen, {"recon": mse.detach(), "sparsity": pen.detach(),
                                                            "code_mean": h.detach().float().abs().mean()}

@@ -40,6 +40,9 @@ class KindSpec:
     """Some epochs train only part of the model, so DDP must expect parameters without gradients."""
     check: Callable[[Any], None] = _no_check
     """Checks of the kind's settings against the shared ones, given the model section (only for this kind)."""
+    categorical: bool = True
+    """Takes categorical columns (a softmax head per column); a kind whose likelihood has no such part refuses
+    them with one line."""
     pretrain_epochs: Callable[[Any], int] = _no_pretraining
     """Epochs (given the model section) before the whole model trains: they do not count for early stopping
     or the best model, and `train.epochs` must exceed them."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.errors import check_config
 from pipeline.kinds.spec import KindSpec
-from pipeline.models import Autoencoder, mlp
+from pipeline.models import SlotLayout, Autoencoder, mlp
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,12 @@ class VariationalAutoencoder(Autoencoder):
 
     def __init__(self, n_features: int, hidden_dims: Sequence[int] = (64, 32), latent_dim: int = 8,
                  activation: str = "gelu", dropout: float = 0.0, code_activation: Optional[str] = None,
-                 score: str = "recon", settings: VariationalSettings = VariationalSettings()):
+                 score: str = "recon", settings: VariationalSettings = VariationalSettings(),
+                 layout: Optional[SlotLayout] = None):
         nn.Module.__init__(self)  # not Autoencoder's layers: two heads (mu, logvar) and a learned variance
         self.settings = settings
         self.n_features, self.latent_dim = n_features, latent_dim
+        self._init_layout(layout)  # missing indicators only: its Gaussian likelihood has no categorical part
         self.activation, self.code_activation = activation, "linear"  # the code is a Gaussian mean
         body = [n_features, *hidden_dims]
         self.encoder = mlp(body, activation, dropout, last_activation=True) if hidden_dims else nn.Identity()
@@ -74,7 +76,7 @@ class VariationalAutoencoder(Autoencoder):
         h = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         recon = self.decode(h)
         nll, kl = self._nll(x, recon).mean(), self.kl(mu, logvar).mean()
-        mse = torch.mean((recon.float() - x.float()) ** 2)
+        mse = self.recon_loss(recon, x)
         return nll + self.settings.kl_weight * kl, {"recon": mse.detach(), "nll": nll.detach(), "kl": kl.detach()}
 
     def neg_elbo(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class VariationalAutoencoder(Autoencoder):
         mu, logvar = self.posterior(x)
         recon = self.decode(mu)
         if self.score_kind == "calibrated":
-            self.calibration.observe((recon.float() - x.float()) ** 2, mu)
+            self.calibration.observe(self.column_errors(recon, x), mu)
         # early stopping follows the training objective, whatever the score
         return (self._nll(x, recon) + self.settings.kl_weight * self.kl(mu, logvar)).sum()
 
@@ -96,7 +98,7 @@ class VariationalAutoencoder(Autoencoder):
     def score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.posterior(x)
         recon = self.decode(mu)
-        sq = (recon.float() - x.float()) ** 2
+        sq = self.column_errors(recon, x)
         if self.score_kind == "elbo":
             s = self._nll(x, recon) + self.settings.kl_weight * self.kl(mu, logvar)
         else:
@@ -118,4 +120,4 @@ def check(m: Any) -> None:
                  "a variational code is a Gaussian mean; leave it unset")
 
 
-SPEC = KindSpec("variational", VariationalAutoencoder, VariationalSettings, check=check)
+SPEC = KindSpec("variational", VariationalAutoencoder, VariationalSettings, check=check, categorical=False)
