@@ -120,10 +120,11 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     run_uri = cfg.run_uri
     spec = check_train(cfg, storage, overwrite, output=check_output)
     requested, cfg = cfg, dataclasses.replace(cfg, model=table_model(cfg, spec))
-    auto = [k for k in ("hidden_dims", "latent_dim") if getattr(requested.model, k) == AUTO]
+    auto = [k for k in ("hidden_dims", "latent_dim", "ensemble") if getattr(requested.model, k) == AUTO]
     if auto:
         print(f"[train] model sizes for {spec.num_features} features: "
-              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim} ({', '.join(auto)}: auto)",
+              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim}, ensemble {cfg.model.ensemble} "
+              f"({', '.join(auto)}: auto)",
               flush=True)
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here

@@ -95,15 +95,32 @@ def autocast_for(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-class LossForward(torch.nn.Module):
-    """Makes the autoencoder's loss() the forward pass, so DDP's gradient all-reduce covers it."""
+def trimmed_rows(ae: Autoencoder, x: torch.Tensor, trim_fraction: float) -> torch.Tensor:
+    """The rows of `x` without the `trim_fraction` the model reconstructs worst (a trimmed loss).
 
-    def __init__(self, ae: Autoencoder):
+    Ranked by squared reconstruction error in a gradient-free forward pass, so it works for every kind
+    whatever its loss adds (penalties, KL): the kept rows then go through the kind's own loss.
+    """
+    n = x.shape[0]
+    keep = n - int(trim_fraction * n)
+    if trim_fraction <= 0 or keep >= n or keep < 1:
+        return x
+    with torch.no_grad():
+        err = ((ae(x).float() - x.float()) ** 2).mean(dim=1)
+    return x[torch.topk(err, keep, largest=False).indices]
+
+
+class LossForward(torch.nn.Module):
+    """Makes the autoencoder's loss() the forward pass, so DDP's gradient all-reduce covers it; with
+    `trim_fraction`, the loss of the batch's best-reconstructed rows only (`trimmed_rows`)."""
+
+    def __init__(self, ae: Autoencoder, trim_fraction: float = 0.0):
         super().__init__()
         self.ae = ae
+        self.trim_fraction = trim_fraction
 
     def forward(self, x: torch.Tensor):
-        return self.ae.loss(x)
+        return self.ae.loss(trimmed_rows(self.ae, x, self.trim_fraction))
 
 
 def unwrap(model: torch.nn.Module) -> Autoencoder:
@@ -286,7 +303,7 @@ class Trainee:
 
 
 def _backprop(ae: Autoencoder, wc: WorkerConfig, device: torch.device, wrap: Wrap):
-    return wrap(LossForward(ae), wc.model.spec.find_unused_parameters), None
+    return wrap(LossForward(ae, wc.train.trim_fraction), wc.model.spec.find_unused_parameters), None
 
 
 def _recirculation(ae: Autoencoder, wc: WorkerConfig, device: torch.device, wrap: Wrap):

@@ -108,7 +108,7 @@ def test_a_kind_setting_name_cannot_be_taken_twice():
 def test_model_section_is_the_shared_settings_plus_each_kinds_own():
     names = [f.name for f in dataclasses.fields(ModelSection)]
     kind_names = [n for spec in KINDS.values() for n in spec.setting_names]
-    assert names == ["kind", *MLP_SETTINGS, *kind_names]
+    assert names == ["kind", *MLP_SETTINGS, "ensemble", *kind_names]
 
 
 def test_old_flat_config_keys_and_shipped_configs_still_load():
