@@ -109,6 +109,7 @@ class SharedModelSection:
         _check(self.latent_dim == AUTO or self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
         _check(self.hidden_dims == AUTO or all(h >= 1 for h in self.hidden_dims), "model.hidden_dims",
                "widths must be >= 1")
+        _check(self.ensemble == AUTO or self.ensemble >= 1, "model.ensemble", f"{self.ensemble} must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
         _check(self.score != "elbo" or self.kind == "variational", "model.score",
                f"elbo is the variational kind's score, not {self.kind}'s; use calibrated or recon")

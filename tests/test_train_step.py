@@ -155,11 +155,11 @@ def test_ensemble_trains_its_members_together_and_averages_their_scores():
     ens = build_model(6, kind="dense", hidden_dims=[6], latent_dim=2, ensemble=3)
     first, second = (m.encoder[0].weight for m in ens.members[:2])
     assert len(ens.members) == 3 and not torch.equal(first, second)  # each from its own random start
-    x = torch.randn(512, 3) @ torch.randn(3, 6)
+    x = torch.randn(512, 2) @ torch.randn(2, 6)
     with torch.no_grad():
         before = [float(m.eval_loss(x)) for m in ens.members]
     opt = torch.optim.AdamW(ens.parameters(), lr=1e-2)
-    for _ in range(5):
+    for _ in range(10):
         train_epoch(batches(x, 64), LossForward(ens), opt)  # one optimizer steps every member
     ens.eval()
     with torch.no_grad():
