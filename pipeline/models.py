@@ -12,6 +12,7 @@ r = g(h), and exposes the same methods, so training and scoring never branch on 
 
 `Autoencoder` here is the plain undercomplete MLP (`model.kind: dense`); the other kinds subclass it, one
 module each under `pipeline/kinds/`, where the registry (`pipeline.kinds.KINDS`) and `build_model` live.
+`Ensemble` (`model.ensemble` > 1) holds several models of one kind, trained together, with the same methods.
 Every model takes the shared MLP settings (`MLP_SETTINGS`) as keyword arguments and its kind's own
 settings as one dataclass, `settings`, kept on the model.
 """

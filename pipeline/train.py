@@ -26,7 +26,7 @@ import torch
 from pipeline.config import ModelSection, TrainSection
 from pipeline.features import Normalizer
 from pipeline.kinds import build_model
-from pipeline.models import Autoencoder
+from pipeline.models import Autoencoder, Ensemble
 from pipeline.resume import CHECKPOINT_FILE, resume_state
 from pipeline.watchdog import beat
 
@@ -133,7 +133,7 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
                 device: torch.device | None = None, step_fn: Optional[Callable] = None) -> EpochStats:
     """One pass of minibatch gradient descent. Returns the row-weighted mean loss and timings.
 
-    `model` is an Autoencoder, or a (DDP-wrapped) LossForward; `step_fn(x) -> (loss, parts)` replaces the
+    `model` is an Autoencoder or Ensemble, or a (DDP-wrapped) LossForward; `step_fn(x) -> (loss, parts)` replaces the
     gradient step for learning rules without a backward pass.
     """
     device = device or torch.device("cpu")
@@ -153,7 +153,7 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
             loss, parts = step_fn(x)
         else:
             with autocast_for(device):
-                loss, parts = model.loss(x) if isinstance(model, Autoencoder) else model(x)
+                loss, parts = model.loss(x) if isinstance(model, (Autoencoder, Ensemble)) else model(x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
