@@ -16,7 +16,7 @@ The third term is plain mean squared error over its validation mean (every term 
 validation rows). It gives back what the first two lose where anomalies sit in sparse pockets inside the
 data and are simply reconstructed badly on the features that vary most: measured with 3 seeds on the eight
 tables of `make eval` (benchmarks/rank_probe.py, ensembles of 3), vowels 0.795 -> 0.880 (PCA 0.907) at an
-unchanged mean over the tables (0.846 -> 0.847).
+level mean over the eight tables (0.841 -> 0.844).
 
 The statistics are gathered while the model is evaluated on the validation rows, which the training loop
 does after every epoch (`eval_loss`); `begin_epoch` starts a fresh count. They live in buffers, so the best
