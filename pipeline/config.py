@@ -126,12 +126,17 @@ class SharedModelSection:
     """The anomaly score. `calibrated`: each feature's squared error over its validation mean, plus the code's
     squared distance from the validation codes in standard deviations (pipeline/calibration.py); `recon`: mean
     squared reconstruction error; `elbo` (variational only): -ELBO. A variational code is its posterior mean."""
+    ensemble: Union[int, Literal["auto"]] = AUTO
+    """Models of the kind trained side by side in the same job (one optimizer, each from its own random
+    start) whose scores are averaged; `latent` is the first one's code. `auto`: 5 with backprop, 1 with
+    recirculation (pipeline/sizing.py); the manifest records the count."""
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, "model.kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
         _check(self.latent_dim == AUTO or self.latent_dim >= 1, "model.latent_dim", f"{self.latent_dim} must be >= 1")
         _check(self.hidden_dims == AUTO or all(h >= 1 for h in self.hidden_dims), "model.hidden_dims",
                "widths must be >= 1")
+        _check(self.ensemble == AUTO or self.ensemble >= 1, "model.ensemble", f"{self.ensemble} must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
         _check(self.score != "elbo" or self.kind == "variational", "model.score",
                f"elbo is the variational kind's score, not {self.kind}'s; use calibrated or recon")
@@ -193,6 +198,9 @@ class TrainSection:
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    trim_fraction: float = 0.1
+    """Robust training (backprop): each step leaves out this share of its batch, the rows the model
+    reconstructs worst, so the anomalies inside the training data pull the model less (0: every row)."""
     num_workers: int = 1
     """Data-parallel training workers (one process each; one GPU each with use_gpu)."""
     min_workers: Optional[int] = None
@@ -237,6 +245,7 @@ class TrainSection:
         _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1")
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0.0 <= self.trim_fraction < 1.0, "train.trim_fraction", f"{self.trim_fraction} must be in [0, 1)")
         _check(self.num_workers >= 1, "train.num_workers", f"{self.num_workers} must be >= 1")
         _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, "train.min_workers",
                f"{self.min_workers} must be between 1 and train.num_workers ({self.num_workers})")
@@ -350,6 +359,8 @@ class Config:
         if t.algorithm == "recirculation":
             _check(m.kind == "dense", "model.kind",
                    f"{m.kind}: train.algorithm recirculation trains a dense autoencoder with one hidden layer")
+            _check(m.ensemble in (1, AUTO), "model.ensemble",
+                   f"{m.ensemble}: train.algorithm recirculation trains one model (set model.ensemble: 1)")
             _check(m.hidden_dims in ([], AUTO), "model.hidden_dims",
                    f"{m.hidden_dims}: recirculation trains one hidden layer (the code); set model.hidden_dims: []")
         pretraining = m.pretrain_epochs_total

@@ -163,11 +163,11 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     featurizer = Featurizer.from_dict(prep["features"])
     # sizes once the input's width is known: one-hot slots and missing indicators count
     cfg = dataclasses.replace(cfg, model=table_model(cfg, featurizer.width))
-    auto = [k for k in ("hidden_dims", "latent_dim") if getattr(requested.model, k) == AUTO]
+    auto = [k for k in ("hidden_dims", "latent_dim", "ensemble") if getattr(requested.model, k) == AUTO]
     if auto:
         print(f"[train] model sizes for {featurizer.width} input slots ({len(featurizer.columns)} columns): "
-              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim} ({', '.join(auto)}: auto)",
-              flush=True)
+              f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim}, ensemble "
+              f"{cfg.model.ensemble} ({', '.join(auto)}: auto)", flush=True)
 
     with watch(stall_s, "training", training_phase(cfg)):
         result = fit(cfg, storage, spec, featurizer, prep["train_rows"])

@@ -12,6 +12,7 @@ r = g(h), and exposes the same methods, so training and scoring never branch on 
 
 `Autoencoder` here is the plain undercomplete MLP (`model.kind: dense`); the other kinds subclass it, one
 module each under `pipeline/kinds/`, where the registry (`pipeline.kinds.KINDS`) and `build_model` live.
+`Ensemble` (`model.ensemble` > 1) holds several models of one kind, trained together, with the same methods.
 Every model takes the shared MLP settings (`MLP_SETTINGS`) as keyword arguments and its kind's own
 settings as one dataclass, `settings`, kept on the model.
 """
@@ -156,6 +157,10 @@ class Autoencoder(nn.Module):
             return (recon.float() - x.float()) ** 2
         return self.layout.errors(recon.float(), x.float(), self._slots, self._cols, self._group_cols)
 
+    def row_errors(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows,) each row's mean per-column reconstruction error (what a trimmed loss ranks rows by)."""
+        return self.column_errors(self(x), x).mean(dim=1)
+
     def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The mean over rows and columns of column_errors: the mean squared error on a numeric-only input."""
         return torch.mean(self.column_errors(recon, x))
@@ -212,3 +217,53 @@ class Autoencoder(nn.Module):
         if self.score_kind == "calibrated":
             self.calibration.reset()  # this epoch's validation pass gathers the statistics afresh
         return None
+
+
+class Ensemble(nn.Module):
+    """`model.ensemble` models of one kind in one module: trained together on the same batches (one Ray Train
+    job, one optimizer, one checkpoint), each from its own random start.
+
+    Same methods as an Autoencoder. The loss and validation objective are the members' mean; a row's score
+    is the members' mean score (the calibrated score is already on the validation rows' scale, so the
+    members weigh alike); `latent` is member 0's code, so the output keeps one code a feature store can use;
+    the per-feature errors are the members' mean. Averaging models that differ only in their start cancels
+    part of each one's idiosyncratic errors, which is what ranks the rare rows unevenly.
+    """
+
+    def __init__(self, members: Sequence[Autoencoder]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.n_features, self.latent_dim, self.score_kind = first.n_features, first.latent_dim, first.score_kind
+
+    def _mean(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(values)).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mean([m(x) for m in self.members])
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses, parts = zip(*(m.loss(x) for m in self.members))
+        return self._mean(losses), {k: self._mean([p[k] for p in parts]) for k in parts[0]}
+
+    def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mean([m.eval_loss(x) for m in self.members])
+
+    def row_errors(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mean([m.row_errors(x) for m in self.members])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.members[0].encode(x)
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.members[0].latent(x)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_and_latent(x)[0]
+
+    def score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores, codes, sqs = zip(*(m.score_and_latent(x) for m in self.members))
+        return self._mean(scores), codes[0], self._mean(sqs)
+
+    def begin_epoch(self, epoch: int) -> Optional[str]:
+        return [m.begin_epoch(epoch) for m in self.members][0]

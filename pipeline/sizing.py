@@ -22,6 +22,7 @@ from typing import Optional
 
 from pipeline.config import AUTO, ModelSection
 
+AUTO_ENSEMBLE = 5  # model.ensemble: auto with backprop (recirculation trains one model)
 MAX_LATENT = 32
 MAX_HIDDEN = 64
 AUTO_EPOCHS = 20  # train.epochs: auto on a table large enough for train.steps
@@ -44,11 +45,16 @@ def auto_sizes(n_features: int, algorithm: str = "backprop") -> tuple[list[int],
     return auto_hidden(n_features, latent), latent
 
 
+def auto_ensemble(algorithm: str = "backprop") -> int:
+    return 1 if algorithm == "recirculation" else AUTO_ENSEMBLE
+
+
 def resolve_model(model: ModelSection, n_features: int, algorithm: str = "backprop") -> ModelSection:
-    """`model` with `auto` sizes replaced by the rule above; explicit sizes are kept (and checked)."""
+    """`model` with `auto` sizes (and ensemble count) replaced by the rules above; explicit values are kept
+    (and checked)."""
     hidden, latent = auto_sizes(n_features, algorithm)
     resolved = dataclasses.replace(
-        model,
+        model, ensemble=auto_ensemble(algorithm) if model.ensemble == AUTO else model.ensemble,
         latent_dim=latent if model.latent_dim == AUTO else model.latent_dim,
         hidden_dims=hidden if model.hidden_dims == AUTO else list(model.hidden_dims))
     resolved.check_features(n_features)

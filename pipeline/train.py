@@ -27,7 +27,7 @@ import torch
 from pipeline.config import ModelSection, TrainSection
 from pipeline.features import Normalizer
 from pipeline.kinds import build_model
-from pipeline.models import Autoencoder, SlotLayout
+from pipeline.models import Autoencoder, Ensemble, SlotLayout
 from pipeline.resume import CHECKPOINT_FILE, resume_state
 from pipeline.watchdog import beat
 
@@ -134,15 +134,33 @@ def autocast_for(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-class LossForward(torch.nn.Module):
-    """Makes the autoencoder's loss() the forward pass, so DDP's gradient all-reduce covers it."""
+def trimmed_rows(ae: Autoencoder, x: torch.Tensor, trim_fraction: float) -> torch.Tensor:
+    """The rows of `x` without the `trim_fraction` the model reconstructs worst (a trimmed loss).
 
-    def __init__(self, ae: Autoencoder):
+    Ranked by the per-column reconstruction error (squared error; cross-entropy for a categorical column)
+    in a gradient-free forward pass, so it works for every kind whatever its loss adds (penalties, KL): the
+    kept rows then go through the kind's own loss.
+    """
+    n = x.shape[0]
+    keep = n - int(trim_fraction * n)
+    if trim_fraction <= 0 or keep >= n or keep < 1:
+        return x
+    with torch.no_grad():
+        err = ae.row_errors(x)
+    return x[torch.topk(err, keep, largest=False).indices]
+
+
+class LossForward(torch.nn.Module):
+    """Makes the autoencoder's loss() the forward pass, so DDP's gradient all-reduce covers it; with
+    `trim_fraction`, the loss of the batch's best-reconstructed rows only (`trimmed_rows`)."""
+
+    def __init__(self, ae: Autoencoder, trim_fraction: float = 0.0):
         super().__init__()
         self.ae = ae
+        self.trim_fraction = trim_fraction
 
     def forward(self, x: torch.Tensor):
-        return self.ae.loss(x)
+        return self.ae.loss(trimmed_rows(self.ae, x, self.trim_fraction))
 
 
 def unwrap(model: torch.nn.Module) -> Autoencoder:
@@ -155,7 +173,7 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
                 device: torch.device | None = None, step_fn: Optional[Callable] = None) -> EpochStats:
     """One pass of minibatch gradient descent. Returns the row-weighted mean loss and timings.
 
-    `model` is an Autoencoder, or a (DDP-wrapped) LossForward; `step_fn(x) -> (loss, parts)` replaces the
+    `model` is an Autoencoder or Ensemble, or a (DDP-wrapped) LossForward; `step_fn(x) -> (loss, parts)` replaces the
     gradient step for learning rules without a backward pass.
     """
     device = device or torch.device("cpu")
@@ -175,7 +193,7 @@ def train_epoch(batches: Iterable[torch.Tensor], model: torch.nn.Module, optimiz
             loss, parts = step_fn(x)
         else:
             with autocast_for(device):
-                loss, parts = model.loss(x) if isinstance(model, Autoencoder) else model(x)
+                loss, parts = model.loss(x) if isinstance(model, (Autoencoder, Ensemble)) else model(x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -329,7 +347,7 @@ class Trainee:
 
 
 def _backprop(ae: Autoencoder, wc: WorkerConfig, device: torch.device, wrap: Wrap):
-    return wrap(LossForward(ae), wc.model.spec.find_unused_parameters), None
+    return wrap(LossForward(ae, wc.train.trim_fraction), wc.model.spec.find_unused_parameters), None
 
 
 def _recirculation(ae: Autoencoder, wc: WorkerConfig, device: torch.device, wrap: Wrap):

@@ -57,9 +57,10 @@ def make(kind: str, n_features: int = 16, seed: int = 0, **settings):
 # ------------------------------------------------------------------------------------------- every kind
 
 
+@pytest.mark.parametrize("ensemble", [1, 2])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_every_kind_keeps_the_interface(kind):
-    model = make(kind, hidden_dims=[12, 8], latent_dim=4)
+def test_every_kind_keeps_the_interface(kind, ensemble):
+    model = make(kind, hidden_dims=[12, 8], latent_dim=4, ensemble=ensemble)
     x = manifold_data(64)
     loss, parts = model.loss(x)
     assert loss.ndim == 0 and math.isfinite(float(loss)) and "recon" in parts
@@ -73,7 +74,7 @@ def test_every_kind_keeps_the_interface(kind):
         # the validation objective is the mean squared error (variational: -ELBO) whatever the score
         assert float(model.eval_loss(x)) == pytest.approx(float(sq.mean(dim=1).sum()), rel=1e-5) \
             or kind == "variational"
-    clone = make(kind, hidden_dims=[12, 8], latent_dim=4, seed=1)
+    clone = make(kind, hidden_dims=[12, 8], latent_dim=4, seed=1, ensemble=ensemble)
     clone.load_state_dict(model.state_dict())
     clone.eval()
     with torch.inference_mode():

@@ -42,6 +42,16 @@ def test_explicit_sizes_win_and_are_still_checked():
     assert resolve_model(ModelSection(), 6, algorithm="recirculation").hidden_dims == []
 
 
+def test_ensemble_auto_is_five_models_with_backprop_and_one_with_recirculation():
+    assert resolve_model(ModelSection(), 6).ensemble == 5
+    assert resolve_model(ModelSection(ensemble=2), 6).ensemble == 2
+    assert resolve_model(ModelSection(), 6, algorithm="recirculation").ensemble == 1
+    with pytest.raises(ConfigError, match="model.ensemble: 3: train.algorithm recirculation trains one model"):
+        load_config(None, ["train.algorithm=recirculation", "model.hidden_dims=[]", "model.ensemble=3"])
+    with pytest.raises(ConfigError, match="model.ensemble: 0 must be >= 1"):
+        ModelSection(ensemble=0)
+
+
 def test_auto_is_the_default_and_parses():
     cfg = load_config(None, [])
     assert cfg.model.latent_dim == "auto" and cfg.model.hidden_dims == "auto" and cfg.model.score == "calibrated"
@@ -92,7 +102,8 @@ def test_calibrated_score_puts_features_on_one_scale_and_sees_far_out_codes():
     rows = torch.tensor([[200.0, 1.0], [100.0, 10.0]])
     s = cal.score(rows, torch.zeros(2, 1))
     assert s[1] > s[0]
-    assert float(s[0]) == pytest.approx(0.5 * (2 + 1), rel=0.02)
+    # per-feature term 0.5 * (2 + 1), plus plain MSE over its validation mean (100.5 / 50.5)
+    assert float(s[0]) == pytest.approx(0.5 * (2 + 1) + 100.5 / 50.5, rel=0.02)
     # ... which plain MSE ranks the other way round
     assert rows.mean(dim=1)[0] > rows.mean(dim=1)[1]
     # a row reconstructed as well as any but with its code 6 standard deviations out scores high
@@ -100,7 +111,8 @@ def test_calibrated_score_puts_features_on_one_scale_and_sees_far_out_codes():
     assert float(far) > 30
     cal.reset()
     assert float(cal.count) == 0
-    assert float(cal.score(torch.tensor([[4.0, 2.0]]), torch.zeros(1, 1))) == pytest.approx(3.0)  # plain MSE
+    # before any validation row: plain MSE twice (per feature and as a whole), no code term
+    assert float(cal.score(torch.tensor([[4.0, 2.0]]), torch.zeros(1, 1))) == pytest.approx(6.0)
 
 
 def test_calibrated_model_ranks_far_out_rows_that_mse_misses():

@@ -148,3 +148,73 @@ def test_streamed_epochs_read_the_files_in_a_new_order_each_time(ray_cluster, tm
     ds = read_dataset(spec, storage, with_paths=False, shuffle_files=True)
     orders = {first_ids(ds) for _ in range(4)}
     assert len(orders) > 1 and all(sorted(o) == list(range(0, 80, 10)) for o in orders)
+
+
+def _planted_outliers(seed: int = 0):
+    """Normal rows on a line through 6-D space, plus 15% far-off rows on another line: the anomalies, with
+    more variance than the normal rows, so the plain loss's one code unit follows them."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(850, 1, generator=g) * torch.tensor([[1.0, 1, 1, 1, 1, 1]]) + 0.05 * torch.randn(850, 6, generator=g)
+    outliers = (4 + torch.rand(150, 1, generator=g)) * torch.sign(torch.randn(150, 1, generator=g)) * torch.tensor([[1.0, -1, 1, -1, 1, -1]])
+    x = torch.cat([normal, outliers])
+    return x[torch.randperm(len(x), generator=g)], torch.cat([normal, outliers])
+
+
+def _fit(x: torch.Tensor, trim_fraction: float) -> torch.nn.Module:
+    from pipeline.train import LossForward
+
+    torch.manual_seed(0)
+    model = build_model(6, kind="dense", hidden_dims=[6], latent_dim=1, activation="linear", score="recon")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        train_epoch(batches(x, 50), LossForward(model, trim_fraction), opt)
+    return model
+
+
+def test_trimmed_loss_ignores_planted_outliers_that_pull_the_plain_loss():
+    x, ordered = _planted_outliers()
+    plain, trimmed = _fit(x, 0.0), _fit(x, 0.2)
+    with torch.no_grad():
+        errs = {name: m.score(ordered) for name, m in (("plain", plain), ("trimmed", trimmed))}
+    normal_err = {k: float(v[:850].mean()) for k, v in errs.items()}
+    # the plain loss spends its one code unit partly on the outliers' direction; the trimmed one learns the
+    # normal rows' line, reconstructs them better and the outliers worse
+    assert normal_err["trimmed"] < 0.5 * normal_err["plain"]
+    auroc = {k: float((v[850:, None] > v[None, :850]).double().mean()) for k, v in errs.items()}
+    assert auroc["trimmed"] > 0.99 and auroc["trimmed"] > auroc["plain"] + 0.02
+
+
+def test_trimmed_rows_keeps_the_best_reconstructed_share():
+    from pipeline.train import trimmed_rows
+
+    model = build_model(3, kind="dense", hidden_dims=[3], latent_dim=1, score="recon")
+    x = torch.randn(40, 3)
+    kept = trimmed_rows(model, x, 0.25)
+    with torch.no_grad():
+        err = model.score(x)
+    assert kept.shape == (30, 3)
+    assert float(model.score(kept).max()) <= float(torch.sort(err).values[29]) + 1e-6
+    assert trimmed_rows(model, x, 0.0) is x and trimmed_rows(model, x[:1], 0.5).shape == (1, 3)
+
+
+def test_ensemble_trains_its_members_together_and_averages_their_scores():
+    from pipeline.train import LossForward
+
+    torch.manual_seed(0)
+    ens = build_model(6, kind="dense", hidden_dims=[6], latent_dim=2, ensemble=3)
+    first, second = (m.encoder[0].weight for m in ens.members[:2])
+    assert len(ens.members) == 3 and not torch.equal(first, second)  # each from its own random start
+    x = torch.randn(512, 2) @ torch.randn(2, 6)
+    with torch.no_grad():
+        before = [float(m.eval_loss(x)) for m in ens.members]
+    opt = torch.optim.AdamW(ens.parameters(), lr=1e-2)
+    for _ in range(10):
+        train_epoch(batches(x, 64), LossForward(ens), opt)  # one optimizer steps every member
+    ens.eval()
+    with torch.no_grad():
+        after = [float(m.eval_loss(x)) for m in ens.members]
+        s, h, sq = ens.score_and_latent(x)
+        assert all(a < 0.5 * b for a, b in zip(after, before))
+        torch.testing.assert_close(s, torch.stack([m.score(x) for m in ens.members]).mean(dim=0))
+        torch.testing.assert_close(h, ens.members[0].latent(x))  # one code: the first member's
+        torch.testing.assert_close(sq, torch.stack([m.score_and_latent(x)[2] for m in ens.members]).mean(dim=0))

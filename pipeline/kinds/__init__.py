@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from pipeline.kinds import contractive, dense, denoising, sparse, stacked, variational
 from pipeline.kinds.spec import KindSpec
-from pipeline.models import AUTO, MLP_SETTINGS, Autoencoder, SlotLayout
+from pipeline.models import AUTO, MLP_SETTINGS, Autoencoder, Ensemble, SlotLayout
 
 KINDS: dict[str, KindSpec] = {}
 """`model.kind` -> its spec, in registration order (dense, the default, first)."""
@@ -57,11 +57,16 @@ def kind_setting_names() -> set[str]:
     return {name for spec in KINDS.values() for name in spec.setting_names}
 
 
-def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayout] = None,
-                **settings: Any) -> Autoencoder:
+def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayout] = None, ensemble: int | str = 1,
+                **settings: Any) -> Autoencoder | Ensemble:
     """The autoencoder named by `kind`, from a flat model section (`dataclasses.asdict(cfg.model)`, or a
-    manifest's `model`). Another kind's settings are skipped; a name no kind declares is an error, so no
-    setting is ever dropped silently. `layout`: the input's columns (pipeline/features.py; None: numeric)."""
+    manifest's `model`); with `ensemble` > 1, that many of them in one `Ensemble`. Another kind's settings
+    are skipped; a name no kind declares is an error, so no setting is ever dropped silently. `layout`: the
+    input's columns (pipeline/features.py; None: numeric)."""
+    if ensemble == AUTO:  # a section no job resolved (sizing.resolve_model picks the count): one model
+        ensemble = 1
+    if ensemble > 1:
+        return Ensemble([build_model(n_features, kind, layout, **settings) for _ in range(ensemble)])
     spec = spec_of(kind)
     if AUTO in (settings.get("latent_dim"), settings.get("hidden_dims")):  # sizes not chosen by a job yet
         from pipeline.sizing import auto_sizes  # noqa: PLC0415 - sizing imports the config module
