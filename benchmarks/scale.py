@@ -74,6 +74,9 @@ def job_config(data: Path, work: Path, label: str) -> dict[str, Any]:
         f"artifacts.uri={work / 'artifacts'}", f"output.uri={work / 'output' / label}",
         "train.epochs=1", "train.num_workers=1", "train.cpus_per_worker=0.5", "train.batch_size=1024",
         "score.concurrency=2", "score.cpus_per_actor=1",
+        # one model, the plain loss: the data path is what scales with the rows (an ensemble multiplies the
+        # step time alike at every size)
+        "model.ensemble=1", "train.trim_fraction=0",
     ])
     return cfg.to_dict()
 
