@@ -84,6 +84,15 @@ def train_loop_with_ray_log_level(loop: Callable[[dict], None]) -> Callable[[dic
     return functools.partial(_quiet_train_worker, ray_log_level(), loop)
 
 
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+"""A local Ray keeps idle worker processes for ten minutes (Ray's default: 1 s beyond a soft limit, which the
+Train and Data actors exceed). A job runs several passes, each starting tasks that import torch, pyarrow and
+the pipeline; with the default each pass started its processes anew: the threshold pass after training took
+22 s instead of 2 s on 10,000 rows (a minute was too short: training outlasts it). On a cluster, set
+RAY_idle_worker_killing_time_threshold_ms=600000 in the nodes' environment for the same effect
+(infra/k8s/raycluster.yaml does)."""
+
+
 def connect(num_cpus: Optional[int] = None) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one of its own.
 
@@ -102,4 +111,5 @@ def connect(num_cpus: Optional[int] = None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # address="local": always a new cluster of our own; a bare ray.init() would join any cluster another
     # process started on this machine with `ray start` (and then refuse num_cpus)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level,
+             _system_config=LOCAL_SYSTEM_CONFIG)
