@@ -42,7 +42,8 @@ RAY_TMP: list[str] = []  # RAY_TMPDIR of the job subprocesses (one directory for
 def base_args(s3: str, bucket: str, run: str = "base", data: str = "in", out: str = "out") -> list[str]:
     """A tiny config on the loopback S3 server: 1 training worker, a few epochs, a 2-CPU local Ray."""
     sets = {
-        "run.name": run, "run.num_cpus": 2, "data.input": f"s3://{bucket}/{data}",
+        # the vector column by name (the demo's `auto` would take a string `features` as a categorical)
+        "run.name": run, "run.num_cpus": 2, "data.input": f"s3://{bucket}/{data}", "data.features": "features",
         "artifacts.uri": f"s3://{bucket}/artifacts", "output.uri": f"s3://{bucket}/{out}",
         "storage.endpoint_url": s3, "train.epochs": 6, "train.patience": 6, "train.num_workers": 1,
         "train.cpus_per_worker": 0.5, "train.batch_size": 64, "train.lr": 0.003, "train.checkpoint_every": 1,
