@@ -335,20 +335,22 @@ class Featurizer:
         num = self.numeric_columns
         return len(num) + sum(c.indicator for c in num) + sum(c.width for c in self.categorical_columns)
 
-    @property
-    def offset(self) -> np.ndarray:
-        """Per input slot: subtracted before scaling (0 for indicators and one-hot slots)."""
-        out = np.zeros(self.width, np.float32)
+    def _numeric_slots(self, attr: str, fill: float) -> np.ndarray:
+        """Per input slot: the numeric columns' `attr` in their leading slots, `fill` in the rest."""
+        out = np.full(self.width, fill, np.float32)
         num = self.numeric_columns
-        out[:len(num)] = [c.offset for c in num]
+        out[:len(num)] = [getattr(c, attr) for c in num]
         return out
 
     @property
+    def offset(self) -> np.ndarray:
+        """Per input slot: subtracted before scaling (0 for indicators and one-hot slots)."""
+        return self._numeric_slots("offset", 0.0)
+
+    @property
     def scale(self) -> np.ndarray:
-        out = np.ones(self.width, np.float32)
-        num = self.numeric_columns
-        out[:len(num)] = [c.scale for c in num]
-        return out
+        """Per input slot: divided by after the offset (1 for indicators and one-hot slots)."""
+        return self._numeric_slots("scale", 1.0)
 
     def layout(self) -> Optional[SlotLayout]:
         """Which slots make which column, for the model's per-column errors; None on the plain path."""
