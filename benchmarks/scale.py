@@ -42,9 +42,14 @@ def generate(path: Path, rows: int, features: int) -> dict[str, Any]:
     """Shards of `rows` x `features` (a `features` list<float32> column plus `id`), made once per size."""
     from pipeline.sample import generate as sample_rows
 
+    def on_disk() -> tuple[int, int]:
+        shards = list(path.glob("*.parquet"))
+        return len(shards), sum(f.stat().st_size for f in shards)
+
     marker = path / "_READY.json"
     if marker.exists() and json.loads(marker.read_text()) == {"rows": rows, "features": features}:
-        return {"rows": rows, "files": len(list(path.glob("*.parquet"))), "seconds": 0.0}
+        files, size = on_disk()
+        return {"rows": rows, "files": files, "bytes": size, "seconds": 0.0}
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -58,8 +63,7 @@ def generate(path: Path, rows: int, features: int) -> dict[str, Any]:
         pq.write_table(table, path / f"part-{s:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
         del x, table
     marker.write_text(json.dumps({"rows": rows, "features": features}))
-    files = len(list(path.glob("*.parquet")))
-    size = sum(f.stat().st_size for f in path.glob("*.parquet"))
+    files, size = on_disk()
     print(f"[scale] generated {rows:,} rows in {files} files ({size / 2**20:,.0f} MB) in "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     return {"rows": rows, "files": files, "bytes": size, "seconds": time.perf_counter() - t0}
@@ -103,12 +107,13 @@ def run_stages(config_path: str, result_path: str, num_cpus: int, object_store_m
     import yaml
 
     from pipeline import jobs
+    from pipeline.cluster import LOCAL_SYSTEM_CONFIG
     from pipeline.config import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load(Path(config_path).read_text()))
     # address="local": a new Ray of its own, never a cluster that happens to run on the machine
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
     times: dict[str, float] = {}
 
     def timed(name: str, fn):
