@@ -1,7 +1,9 @@
 """Probe (no Ray): the defaults' anomaly ranking on benchmarks/adbench/ with the project's own model,
 train loop (run_training) and scores, in a few minutes. Variants are set with flags (`--set` config overrides, `--scaling`, `--shuffle`); prints per-table test AUROC
 for each part of the score from the same trained models (`cal` is the default score) and for an ensemble of
-the seeds' models. `--tables 40_vowels,6_cardio --seeds 0` reproduces `make eval`'s figures within noise.
+the seeds' models. `--tables 40_vowels,6_cardio --seeds 0` reproduces `make eval`'s figures within noise. Each table's
+models' codes and per-feature errors are saved (`--out`, `--tag`), so `--load` scores new variants of them
+without training again.
 
     python -m benchmarks.rank_probe [--seeds 0,1] [--set model.score=recon] [--scaling minmax] ...
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import numpy as np
 import pyarrow as pa
 import torch
+from sklearn.neighbors import NearestNeighbors
 
 from pipeline.config import load_config
 from pipeline.data import Moments, normalization_stats, validation_mask
@@ -80,17 +84,11 @@ def run_table(name, overrides, seed, scaling, shuffle):
     with torch.inference_mode():
         for part, rows in (("val", Xtr[val]), ("test", t.X[test])):
             xx = norm(torch.as_tensor(rows, dtype=torch.float32))
-            parts = []
-            for m in getattr(ae, "members", [ae]):  # an ensemble: each score part averaged over its members
+            members = []
+            for m in getattr(ae, "members", [ae]):  # an ensemble: each score is the members' mean, as in Ensemble
                 h = m.encode(xx)
-                sq = (m.decode(h).float() - xx) ** 2
-                feat, mu, var = m.calibration.stats()
-                feat = feat.clamp_min(1e-3 * float(feat.mean()) + 1e-12)
-                var = var.clamp_min(1e-3 * float(var.mean()) + 1e-12)
-                parts.append({"mse": sq.mean(1).double().numpy() / float(feat.mean()),
-                              "feat": (sq.double() / feat).mean(1).numpy(),
-                              "code": ((h.double() - mu) ** 2 / var).mean(1).numpy()})
-            out[part] = {k: np.mean([p[k] for p in parts], axis=0) for k in parts[0]}
+                members.append({"h": h.double().numpy(), "sq": ((m.decode(h).float() - xx) ** 2).double().numpy()})
+            out[part] = {"x": xx.double().numpy(), "members": members}
     return {"scores": out, "y": t.y[test], "epochs": len(state.history), "best": state.stopper.best_epoch + 1,
             "limit": epochs, "batch": batch, "sec": time.perf_counter() - t0}
 
@@ -102,13 +100,73 @@ def zval(val, test):
     return (test - med) / s
 
 
+RIDGE = 1e-3  # of the mean variance, added to a covariance's diagonal
+KNN = 5
+
+
+def knn(ref, rows, same):
+    """Mean squared distance to the KNN nearest reference rows (a row is not its own neighbour when same)."""
+    d, _ = NearestNeighbors(n_neighbors=KNN + same).fit(ref).kneighbors(rows)
+    return (d[:, int(same):] ** 2).mean(1)
+
+
+def mahalanobis(ref, rows):
+    """Full-covariance squared Mahalanobis distance of rows from ref's mean, over the dimension."""
+    mu = ref.mean(0)
+    c = np.atleast_2d(np.cov(ref, rowvar=False, bias=True))
+    c = c + RIDGE * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c))
+    d = rows - mu
+    return np.einsum("ij,jk,ik->i", d, np.linalg.pinv(c), d) / len(mu)
+
+
+def terms(val, part):
+    """Each member's score terms for `part`'s rows, statistics from the validation rows (as ScoreCalibration):
+    feat (per-feature error / its validation mean), mse (MSE / its validation mean), code (diagonal
+    standardized code distance), codefull (full-covariance Mahalanobis of the code), in (full-covariance
+    Mahalanobis of the normalized input, shared by the members), knn_in / knn_code (mean squared distance to
+    the KNN nearest validation rows, input / code, over its validation mean; not a sum the pipeline could
+    all-reduce, measured for what it could give)."""
+    inp = mahalanobis(val["x"], part["x"])
+    same = part is val
+    kin = knn(val["x"], part["x"], same)
+    kin = kin / knn(val["x"], val["x"], True).mean()
+    out = []
+    for mv, mp in zip(val["members"], part["members"]):
+        feat = mv["sq"].mean(0)
+        feat = np.maximum(feat, 1e-3 * feat.mean() + 1e-12)
+        mu, var = mv["h"].mean(0), mv["h"].var(0)
+        var = np.maximum(var, 1e-3 * var.mean() + 1e-12)
+        out.append({"feat": (mp["sq"] / feat).mean(1), "mse": mp["sq"].mean(1) / feat.mean(),
+                    "code": ((mp["h"] - mu) ** 2 / var).mean(1), "codefull": mahalanobis(mv["h"], mp["h"]),
+                    "in": inp, "knn_in": kin,
+                    "knn_code": knn(mv["h"], mp["h"], same) / knn(mv["h"], mv["h"], True).mean()})
+    return out
+
+
+# plain sums of terms (cal = the default score)
+SUMS = {"cal": ("feat", "code", "mse"), "cal2": ("feat", "code"), "mse": ("mse",), "feat": ("feat",), "code": ("code",),
+        "codefull": ("codefull",), "in": ("in",), "cal_full": ("feat", "codefull", "mse"),
+        "cal+in": ("feat", "code", "mse", "in"), "cal_full+in": ("feat", "codefull", "mse", "in"),
+        "cal+codefull": ("feat", "code", "mse", "codefull"), "knn_in": ("knn_in",), "knn_code": ("knn_code",),
+        "cal+knn_code": ("feat", "code", "mse", "knn_code"), "f+m+knn_code": ("feat", "mse", "knn_code"),
+        "cal+knn_in": ("feat", "code", "mse", "knn_in")}
+# each term on its validation z scale (mean / std), then summed
+ZSUMS = {"z:cal": ("feat", "code", "mse"), "z:cal_full": ("feat", "codefull", "mse"),
+         "z:cal_full+in": ("feat", "codefull", "mse", "in")}
+
+
 def variants(r):
+    """name -> (validation rows' scores, test rows' scores), each the members' mean."""
     v, t = r["scores"]["val"], r["scores"]["test"]
-    cal = t["feat"] + t["code"] + t["mse"]
-    return {"cal": cal, "mse": t["mse"], "feat": t["feat"], "code": t["code"],
-            "cal+mse_z": zval(v["feat"] + v["code"], t["feat"] + t["code"]) + zval(v["mse"], t["mse"]),
-            "feat+code.5": t["feat"] + 0.5 * t["code"],
-            "max_z": np.maximum(zval(v["feat"] + v["code"], t["feat"] + t["code"]), zval(v["mse"], t["mse"]))}
+    tv, tt = terms(v, v), terms(v, t)
+    out = {}
+    for name, keys in SUMS.items():
+        out[name] = tuple(np.mean([sum(m[k] for k in keys) for m in side], 0) for side in (tv, tt))
+    for name, keys in ZSUMS.items():
+        z = [[sum((m[k] - a[k].mean()) / (a[k].std() + 1e-12) for k in keys) for a, m in zip(tv, side)]
+             for side in (tv, tt)]
+        out[name] = tuple(np.mean(side, 0) for side in z)
+    return out
 
 
 def auc(s, y):
@@ -127,26 +185,26 @@ def main():
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--tables", default=",".join(TABLES))
     p.add_argument("--tag", default="")
+    p.add_argument("--out", default="/tmp/rank_probe", help="folder for each table's raw results (.npy)")
+    p.add_argument("--load", action="store_true", help="score variants of the models a run with this --out and "
+                   "--tag saved, without training")
     a = p.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")]
     res = {}
     for name in a.tables.split(","):
-        rows = [run_table(name, a.set, s, a.scaling, a.shuffle) for s in seeds]
+        saved = os.path.join(a.out, f"{a.tag}_{name}.npy")
+        rows = (list(np.load(saved, allow_pickle=True)) if a.load
+                else [run_table(name, a.set, s, a.scaling, a.shuffle) for s in seeds])
         y = rows[0]["y"]
-        per = {k: [auc(variants(r)[k], y) for r in rows] for k in variants(rows[0])}
-        # ensemble: average of the members' scores, each on its validation rows' scale
-        ens = {}
-        for k in ("cal", "mse", "cal+mse_z"):
-            zs = []
-            for r in rows:
-                v, t = r["scores"]["val"], r["scores"]["test"]
-                vv = {"cal": v["feat"] + v["code"] + v["mse"], "mse": v["mse"],
-                      "cal+mse_z": zval(v["feat"] + v["code"], v["feat"] + v["code"]) + zval(v["mse"], v["mse"])}[k]
-                zs.append(zval(vv, variants(r)[k]))
-            ens[k] = auc(np.mean(zs, 0), y)
+        vs = [variants(r) for r in rows]
+        per = {k: [auc(x[k][1], y) for x in vs] for k in vs[0]}
+        # ensemble of the seeds: average of their scores, each on its validation rows' scale
+        ens = {k: auc(np.mean([zval(*x[k]) for x in vs], 0), y) for k in vs[0]}
         res[name] = {**{k: float(np.mean(x)) for k, x in per.items()}, **{f"ens_{k}": x for k, x in ens.items()}}
-        np.save(f"/tmp/i11r/{a.tag}_{name}.npy", np.array(rows, dtype=object), allow_pickle=True)
+        if not a.load:
+            os.makedirs(a.out, exist_ok=True)
+            np.save(saved, np.array(rows, dtype=object), allow_pickle=True)
         print(f"{name:16s} " + " ".join(f"{k}={np.mean(x):.3f}" for k, x in per.items())
               + " | ens " + " ".join(f"{k}={x:.3f}" for k, x in ens.items())
               + f" | ep {rows[0]['epochs']}/{rows[0]['limit']} best {rows[0]['best']} batch {rows[0]['batch']} "
