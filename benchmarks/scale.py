@@ -107,11 +107,12 @@ def run_stages(config_path: str, result_path: str, num_cpus: int, object_store_m
     import yaml
 
     from pipeline import jobs
-    from pipeline.cluster import LOCAL_SYSTEM_CONFIG
+    from pipeline.cluster import LOCAL_SYSTEM_CONFIG, local_ray_environment
     from pipeline.config import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load(Path(config_path).read_text()))
     # address="local": a new Ray of its own, never a cluster that happens to run on the machine
+    local_ray_environment()
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
              logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
     times: dict[str, float] = {}

@@ -206,7 +206,8 @@ class TrainSection:
     min_workers: Optional[int] = None
     """Elastic training: start with as many workers as fit between this and num_workers, and after losing a
     node go on from the last checkpoint with fewer (never below this) instead of waiting for its resources;
-    unset means exactly num_workers."""
+    unset means exactly num_workers. GPU workers only (use_gpu): CPU workers would take the CPUs Ray Data
+    needs."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker; keep some free for Ray Data to feed them."""
     use_gpu: bool = False
@@ -249,6 +250,12 @@ class TrainSection:
         _check(self.num_workers >= 1, "train.num_workers", f"{self.num_workers} must be >= 1")
         _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, "train.min_workers",
                f"{self.min_workers} must be between 1 and train.num_workers ({self.num_workers})")
+        # Measured on a 3-node loopback cluster (tests/test_multinode.py's setup): after a node loss Ray
+        # Train's elastic policy restarted as many CPU workers as the remaining CPUs held and Ray Data's read
+        # tasks waited for a CPU forever. With GPU workers the GPUs bound the group and the CPUs stay free.
+        _check(self.min_workers is None or self.min_workers == self.num_workers or self.use_gpu,
+               "train.min_workers", "elastic training needs train.use_gpu: with CPU workers Ray Train's restart "
+               "takes every CPU the remaining nodes have and leaves Ray Data none to read the input")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
         _check(self.patience >= 1, "train.patience", "must be >= 1")
         _check(self.min_delta >= 0, "train.min_delta", "must be >= 0")

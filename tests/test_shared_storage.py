@@ -30,7 +30,11 @@ def test_object_storage_passes_and_a_declared_shared_mount_is_allowed():
         check_shared_storage(cfg(**{"data.input": "s3://b/in", "artifacts.uri": "file:///nfs/a"}), nodes=2)
 
 
-def test_min_workers_is_checked_against_num_workers():
-    assert cfg(**{"train.num_workers": 4, "train.min_workers": 2}).train.min_workers == 2
+def test_min_workers_is_checked_against_num_workers_and_needs_gpus():
+    assert cfg(**{"train.num_workers": 4, "train.min_workers": 2, "train.use_gpu": "true"}).train.min_workers == 2
+    assert cfg(**{"train.num_workers": 2, "train.min_workers": 2}).train.min_workers == 2  # not elastic
     with pytest.raises(ConfigError, match="train.min_workers"):
-        cfg(**{"train.num_workers": 2, "train.min_workers": 3})
+        cfg(**{"train.num_workers": 2, "train.min_workers": 3, "train.use_gpu": "true"})
+    # CPU workers: Ray Train's elastic restart takes every CPU and Ray Data waits forever (test_multinode setup)
+    with pytest.raises(ConfigError, match="train.min_workers: elastic training needs train.use_gpu"):
+        cfg(**{"train.num_workers": 2, "train.min_workers": 1})
