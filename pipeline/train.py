@@ -72,11 +72,16 @@ class EpochCache:
     On a GPU the rows are kept in host memory and each batch is copied over as it is used.
     """
 
-    def __init__(self, stream: Callable[[], Iterable[torch.Tensor]], batch_size: int, device: torch.device,
-                 shuffle: bool, seed: int):
+    def __init__(self, stream: Optional[Callable[[], Iterable[torch.Tensor]]], batch_size: int,
+                 device: torch.device, shuffle: bool, seed: int, rows: Optional[torch.Tensor] = None,
+                 limit: Optional[int] = None):
         self.stream, self.batch_size, self.device, self.shuffle = stream, batch_size, device, shuffle
         self.rows: Optional[torch.Tensor] = None
+        self.limit = limit
+        """Rows used per pass (the first `limit` of each permutation); None: all."""
         self.generator = torch.Generator().manual_seed(seed)
+        if rows is not None:
+            self.rows = rows.pin_memory() if device.type == "cuda" else rows
 
     def __call__(self) -> Iterator[torch.Tensor]:
         return self._first_pass() if self.rows is None else self._from_memory(self.rows)
@@ -93,11 +98,87 @@ class EpochCache:
 
     def _from_memory(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
         n, non_blocking = rows.shape[0], self.device.type == "cuda"
+        if self.limit is not None:
+            n = min(n, self.limit)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for i in range(0, n, self.batch_size):
             beat()
             x = rows[order[i:i + self.batch_size]] if order is not None else rows[i:i + self.batch_size]
             yield x.to(self.device, non_blocking=non_blocking)
+
+
+@dataclass(frozen=True)
+class DirectSplits:
+    """Cached epochs' input without Ray Data: each training worker reads its share of the input's row groups
+    itself, once, and splits them into training and validation rows as the Ray Data path does (SplitFeatures).
+
+    Through Ray Data, a training run started a DatasetManager and a SplitCoordinator per split (each a
+    process importing torch and Ray Data) and ran a dataset execution per split before the first step: 11 s of
+    the 30 s the ADBench pendigits job (4,312 training rows, 20 epochs) spent in training on this 2-core machine.
+    Used only when the splits fit the cache (`cache_splits`) and every column read is in the files.
+    """
+
+    files: list[str]
+    columns: list[str]
+    data: Any
+    """The data section (DataSection), `features` resolved."""
+    num_features: int
+    featurizer: Optional[Any] = None
+    """The fitted Featurizer of scalar columns; None for a vector column."""
+
+    def read(self, storage, rank: int, world: int) -> tuple[list[pa.Table], list[pa.Table]]:
+        """This rank's training and validation rows (one `x` table per row group read). Row groups go round
+        robin over the ranks; with fewer row groups than ranks, every rank reads them all and keeps every
+        world-th row, so no rank is left without rows."""
+        from pipeline.data import PATH_COLUMN, SplitFeatures
+
+        groups = []
+        for f in self.files:
+            with storage.open_parquet(f) as pf:
+                groups += [(f, g) for g in range(pf.num_row_groups)]
+        mine = groups[rank::world] if len(groups) >= world else groups
+        splits = {s: SplitFeatures(self.data, self.num_features, s, self.featurizer) for s in ("train", "validation")}
+        out: dict[str, list[pa.Table]] = {s: [] for s in splits}
+        for f in dict.fromkeys(f for f, _ in mine):
+            with storage.open_parquet(f) as pf:
+                for _, g in (fg for fg in mine if fg[0] == f):
+                    beat()
+                    t = pf.read_row_group(g, columns=self.columns)
+                    if len(groups) < world:
+                        t = t.take(np.arange(rank, t.num_rows, world))
+                    # the shard's name for error messages, as Ray Data's include_paths gives it
+                    t = t.append_column(PATH_COLUMN, pa.array([storage.resolve(f)[1]] * t.num_rows, pa.string()))
+                    for s, split in splits.items():
+                        out[s].append(split(t))
+        return out["train"], out["validation"]
+
+
+def _all_reduce_min(value: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def direct_epochs(wc: "WorkerConfig", rank: int, world: int, device: torch.device):
+    """(train_batches, val_batches) over this rank's rows read once (DirectSplits). Every rank trains on the
+    same number of rows per epoch (the smallest share; each epoch's permutation picks which), since DDP's
+    all-reduce in every step needs the same number of steps on every rank."""
+    cpu = torch.device("cpu")
+    normalizer = Normalizer(wc.mean, wc.scale, cpu)
+    train, val = wc.direct.read(wc.storage, rank, world)
+
+    def rows(tables: list[pa.Table]) -> torch.Tensor:
+        parts = list(tensor_batches(tables, normalizer, cpu))
+        return torch.cat(parts) if parts else torch.zeros((0, wc.n_features))
+
+    train_rows, val_rows = rows(train), rows(val)
+    limit = _all_reduce_min(train_rows.shape[0])
+    return (EpochCache(None, wc.batch_size, device, shuffle=True, seed=wc.seed + rank, rows=train_rows, limit=limit),
+            EpochCache(None, wc.batch_size * 4, device, shuffle=False, seed=0, rows=val_rows))
 
 
 @dataclass
@@ -321,6 +402,8 @@ class WorkerConfig:
     """Where Ray Train writes this run's checkpoints (`<run>/train/<run.name>`)."""
     cache: bool = False
     """Keep each worker's shards in its memory after the first epoch (EpochCache; fit's cache_splits)."""
+    direct: Optional[DirectSplits] = None
+    """Set with `cache` when the workers read their rows themselves (no Ray Data datasets in the trainer)."""
     layout: Optional[SlotLayout] = None
     """Which input slots make which column (categoricals, missing indicators); None: one column per slot."""
 
@@ -587,6 +670,11 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
         # a finished run Ray Train has not seen the end of: report its last checkpoint as the result
         _ray_report(state.history[-1], state.checkpoint(trainee, state.start_epoch - 1) if rank == 0 else None)
 
+    if wc.direct is not None:
+        train_batches, val_batches = direct_epochs(wc, rank, ray.train.get_context().get_world_size(), device)
+        run_training(wc, trainee, state, train_batches, val_batches,
+                     device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
+        return
     normalizer = Normalizer(wc.mean, wc.scale, device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
@@ -618,7 +706,7 @@ def cache_splits(spec, cache_fraction: float, width: Optional[int] = None) -> bo
 
     size, store = split_bytes(spec, width), float(ray.cluster_resources().get("object_store_memory", 0.0))
     cache = cache_fraction > 0 and size <= cache_fraction * store
-    what = ("reading the splits once and keeping them in the training workers' memory" if cache
+    what = ("each training worker reads its part of the splits once and keeps it in memory" if cache
             else "streaming the input each epoch")
     print(f"[train] {what} ({size / 1e6:,.1f} MB of {store / 1e6:,.0f} MB; train.cache_fraction="
           f"{cache_fraction:g})", flush=True)
@@ -648,11 +736,18 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
     data, tr = cfg.data, cfg.train
     fz = None if featurizer.vector else featurizer  # a vector column: the float matrix as it is
     cache = cache_splits(spec, tr.cache_fraction, featurizer.width)
-    # Streamed epochs read the files in a new order each time; cached ones shuffle every row in the worker.
-    train_ds = read_dataset(spec, storage, shuffle_files=not cache).map_batches(
-        SplitFeatures(data, spec.num_features, "train", fz), batch_format="pyarrow", batch_size=None)
-    val_ds = read_dataset(spec, storage).map_batches(
-        SplitFeatures(data, spec.num_features, "validation", fz), batch_format="pyarrow", batch_size=None)
+    # Cached: the workers read their rows themselves (DirectSplits), unless a column read is not in the files
+    # (e.g. a hive partition key, which only Ray Data's reader adds).
+    direct = (DirectSplits(list(spec.files), list(spec.columns), data, spec.num_features, fz)
+              if cache and spec.schema is not None and set(spec.columns) <= set(spec.schema.names) else None)
+    datasets = None
+    if direct is None:
+        # Streamed epochs read the files in a new order each time; cached ones shuffle every row in the worker.
+        datasets = {
+            "train": read_dataset(spec, storage, shuffle_files=not cache).map_batches(
+                SplitFeatures(data, spec.num_features, "train", fz), batch_format="pyarrow", batch_size=None),
+            "validation": read_dataset(spec, storage).map_batches(
+                SplitFeatures(data, spec.num_features, "validation", fz), batch_format="pyarrow", batch_size=None)}
 
     from pipeline.sizing import step_budget
 
@@ -665,7 +760,7 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
                           layout=featurizer.layout(),
                           # resume from the newest complete checkpoint in storage, registered or not (resume.py)
                           storage=storage, checkpoints_uri=join_uri(cfg.run_uri, "train", cfg.run.name),
-                          cache=cache)
+                          cache=cache, direct=direct)
     resources = {"CPU": tr.cpus_per_worker}
     if tr.use_gpu:
         resources["GPU"] = 1
@@ -683,7 +778,7 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
             # Ray Train's per-report and per-checkpoint info lines: session logs only, unless --verbose
             logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
         ),
-        datasets={"train": train_ds, "validation": val_ds},
+        datasets=datasets,
     )
     result = trainer.fit()
     if result.checkpoint is None:

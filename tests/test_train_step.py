@@ -86,7 +86,7 @@ def test_splits_are_cached_when_they_fit_the_share_of_the_object_store(ray_clust
                      num_rows=4_318, columns=[])
     assert split_bytes(spec) == 4_318 * 16 * 4
     assert cache_splits(spec, 0.25)
-    assert "[train] reading the splits once and keeping them in the training workers' memory (0.3 MB of" in \
+    assert "[train] each training worker reads its part of the splits once and keeps it in memory (0.3 MB of" in \
         capsys.readouterr().out
     assert not cache_splits(spec, 0.0)  # 0: never
     big = InputSpec(uri=spec.uri, files=spec.files, feature_names=spec.feature_names, columns=[],
@@ -124,6 +124,51 @@ def test_epoch_cache_streams_once_then_shuffles_every_row_in_memory():
     partial = EpochCache(stream, batch_size=8, device=torch.device("cpu"), shuffle=True, seed=0)
     next(iter(partial()))
     assert partial.rows is None
+
+
+def test_direct_splits_give_every_row_to_one_rank_and_equal_steps_to_all(tmp_path):
+    """Cached epochs without Ray Data: the ranks' reads partition the rows (row groups round robin, or every
+    world-th row when there are fewer row groups than ranks), split train/validation as Ray Data's path does
+    (SplitFeatures), and a row limit gives every rank the same number of rows per epoch."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import DataSection, StorageSection
+    from pipeline.data import SplitFeatures
+    from pipeline.storage import Storage
+    from pipeline.train import DirectSplits, EpochCache
+
+    data = DataSection(input=str(tmp_path), features=["f0", "f1"], id_columns=["id"])
+    files = []
+    for i, (lo, n) in enumerate([(0, 70), (70, 50)]):
+        ids = np.arange(lo, lo + n)
+        f = tmp_path / f"part-{i}.parquet"
+        pq.write_table(pa.table({"id": ids, "f0": ids * 1.0, "f1": ids * 2.0}), f, row_group_size=20)  # 4 + 3
+        files.append(str(f))
+    direct = DirectSplits(files, ["id", "f0", "f1"], data, 2)
+    storage = Storage(StorageSection())
+    whole = pa.concat_tables(pq.read_table(f) for f in files)
+
+    def f0(t: pa.Table) -> list[float]:  # the rows' first feature (= their id)
+        return t.column("x").combine_chunks().flatten().to_numpy()[0::2].tolist()
+
+    want = {s: sorted(f0(SplitFeatures(data, 2, s)(whole))) for s in ("train", "validation")}
+    assert 0 < len(want["validation"]) < len(want["train"])
+    for world in (1, 2, 3, 10):  # 10 ranks > 7 row groups: every world-th row
+        got = {"train": [], "validation": []}
+        counts = []
+        for rank in range(world):
+            train, val = direct.read(storage, rank, world)
+            for s, tables in (("train", train), ("validation", val)):
+                got[s] += [v for t in tables for v in f0(t)]
+            counts.append(sum(t.num_rows for t in train))
+        assert {s: sorted(v) for s, v in got.items()} == want, world  # every row once, in its split
+        assert min(counts) > 0, (world, counts)
+    # the smallest share bounds every rank's epoch: the same number of steps everywhere, new rows each time
+    rows = torch.arange(30, dtype=torch.float32).reshape(30, 1)
+    cache = EpochCache(None, batch_size=8, device=torch.device("cpu"), shuffle=True, seed=0, rows=rows, limit=20)
+    passes = [torch.cat(list(cache())) for _ in range(3)]
+    assert all(p.shape[0] == 20 for p in passes) and len({tuple(p[:, 0].tolist()) for p in passes}) == 3
+    assert [b.shape[0] for b in cache()] == [8, 8, 4]
 
 
 def test_streamed_epochs_read_the_files_in_a_new_order_each_time(ray_cluster, tmp_path):
