@@ -1,6 +1,7 @@
 """Training: pure step functions (tested without Ray), the per-worker loop, and the driver that runs it.
 
-Driver (`fit`): builds the train/validation datasets, `ScalingConfig`, `RunConfig(name, storage_path)` and
+Driver (`fit`): builds the train/validation datasets (or, when the splits fit the cache, tells the workers
+which files to read themselves: `DirectSplits`), `ScalingConfig`, `RunConfig(name, storage_path)` and
 a `TorchTrainer`; the run's checkpoints live in artifact storage, so rerunning the same `run.name` resumes.
 Worker (`train_loop_per_worker`, told a typed `WorkerConfig`): builds the model and learning rule
 (`build_trainee`, restored from the last checkpoint), then `run_training` per epoch trains, evaluates,
@@ -63,10 +64,11 @@ def tensor_batches(tables: Iterable[pa.Table], normalizer: Normalizer, device: t
 
 
 class EpochCache:
-    """A worker's shard of a split, read from Ray Data once and kept in the worker's memory.
+    """A worker's shard of a split, kept in the worker's memory: given up front (`rows`, read by
+    `DirectSplits`), or read from Ray Data once.
 
-    The first pass streams (`stream()`: the normalized batches) and keeps every batch; each later pass
-    draws a fresh permutation of all the kept rows and batches it: a full row-level shuffle of the shard
+    Given a stream, the first pass streams (`stream()`: the normalized batches) and keeps every batch; each
+    later pass draws a fresh permutation of all the kept rows and batches it: a full row-level shuffle of the shard
     every epoch (streaming shuffles only the block order, plus an optional local buffer), and no dataset
     execution, split coordinator round trip or re-read per epoch. Only a pass that ran to its end is kept.
     On a GPU the rows are kept in host memory and each batch is copied over as it is used.
