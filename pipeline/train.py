@@ -524,12 +524,14 @@ class EpochTotals:
 
 
 def epoch_metrics(epoch: int, totals: EpochTotals, stats: EpochStats, stopper: EarlyStopping,
-                  stage: Optional[str], elapsed: float, last_report_seconds: float = 0.0) -> dict[str, Any]:
+                  stage: Optional[str], elapsed: float, last_report_seconds: float = 0.0,
+                  validation_seconds: float = 0.0) -> dict[str, Any]:
     """The metrics reported (and kept in the history) for one epoch.
 
     `fixed_seconds` is what the epoch cost besides its training steps: reading and waiting for data,
     validation, the all-reduce, and the previous epoch's report (+ checkpoint), counted here because an
-    epoch's metrics travel in its own report, before that report's time is known.
+    epoch's metrics travel in its own report, before that report's time is known. `validation_seconds` is
+    the validation pass's part of it (a forward pass over the rank's validation rows: it grows with them).
     """
     steady = totals.steady_seconds
     return {
@@ -538,7 +540,7 @@ def epoch_metrics(epoch: int, totals: EpochTotals, stats: EpochStats, stopper: E
         "rows_per_s": totals.train_rows / max(elapsed, 1e-9), "epoch_seconds": elapsed,
         "first_batch_seconds": stats.first_batch_seconds, "step_seconds": stats.step_seconds,
         "fixed_seconds": max(elapsed + last_report_seconds - stats.step_seconds, 0.0),
-        "last_report_seconds": last_report_seconds,
+        "last_report_seconds": last_report_seconds, "validation_seconds": validation_seconds,
         # steady state per worker: training steps only, the first batch (warm-up) excluded
         "worker_rows_per_s": totals.steady_rows / steady if steady > 0 else 0.0,
         "data_wait_fraction": totals.data_wait_seconds / steady if steady > 0 else 0.0,
@@ -584,14 +586,16 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
         t0 = time.perf_counter()
         stage = trainee.ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a staged kind
         stats = train_epoch(train_batches(), trainee.model, trainee.optimizer, device, step_fn=trainee.step_fn)
+        t_val = time.perf_counter()
         val_sum, val_rows = evaluate(val_batches(), trainee.model)
+        validation_seconds = time.perf_counter() - t_val
         totals = EpochTotals.of(stats, val_sum, val_rows).reduced(all_reduce_sum)
         # the full model is not what pretraining optimizes: early stopping and the best model wait for it
         improved = epoch >= pretraining and state.stopper.update(totals.val_loss, epoch)
         if improved or state.best_state is None:
             state.best_state = _state_to_cpu(trainee.model)
         metrics = {**epoch_metrics(epoch, totals, stats, state.stopper, stage, time.perf_counter() - t0,
-                                   report_seconds), **(extra_metrics or {})}
+                                   report_seconds, validation_seconds), **(extra_metrics or {})}
         state.history.append(metrics)
         stop = state.stopper.should_stop
         if rank == 0:
