@@ -3,6 +3,7 @@ Ray. The same rules on a real Ray cluster, end to end, are in tests/test_hangs.p
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -126,11 +127,17 @@ def test_watchdog_reports_a_silent_phase_and_ends_it_at_the_timeout():
     lines: list[str] = []
     w = Watchdog(1.5, "training", "2 training workers x 1 CPU + Ray Data",
                  describe=lambda: "cluster has 2 CPUs, 0 free", report_every_s=0.5, log=lines.append)
-    with pytest.raises(KeyboardInterrupt):
-        w.start()
-        for _ in range(300):  # short sleeps: the interrupt lands between them (up to 30 s on a loaded machine)
-            time.sleep(0.1)
-    w.stop()
+    # Python's own SIGINT handler, whatever an earlier test left behind: Ray Train's fit() installs one (a
+    # graceful abort) that takes the interrupt without raising, and the watchdog would then end this process
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            w.start()
+            for _ in range(300):  # short sleeps: the interrupt lands between them (up to 30 s on a loaded machine)
+                time.sleep(0.1)
+    finally:
+        w.stop()
+        signal.signal(signal.SIGINT, previous)
     assert lines and lines[0].startswith("[watchdog] training: no progress for ")
     assert lines[0].endswith("s, waiting for 2 training workers x 1 CPU + Ray Data; cluster has 2 CPUs, 0 free")
     assert isinstance(w.error, StallError)
