@@ -68,8 +68,8 @@ class EpochCache:
     `DirectSplits`), or read from Ray Data once.
 
     Given a stream, the first pass streams (`stream()`: the normalized batches) and keeps every batch; each
-    later pass draws a fresh permutation of all the kept rows and batches it: a full row-level shuffle of the shard
-    every epoch (streaming shuffles only the block order, plus an optional local buffer), and no dataset
+    later pass draws a fresh permutation of all the kept rows and batches it: a full row-level shuffle of the
+    shard every epoch (streaming shuffles only the block order, plus an optional local buffer), and no dataset
     execution, split coordinator round trip or re-read per epoch. Only a pass that ran to its end is kept.
     On a GPU the rows are kept in host memory and each batch is copied over as it is used.
     """
@@ -83,7 +83,10 @@ class EpochCache:
         """Rows used per pass (the first `limit` of each permutation); None: all."""
         self.generator = torch.Generator().manual_seed(seed)
         if rows is not None:
-            self.rows = rows.pin_memory() if device.type == "cuda" else rows
+            self._keep(rows)
+
+    def _keep(self, rows: torch.Tensor) -> None:
+        self.rows = rows.pin_memory() if self.device.type == "cuda" else rows
 
     def __call__(self) -> Iterator[torch.Tensor]:
         return self._first_pass() if self.rows is None else self._from_memory(self.rows)
@@ -94,9 +97,7 @@ class EpochCache:
             kept.append(x.to("cpu"))
             yield x
         if kept:
-            self.rows = torch.cat(kept)
-            if self.device.type == "cuda":
-                self.rows = self.rows.pin_memory()
+            self._keep(torch.cat(kept))
 
     def _from_memory(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
         n, non_blocking = rows.shape[0], self.device.type == "cuda"
@@ -138,31 +139,24 @@ class DirectSplits:
         for f in self.files:
             with storage.open_parquet(f) as pf:
                 groups += [(f, g) for g in range(pf.num_row_groups)]
-        mine = groups[rank::world] if len(groups) >= world else groups
+        few = len(groups) < world
+        mine: dict[str, list[int]] = {}
+        for f, g in (groups if few else groups[rank::world]):
+            mine.setdefault(f, []).append(g)
         splits = {s: SplitFeatures(self.data, self.num_features, s, self.featurizer) for s in ("train", "validation")}
         out: dict[str, list[pa.Table]] = {s: [] for s in splits}
-        for f in dict.fromkeys(f for f, _ in mine):
+        for f, gs in mine.items():
+            path = storage.resolve(f)[1]  # the shard's name for error messages, as Ray Data's include_paths gives it
             with storage.open_parquet(f) as pf:
-                for _, g in (fg for fg in mine if fg[0] == f):
+                for g in gs:
                     beat()
                     t = pf.read_row_group(g, columns=self.columns)
-                    if len(groups) < world:
+                    if few:
                         t = t.take(np.arange(rank, t.num_rows, world))
-                    # the shard's name for error messages, as Ray Data's include_paths gives it
-                    t = t.append_column(PATH_COLUMN, pa.array([storage.resolve(f)[1]] * t.num_rows, pa.string()))
+                    t = t.append_column(PATH_COLUMN, pa.array([path] * t.num_rows, pa.string()))
                     for s, split in splits.items():
                         out[s].append(split(t))
         return out["train"], out["validation"]
-
-
-def _all_reduce_min(value: int) -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 def direct_epochs(wc: "WorkerConfig", rank: int, world: int, device: torch.device):
@@ -178,7 +172,7 @@ def direct_epochs(wc: "WorkerConfig", rank: int, world: int, device: torch.devic
         return torch.cat(parts) if parts else torch.zeros((0, wc.n_features))
 
     train_rows, val_rows = rows(train), rows(val)
-    limit = _all_reduce_min(train_rows.shape[0])
+    limit = int(_all_reduce([train_rows.shape[0]], "MIN")[0])
     return (EpochCache(None, wc.batch_size, device, shuffle=True, seed=wc.seed + rank, rows=train_rows, limit=limit),
             EpochCache(None, wc.batch_size * 4, device, shuffle=False, seed=0, rows=val_rows))
 
@@ -348,14 +342,19 @@ class EarlyStopping:
 # ------------------------------------------------------------------------------------------ worker loop
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
+def _all_reduce(values: list[float], op: str = "SUM") -> list[float]:
+    """`values` reduced over the ranks (`op`: a torch.distributed.ReduceOp name); as they are without one."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    return _all_reduce(values)
 
 
 def _worker_nodes() -> list[str]:
@@ -678,9 +677,17 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
 
     if wc.direct is not None:
         train_batches, val_batches = direct_epochs(wc, rank, ray.train.get_context().get_world_size(), device)
-        run_training(wc, trainee, state, train_batches, val_batches,
-                     device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
-        return
+    else:
+        train_batches, val_batches = dataset_epochs(wc, rank, device)
+    run_training(wc, trainee, state, train_batches, val_batches,
+                 device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
+
+
+def dataset_epochs(wc: WorkerConfig, rank: int, device: torch.device):
+    """(train_batches, val_batches) over this rank's Ray Data shards: streamed each epoch, or read once
+    (EpochCache) when `wc.cache`."""
+    import ray.train
+
     normalizer = Normalizer(wc.mean, wc.scale, device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
@@ -693,8 +700,7 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     if wc.cache:
         train_batches = EpochCache(train_batches, wc.batch_size, device, shuffle=True, seed=wc.seed + rank)
         val_batches = EpochCache(val_batches, wc.batch_size * 4, device, shuffle=False, seed=0)
-    run_training(wc, trainee, state, train_batches, val_batches,
-                 device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
+    return train_batches, val_batches
 
 
 # ------------------------------------------------------------------------------------------ driver

@@ -290,4 +290,3 @@ def test_node_loss_mid_scoring_publishes_all_rows_once(s3_server, mbucket, clust
         log2 = tmp_path / "scoreloss-rerun.log"
         finish(start("jobs.score", argv, s3_server, log2, cluster.address), log2)
     assert_exactly_once(s3_server, mbucket, "scoreloss")
-
