@@ -43,8 +43,15 @@ def scaling_stats(x: np.ndarray, how: str):
     raise ValueError(how)
 
 
-def run_table(name, overrides, seed, scaling, shuffle):
+def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mult=0.0, bag=0.0):
     t = load_npz(BENCHMARK_DIR / f"{name}.npz")
+    d = t.X.shape[1]
+    if latent_div:  # sizing variants: code ceil(d / latent_div), one hidden layer hidden_mult x d
+        lat = max(1, min(d - 1, int(np.ceil(d / latent_div))))
+        overrides = [*overrides, f"model.latent_dim={lat}"]
+    if hidden_mult:
+        lat = max(1, min(d - 1, int(np.ceil(d / (latent_div or 4)))))
+        overrides = [*overrides, f"model.hidden_dims=[{max(2 * lat, 4, int(round(hidden_mult * d)))}]"]
     test = protocol_split(t.y)
     ids = np.arange(len(t.y))
     Xtr, idtr = t.X[~test], ids[~test]
@@ -60,6 +67,13 @@ def run_table(name, overrides, seed, scaling, shuffle):
     torch.manual_seed(seed)
     device = torch.device("cpu")
     trainee, state = build_trainee(wc, device, lambda m, f: m)
+    if bag:  # feature bagging: each member's encoder sees a random subset of the features, reconstructs all
+        rng = np.random.default_rng(1000 + seed)
+        for m in getattr(trainee.ae, "members", [trainee.ae]):
+            keep = rng.choice(d, size=max(2, min(d, int(np.ceil(bag * d)))), replace=False)
+            mask = torch.zeros(d)
+            mask[torch.as_tensor(keep)] = 1.0
+            m.encode = (lambda enc, mk: (lambda x: enc(x * mk)))(m.encode, mask)
     norm = Normalizer(np.asarray(mean), np.asarray(scale))
     a = torch.as_tensor(fit_rows, dtype=torch.float32)
     v = torch.as_tensor(Xtr[val], dtype=torch.float32)
@@ -127,6 +141,7 @@ def terms(val, part):
     the KNN nearest validation rows, input / code, over its validation mean; not a sum the pipeline could
     all-reduce, measured for what it could give)."""
     inp = mahalanobis(val["x"], part["x"])
+    zin = (part["x"] ** 2).mean(1) / (val["x"] ** 2).mean()
     same = part is val
     kin = knn(val["x"], part["x"], same)
     kin = kin / knn(val["x"], val["x"], True).mean()
@@ -138,7 +153,7 @@ def terms(val, part):
         var = np.maximum(var, 1e-3 * var.mean() + 1e-12)
         out.append({"feat": (mp["sq"] / feat).mean(1), "mse": mp["sq"].mean(1) / feat.mean(),
                     "code": ((mp["h"] - mu) ** 2 / var).mean(1), "codefull": mahalanobis(mv["h"], mp["h"]),
-                    "in": inp, "knn_in": kin,
+                    "in": inp, "knn_in": kin, "zin": zin,
                     "knn_code": knn(mv["h"], mp["h"], same) / knn(mv["h"], mv["h"], True).mean()})
     return out
 
@@ -149,10 +164,20 @@ SUMS = {"cal": ("feat", "code", "mse"), "cal2": ("feat", "code"), "mse": ("mse",
         "cal+in": ("feat", "code", "mse", "in"), "cal_full+in": ("feat", "codefull", "mse", "in"),
         "cal+codefull": ("feat", "code", "mse", "codefull"), "knn_in": ("knn_in",), "knn_code": ("knn_code",),
         "cal+knn_code": ("feat", "code", "mse", "knn_code"), "f+m+knn_code": ("feat", "mse", "knn_code"),
-        "cal+knn_in": ("feat", "code", "mse", "knn_in")}
+        "cal+knn_in": ("feat", "code", "mse", "knn_in"), "zin": ("zin",), "cal+zin": ("feat", "code", "mse", "zin"),
+        "cal+2zin": ("feat", "code", "mse", "zin", "zin"), "cal+zin+knn_code": ("feat", "code", "mse", "zin", "knn_code"),
+        "f+m+zin": ("feat", "mse", "zin"), "cal+knn_code+knn_in": ("feat", "code", "mse", "knn_code", "knn_in"),
+        "cal+2knn_code": ("feat", "code", "mse", "knn_code", "knn_code"), "cal+zin+knn_in": ("feat", "code", "mse", "zin", "knn_in"),
+        "cal+zin+knn_code+knn_in": ("feat", "code", "mse", "zin", "knn_code", "knn_in"), "cal2+zin": ("feat", "code", "zin")}
 # each term on its validation z scale (mean / std), then summed
-ZSUMS = {"z:cal": ("feat", "code", "mse"), "z:cal_full": ("feat", "codefull", "mse"),
+ZSUMS = {"z:cal": ("feat", "code", "mse"), "z:cal+zin": ("feat", "code", "mse", "zin"), "z:cal_full": ("feat", "codefull", "mse"),
          "z:cal_full+in": ("feat", "codefull", "mse", "in")}
+
+
+# sums of log terms (a geometric mean: no single heavy-tailed term dominates)
+LOGSUMS = {"log:cal": ("feat", "code", "mse"), "log:cal+zin": ("feat", "code", "mse", "zin"),
+           "log:cal+knn_code": ("feat", "code", "mse", "knn_code"), "log:cal+zin+knn_code": ("feat", "code", "mse", "zin", "knn_code"),
+           "log:cal+knn_in": ("feat", "code", "mse", "knn_in"), "log:feat+code": ("feat", "code")}
 
 
 def variants(r):
@@ -162,6 +187,8 @@ def variants(r):
     out = {}
     for name, keys in SUMS.items():
         out[name] = tuple(np.mean([sum(m[k] for k in keys) for m in side], 0) for side in (tv, tt))
+    for name, keys in LOGSUMS.items():
+        out[name] = tuple(np.mean([sum(np.log(m[k] + 1e-3) for k in keys) for m in side], 0) for side in (tv, tt))
     for name, keys in ZSUMS.items():
         z = [[sum((m[k] - a[k].mean()) / (a[k].std() + 1e-12) for k in keys) for a, m in zip(tv, side)]
              for side in (tv, tt)]
@@ -185,6 +212,9 @@ def main():
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--tables", default=",".join(TABLES))
     p.add_argument("--tag", default="")
+    p.add_argument("--latent-div", type=float, default=0.0, help="code width ceil(d / this) (0: the auto rule)")
+    p.add_argument("--bag", type=float, default=0.0, help="feature bagging: share of features each model's encoder sees")
+    p.add_argument("--hidden-mult", type=float, default=0.0, help="one hidden layer this x d wide (0: auto)")
     p.add_argument("--out", default="/tmp/rank_probe", help="folder for each table's raw results (.npy)")
     p.add_argument("--load", action="store_true", help="score variants of the models a run with this --out and "
                    "--tag saved, without training")
@@ -195,7 +225,7 @@ def main():
     for name in a.tables.split(","):
         saved = os.path.join(a.out, f"{a.tag}_{name}.npy")
         rows = (list(np.load(saved, allow_pickle=True)) if a.load
-                else [run_table(name, a.set, s, a.scaling, a.shuffle) for s in seeds])
+                else [run_table(name, a.set, s, a.scaling, a.shuffle, a.latent_div, a.hidden_mult, a.bag) for s in seeds])
         y = rows[0]["y"]
         vs = [variants(r) for r in rows]
         per = {k: [auc(x[k][1], y) for x in vs] for k in vs[0]}

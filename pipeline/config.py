@@ -130,6 +130,10 @@ class SharedModelSection:
     """Models of the kind trained side by side in the same job (one optimizer, each from its own random
     start) whose scores are averaged; `latent` is the first one's code. `auto`: 5 with backprop, 1 with
     recirculation (pipeline/sizing.py); the manifest records the count."""
+    member_latent_dims: Union[list[int], Literal["auto"]] = AUTO
+    """Each ensemble member's code width, member 0 (whose code is `latent`) first. `auto`: with `latent_dim:
+    auto`, the members' codes spread from an eighth to half of the input width around member 0's quarter
+    (pipeline/sizing.py); with an explicit `latent_dim`, every member that width. Recorded in the manifest."""
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, "model.kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
@@ -137,6 +141,15 @@ class SharedModelSection:
         _check(self.hidden_dims == AUTO or all(h >= 1 for h in self.hidden_dims), "model.hidden_dims",
                "widths must be >= 1")
         _check(self.ensemble == AUTO or self.ensemble >= 1, "model.ensemble", f"{self.ensemble} must be >= 1")
+        _check(self.member_latent_dims == AUTO or (len(self.member_latent_dims) >= 1
+                                                   and all(w >= 1 for w in self.member_latent_dims)),
+               "model.member_latent_dims", "widths must be >= 1 (one per ensemble member)")
+        _check(self.member_latent_dims == AUTO or self.ensemble == AUTO
+               or len(self.member_latent_dims) == self.ensemble, "model.member_latent_dims",
+               f"{self.member_latent_dims} has not one width per model (model.ensemble: {self.ensemble})")
+        _check(AUTO in (self.member_latent_dims, self.latent_dim) or self.member_latent_dims[0] == self.latent_dim,
+               "model.member_latent_dims", f"{self.member_latent_dims}: the first is member 0's code, "
+               f"model.latent_dim {self.latent_dim}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
         _check(self.score != "elbo" or self.kind == "variational", "model.score",
                f"elbo is the variational kind's score, not {self.kind}'s; use calibrated or recon")
@@ -161,11 +174,17 @@ class SharedModelSection:
 
     def check_features(self, n_features: int) -> None:
         """Constraints that need the input width: an undercomplete kind's code must be narrower than the input."""
-        if self.spec.undercomplete and self.latent_dim != AUTO:
-            wider = ", ".join(k for k, s in KINDS.items() if not s.undercomplete)
+        if not self.spec.undercomplete:
+            return
+        wider = ", ".join(k for k, s in KINDS.items() if not s.undercomplete)
+        if self.latent_dim != AUTO:
             _check(self.latent_dim < n_features, "model.latent_dim",
                    f"{self.latent_dim} must be < the {n_features} input features for kind {self.kind} "
                    f"(undercomplete); {wider} allow a wider code")
+        if self.member_latent_dims != AUTO:
+            _check(max(self.member_latent_dims) < n_features, "model.member_latent_dims",
+                   f"{self.member_latent_dims}: each must be < the {n_features} input features for kind "
+                   f"{self.kind} (undercomplete); {wider} allow a wider code")
 
 
 def _model_section() -> type:

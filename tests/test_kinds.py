@@ -108,7 +108,7 @@ def test_a_kind_setting_name_cannot_be_taken_twice():
 def test_model_section_is_the_shared_settings_plus_each_kinds_own():
     names = [f.name for f in dataclasses.fields(ModelSection)]
     kind_names = [n for spec in KINDS.values() for n in spec.setting_names]
-    assert names == ["kind", *MLP_SETTINGS, "ensemble", *kind_names]
+    assert names == ["kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *kind_names]
 
 
 def test_old_flat_config_keys_and_shipped_configs_still_load():
@@ -137,7 +137,7 @@ def test_manifests_written_by_main_still_build_and_new_ones_keep_the_format(kind
     own = KINDS[kind].setting_names
     assert dataclasses.asdict(model.settings) == {k: old[k] for k in own}
     assert type(model).__name__ != "Ensemble"  # a manifest from before model.ensemble: one model
-    assert set(dataclasses.asdict(ModelSection())) == set(MAIN_MANIFEST_MODEL) | {"ensemble"}
+    assert set(dataclasses.asdict(ModelSection())) == set(MAIN_MANIFEST_MODEL) | {"ensemble", "member_latent_dims"}
 
 
 def test_training_settings_reach_the_workers_typed_and_picklable():

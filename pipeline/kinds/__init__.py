@@ -60,13 +60,16 @@ def kind_setting_names() -> set[str]:
 def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayout] = None, ensemble: int | str = 1,
                 **settings: Any) -> Autoencoder | Ensemble:
     """The autoencoder named by `kind`, from a flat model section (`dataclasses.asdict(cfg.model)`, or a
-    manifest's `model`); with `ensemble` > 1, that many of them in one `Ensemble`. Another kind's settings
+    manifest's `model`); with `ensemble` > 1, that many of them in one `Ensemble`, member i with code width
+    `member_latent_dims[i]` when given. Another kind's settings
     are skipped; a name no kind declares is an error, so no setting is ever dropped silently. `layout`: the
     input's columns (pipeline/features.py; None: numeric)."""
     if ensemble == AUTO:  # a section no job resolved (sizing.resolve_model picks the count): one model
         ensemble = 1
+    members = settings.pop("member_latent_dims", AUTO)  # each member's code width (a manifest before: alike)
     if ensemble > 1:
-        return Ensemble([build_model(n_features, kind, layout, **settings) for _ in range(ensemble)])
+        widths = [settings.get("latent_dim", AUTO)] * ensemble if members in (AUTO, None) else members
+        return Ensemble([build_model(n_features, kind, layout, **{**settings, "latent_dim": w}) for w in widths])
     spec = spec_of(kind)
     if AUTO in (settings.get("latent_dim"), settings.get("hidden_dims")):  # sizes not chosen by a job yet
         from pipeline.sizing import auto_sizes  # noqa: PLC0415 - sizing imports the config module
