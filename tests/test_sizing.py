@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import ScoreCalibration
+from pipeline.calibration import REFERENCE_ROWS, ScoreCalibration, knn_distance
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.kinds import build_model
-from pipeline.sizing import auto_sizes, resolve_model, step_budget, still_improving
+from pipeline.sizing import auto_member_latents, auto_sizes, resolve_model, step_budget, still_improving
 
 
 @pytest.mark.parametrize("n_features", [2, 3, 6, 16, 100, 2_000])
@@ -40,6 +40,58 @@ def test_explicit_sizes_win_and_are_still_checked():
     with pytest.raises(ConfigError, match="model.latent_dim: 8 must be < the 6 input features"):
         resolve_model(ModelSection(latent_dim=8), 6)
     assert resolve_model(ModelSection(), 6, algorithm="recirculation").hidden_dims == []
+
+
+def test_ensemble_members_codes_spread_around_a_quarter_of_the_width():
+    assert auto_member_latents(16, 5) == [4, 2, 8, 2, 8]          # d/4 (member 0: latent), d/8, d/2, ...
+    assert auto_member_latents(2, 5) == [1] * 5                   # tiny: every code 1 wide (below the input)
+    assert auto_member_latents(6, 3) == [2, 1, 3]
+    assert auto_member_latents(2_000, 4) == [32, 32, 32, 32]      # capped like the auto latent
+    m = resolve_model(ModelSection(), 16)
+    assert m.member_latent_dims == [4, 2, 8, 2, 8] and m.latent_dim == 4 and m.hidden_dims == auto_sizes(16)[0]
+    ens = build_model(16, **dataclasses.asdict(m))
+    assert [member.latent_dim for member in ens.members] == [4, 2, 8, 2, 8]
+    assert ens.latent_dim == 4 and ens.latent(torch.zeros(3, 16)).shape == (3, 4)  # latent: member 0's code
+    assert ens.score(torch.zeros(3, 16)).shape == (3,)
+    # an explicit latent_dim: every member that width; explicit widths win and are checked
+    assert resolve_model(ModelSection(latent_dim=3), 16).member_latent_dims == [3] * 5
+    assert resolve_model(ModelSection(ensemble=1), 16).member_latent_dims == [4]
+    assert resolve_model(ModelSection(ensemble=2, member_latent_dims=[5, 9]), 16).latent_dim == 5
+    with pytest.raises(ConfigError, match=r"model.member_latent_dims: \[5, 9\] has not one width per model"):
+        ModelSection(ensemble=3, member_latent_dims=[5, 9])
+    with pytest.raises(ConfigError, match=r"model.member_latent_dims: \[2, 6\]: each must be < the 6 input"):
+        resolve_model(ModelSection(ensemble=2, member_latent_dims=[2, 6]), 6)
+    with pytest.raises(ConfigError, match="the first is member 0's code, model.latent_dim 4"):
+        ModelSection(latent_dim=4, ensemble=2, member_latent_dims=[3, 3])
+    # a manifest from before member_latent_dims: every member the manifest's latent_dim
+    old = build_model(16, hidden_dims=[16], latent_dim=4, ensemble=3)
+    assert [member.latent_dim for member in old.members] == [4, 4, 4]
+
+
+def test_knn_term_sees_codes_in_the_gap_between_clusters():
+    """Validation codes in two clusters (at -3 and +3): a code between them sits at their mean, so the
+    standardized code distance calls it typical; its distance to the nearest validation codes does not."""
+    torch.manual_seed(0)
+    cal = ScoreCalibration(n_features=1, latent_dim=1)
+    codes = torch.cat([torch.randn(1500, 1) * 0.3 - 3, torch.randn(1500, 1) * 0.3 + 3])
+    for batch in codes[torch.randperm(3000)].split(500):
+        cal.observe(torch.ones(len(batch), 1), batch)
+    ref = cal.reference()
+    assert ref.shape == (REFERENCE_ROWS, 1) and (ref < 0).any() and (ref > 0).any()  # a sample of both
+    gap, inside = cal.knn_term(torch.tensor([[0.0]])), cal.knn_term(torch.tensor([[3.0]]))
+    assert float(gap) > 100 * float(inside) and float(gap) > 10
+    s = cal.score(torch.ones(2, 1), torch.tensor([[0.0], [3.0]]))
+    assert s[0] > s[1] + 10
+    # the sample's own rows average 1 (the term skips each row's nearest, itself for a sampled row)
+    assert float(cal.knn_term(ref).mean()) == pytest.approx(1.0, rel=1e-6)
+    assert torch.allclose(knn_distance(ref[:5], ref), cal.knn_term(ref[:5]) * knn_distance(ref, ref).mean())
+    # reset empties the sample (term 0); a model saved before the kNN term loads with an empty one
+    state = {k: v.clone() for k, v in cal.state_dict().items() if not k.startswith("ref")}
+    cal.reset()
+    assert cal.reference().shape[0] == 0 and float(cal.knn_term(torch.tensor([[0.0]]))) == 0.0
+    old = ScoreCalibration(n_features=1, latent_dim=1)
+    old.load_state_dict(state)
+    assert float(old.count) == 3000 and old.reference().shape[0] == 0
 
 
 def test_ensemble_auto_is_five_models_with_backprop_and_one_with_recirculation():
@@ -102,8 +154,11 @@ def test_calibrated_score_puts_features_on_one_scale_and_sees_far_out_codes():
     rows = torch.tensor([[200.0, 1.0], [100.0, 10.0]])
     s = cal.score(rows, torch.zeros(2, 1))
     assert s[1] > s[0]
-    # per-feature term 0.5 * (2 + 1), plus plain MSE over its validation mean (100.5 / 50.5)
-    assert float(s[0]) == pytest.approx(0.5 * (2 + 1) + 100.5 / 50.5, rel=0.02)
+    # per-feature term 0.5 * (2 + 1), plus plain MSE over its validation mean (100.5 / 50.5), plus the
+    # code's kNN term (the code 0 sits where the validation codes are densest: far below their mean of 1)
+    knn = float(cal.knn_term(torch.zeros(1, 1)))
+    assert knn < 0.5
+    assert float(s[0]) == pytest.approx(0.5 * (2 + 1) + 100.5 / 50.5 + knn, rel=0.02)
     # ... which plain MSE ranks the other way round
     assert rows.mean(dim=1)[0] > rows.mean(dim=1)[1]
     # a row reconstructed as well as any but with its code 6 standard deviations out scores high
