@@ -1,18 +1,19 @@
 """Probe (no Ray): the defaults' anomaly ranking on benchmarks/adbench/ with the project's own model,
-train loop (run_training) and scores, in a few minutes. Variants are set with flags (`--set` config overrides, `--scaling`, `--shuffle`); prints per-table test AUROC
-for each part of the score from the same trained models (`cal` is the default score) and for an ensemble of
-the seeds' models. `--tables 40_vowels,6_cardio --seeds 0` reproduces `make eval`'s figures within noise. Each table's
-models' codes and per-feature errors are saved (`--out`, `--tag`), so `--load` scores new variants of them
-without training again.
+train loop (run_training) and scores, in a few minutes. Variants are set with flags (`--set` config overrides,
+`--scaling`, `--shuffle`, `--latent-div`, `--hidden-mult`, `--bag`); prints per-table test AUROC for each
+variant of the score from the same trained models (`cal4` is the default score) and for an ensemble of the
+seeds' models. `--tables 40_vowels,6_cardio --seeds 0` reproduces `make eval`'s figures within noise. Each
+table's models' codes and per-feature errors are saved (`--out`, `--tag`), so `--load` scores new variants of
+them without training again, and `--mix` scores an ensemble of models saved by several runs (e.g. members
+with different code widths).
 
     python -m benchmarks.rank_probe [--seeds 0,1] [--set model.score=recon] [--scaling minmax] ...
+    python -m benchmarks.rank_probe --out /tmp/rp --mix k:0,lat8:0,lat2:0,lat8:1,lat2:1
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import time
 
@@ -21,9 +22,10 @@ import pyarrow as pa
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from pipeline.calibration import REFERENCE_ROWS, knn_distance
 from pipeline.config import load_config
 from pipeline.data import Moments, normalization_stats, validation_mask
-from pipeline.evaluation import BASELINES, BENCHMARK_DIR, load_npz, protocol_split, ranking_metrics
+from pipeline.evaluation import BENCHMARK_DIR, load_npz, protocol_split, ranking_metrics
 from pipeline.features import Normalizer
 from pipeline.sizing import resolve_model, step_budget
 from pipeline.train import WorkerConfig, build_trainee, run_training
@@ -146,20 +148,24 @@ def terms(val, part):
     kin = knn(val["x"], part["x"], same)
     kin = kin / knn(val["x"], val["x"], True).mean()
     out = []
+    pick = np.random.default_rng(0).permutation(len(val["x"]))[:REFERENCE_ROWS]  # the pipeline's code sample
     for mv, mp in zip(val["members"], part["members"]):
+        ref = torch.as_tensor(mv["h"][pick])
+        knn_ref = (knn_distance(torch.as_tensor(mp["h"]), ref) / knn_distance(ref, ref).mean()).numpy()
         feat = mv["sq"].mean(0)
         feat = np.maximum(feat, 1e-3 * feat.mean() + 1e-12)
         mu, var = mv["h"].mean(0), mv["h"].var(0)
         var = np.maximum(var, 1e-3 * var.mean() + 1e-12)
         out.append({"feat": (mp["sq"] / feat).mean(1), "mse": mp["sq"].mean(1) / feat.mean(),
                     "code": ((mp["h"] - mu) ** 2 / var).mean(1), "codefull": mahalanobis(mv["h"], mp["h"]),
-                    "in": inp, "knn_in": kin, "zin": zin,
+                    "in": inp, "knn_in": kin, "zin": zin, "knn_ref": knn_ref,
                     "knn_code": knn(mv["h"], mp["h"], same) / knn(mv["h"], mv["h"], True).mean()})
     return out
 
 
-# plain sums of terms (cal = the default score)
-SUMS = {"cal": ("feat", "code", "mse"), "cal2": ("feat", "code"), "mse": ("mse",), "feat": ("feat",), "code": ("code",),
+# plain sums of terms (cal4 = the default score: the three terms and the kNN distance to a sample of the
+# validation codes, computed as the pipeline does; cal = the three terms before it)
+SUMS = {"cal4": ("feat", "code", "mse", "knn_ref"), "cal": ("feat", "code", "mse"), "cal2": ("feat", "code"), "mse": ("mse",), "feat": ("feat",), "code": ("code",),
         "codefull": ("codefull",), "in": ("in",), "cal_full": ("feat", "codefull", "mse"),
         "cal+in": ("feat", "code", "mse", "in"), "cal_full+in": ("feat", "codefull", "mse", "in"),
         "cal+codefull": ("feat", "code", "mse", "codefull"), "knn_in": ("knn_in",), "knn_code": ("knn_code",),
@@ -216,6 +222,8 @@ def main():
     p.add_argument("--bag", type=float, default=0.0, help="feature bagging: share of features each model's encoder sees")
     p.add_argument("--hidden-mult", type=float, default=0.0, help="one hidden layer this x d wide (0: auto)")
     p.add_argument("--out", default="/tmp/rank_probe", help="folder for each table's raw results (.npy)")
+    p.add_argument("--mix", default="", help="score an ensemble of models saved by earlier runs (with --out): "
+                   "TAG:INDEX,... (INDEX: the seed's position in that run's --seeds), e.g. k:0,lat8:0,lat2:0")
     p.add_argument("--load", action="store_true", help="score variants of the models a run with this --out and "
                    "--tag saved, without training")
     a = p.parse_args()
@@ -224,15 +232,20 @@ def main():
     res = {}
     for name in a.tables.split(","):
         saved = os.path.join(a.out, f"{a.tag}_{name}.npy")
-        rows = (list(np.load(saved, allow_pickle=True)) if a.load
-                else [run_table(name, a.set, s, a.scaling, a.shuffle, a.latent_div, a.hidden_mult, a.bag) for s in seeds])
+        if a.mix:  # an ensemble of saved models from several runs: TAG:SEED_INDEX,...
+            rows = [list(np.load(os.path.join(a.out, f"{t}_{name}.npy"), allow_pickle=True))[int(i)]
+                    for t, i in (m.split(":") for m in a.mix.split(","))]
+        else:
+            rows = (list(np.load(saved, allow_pickle=True)) if a.load
+                    else [run_table(name, a.set, s, a.scaling, a.shuffle, a.latent_div, a.hidden_mult, a.bag)
+                          for s in seeds])
         y = rows[0]["y"]
         vs = [variants(r) for r in rows]
         per = {k: [auc(x[k][1], y) for x in vs] for k in vs[0]}
         # ensemble of the seeds: average of their scores, each on its validation rows' scale
         ens = {k: auc(np.mean([zval(*x[k]) for x in vs], 0), y) for k in vs[0]}
         res[name] = {**{k: float(np.mean(x)) for k, x in per.items()}, **{f"ens_{k}": x for k, x in ens.items()}}
-        if not a.load:
+        if not (a.load or a.mix):
             os.makedirs(a.out, exist_ok=True)
             np.save(saved, np.array(rows, dtype=object), allow_pickle=True)
         print(f"{name:16s} " + " ".join(f"{k}={np.mean(x):.3f}" for k, x in per.items())

@@ -149,7 +149,8 @@ def pipeline_scores(table: Table, test: np.ndarray, workdir: Path, overrides: li
     scores = np.array([by_id[i] for i in ids[test]], np.float64)
     m = t.manifest
     info = {"epochs_run": t.epochs_run, "best_epoch": t.best_epoch + 1,
-            "model": {k: m["model"].get(k) for k in ("kind", "hidden_dims", "latent_dim", "ensemble")},
+            "model": {k: m["model"].get(k)
+                      for k in ("kind", "hidden_dims", "latent_dim", "ensemble", "member_latent_dims")},
             "still_improving": bool(m["metrics"].get("still_improving", False))}
     return scores, info
 

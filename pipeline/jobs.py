@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
-import pyarrow as pa
 
 from pipeline.artifacts import MANIFEST, model_dir, read_manifest, save_artifact
 from pipeline.cluster import connect
@@ -163,11 +161,13 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     featurizer = Featurizer.from_dict(prep["features"])
     # sizes once the input's width is known: one-hot slots and missing indicators count
     cfg = dataclasses.replace(cfg, model=table_model(cfg, featurizer.width))
-    auto = [k for k in ("hidden_dims", "latent_dim", "ensemble") if getattr(requested.model, k) == AUTO]
+    auto = [k for k in ("hidden_dims", "latent_dim", "ensemble", "member_latent_dims")
+            if getattr(requested.model, k) == AUTO]
     if auto:
+        members = f" (member codes {cfg.model.member_latent_dims})" if cfg.model.ensemble > 1 else ""
         print(f"[train] model sizes for {featurizer.width} input slots ({len(featurizer.columns)} columns): "
               f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim}, ensemble "
-              f"{cfg.model.ensemble} ({', '.join(auto)}: auto)", flush=True)
+              f"{cfg.model.ensemble}{members} ({', '.join(auto)}: auto)", flush=True)
 
     with watch(stall_s, "training", training_phase(cfg)):
         result = fit(cfg, storage, spec, featurizer, prep["train_rows"])

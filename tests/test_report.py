@@ -11,7 +11,6 @@ import datetime as dt
 import re
 
 import numpy as np
-import pytest
 
 from pipeline.report import decile_counts, error_histogram, histogram_counts, scoring_report, training_report
 
