@@ -58,7 +58,8 @@ def knn_distance(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     Squared distances as |a|^2 + |b|^2 - 2ab in float32, one matrix product (several times faster than
     torch.cdist in float64 on CPU; the ranking needs no more precision)."""
     rows, ref = rows.float(), ref.float()
-    d2 = ((rows * rows).sum(dim=1, keepdim=True) - 2.0 * rows @ ref.T + (ref * ref).sum(dim=1)).clamp_min_(0.0)
+    with torch.autocast(rows.device.type, enabled=False):  # bf16 would cancel |a|^2 + |b|^2 - 2ab to noise
+        d2 = ((rows * rows).sum(dim=1, keepdim=True) - 2.0 * rows @ ref.T + (ref * ref).sum(dim=1)).clamp_min_(0.0)
     k = min(KNN + 1, ref.shape[0])
     return d2.topk(k, dim=1, largest=False).values[:, 1:].mean(dim=1).to(torch.float64)
 

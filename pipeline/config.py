@@ -124,8 +124,10 @@ class SharedModelSection:
     """Nonlinearity on the code itself; unset: linear, except sparse (relu for l1, sigmoid for kl)."""
     score: Literal["calibrated", "recon", "elbo"] = "calibrated"
     """The anomaly score. `calibrated`: each feature's squared error over its validation mean, plus the code's
-    squared distance from the validation codes in standard deviations (pipeline/calibration.py); `recon`: mean
-    squared reconstruction error; `elbo` (variational only): -ELBO. A variational code is its posterior mean."""
+    squared distance from the validation codes in standard deviations, plus mean squared error over its
+    validation mean, plus the code's distance to its nearest sampled validation codes (pipeline/calibration.py);
+    `recon`: mean squared reconstruction error; `elbo` (variational only): -ELBO. A variational code is its
+    posterior mean."""
     ensemble: Union[int, Literal["auto"]] = AUTO
     """Models of the kind trained side by side in the same job (one optimizer, each from its own random
     start) whose scores are averaged; `latent` is the first one's code. `auto`: 5 with backprop, 1 with
