@@ -193,6 +193,9 @@ def variants(r):
     out = {}
     for name, keys in SUMS.items():
         out[name] = tuple(np.mean([sum(m[k] for k in keys) for m in side], 0) for side in (tv, tt))
+    for w in (0.25, 0.5):  # the default score with the kNN term weighted w
+        out[f"cal4w{w}"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + w * m["knn_ref"] for m in side], 0)
+                                 for side in (tv, tt))
     for name, keys in LOGSUMS.items():
         out[name] = tuple(np.mean([sum(np.log(m[k] + 1e-3) for k in keys) for m in side], 0) for side in (tv, tt))
     for name, keys in ZSUMS.items():

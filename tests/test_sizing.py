@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import REFERENCE_ROWS, ScoreCalibration, knn_distance
+from pipeline.calibration import KNN_WEIGHT, REFERENCE_ROWS, ScoreCalibration, knn_distance
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.kinds import build_model
@@ -81,7 +81,7 @@ def test_knn_term_sees_codes_in_the_gap_between_clusters():
     gap, inside = cal.knn_term(torch.tensor([[0.0]])), cal.knn_term(torch.tensor([[3.0]]))
     assert float(gap) > 100 * float(inside) and float(gap) > 10
     s = cal.score(torch.ones(2, 1), torch.tensor([[0.0], [3.0]]))
-    assert s[0] > s[1] + 10
+    assert s[0] > s[1] + KNN_WEIGHT * 10
     # the sample's own rows average 1 (the term skips each row's nearest, itself for a sampled row)
     assert float(cal.knn_term(ref).mean()) == pytest.approx(1.0, rel=1e-6)
     assert torch.allclose(knn_distance(ref[:5], ref), cal.knn_term(ref[:5]) * knn_distance(ref, ref).mean())
@@ -158,7 +158,7 @@ def test_calibrated_score_puts_features_on_one_scale_and_sees_far_out_codes():
     # code's kNN term (the code 0 sits where the validation codes are densest: far below their mean of 1)
     knn = float(cal.knn_term(torch.zeros(1, 1)))
     assert knn < 0.5
-    assert float(s[0]) == pytest.approx(0.5 * (2 + 1) + 100.5 / 50.5 + knn, rel=0.02)
+    assert float(s[0]) == pytest.approx(0.5 * (2 + 1) + 100.5 / 50.5 + KNN_WEIGHT * knn, rel=0.02)
     # ... which plain MSE ranks the other way round
     assert rows.mean(dim=1)[0] > rows.mean(dim=1)[1]
     # a row reconstructed as well as any but with its code 6 standard deviations out scores high
