@@ -48,11 +48,10 @@ def scaling_stats(x: np.ndarray, how: str):
 def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mult=0.0, bag=0.0):
     t = load_npz(BENCHMARK_DIR / f"{name}.npz")
     d = t.X.shape[1]
+    lat = max(1, min(d - 1, int(np.ceil(d / (latent_div or 4)))))  # uncapped, unlike the pipeline's auto rule
     if latent_div:  # sizing variants: code ceil(d / latent_div), one hidden layer hidden_mult x d
-        lat = max(1, min(d - 1, int(np.ceil(d / latent_div))))
         overrides = [*overrides, f"model.latent_dim={lat}"]
     if hidden_mult:
-        lat = max(1, min(d - 1, int(np.ceil(d / (latent_div or 4)))))
         overrides = [*overrides, f"model.hidden_dims=[{max(2 * lat, 4, int(round(hidden_mult * d)))}]"]
     test = protocol_split(t.y)
     ids = np.arange(len(t.y))

@@ -129,8 +129,8 @@ class ScoreCalibration(nn.Module):
         return feat, mean, var
 
     def reference(self) -> torch.Tensor:
-        """The sampled validation codes (float64; fewer than REFERENCE_ROWS when fewer rows were seen)."""
-        return self.ref[torch.isfinite(self.ref_key)].to(torch.float64)
+        """The sampled validation codes (fewer than REFERENCE_ROWS when fewer rows were seen)."""
+        return self.ref[torch.isfinite(self.ref_key)]
 
     def knn_term(self, h: torch.Tensor) -> torch.Tensor:
         """(rows,) the kNN distance of each code over the sample's own mean; 0 with fewer than 2 sampled rows."""
@@ -139,7 +139,7 @@ class ScoreCalibration(nn.Module):
             return torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
         if self._knn_norm is None:
             self._knn_norm = float(knn_distance(ref, ref).mean())
-        return knn_distance(h.to(torch.float64), ref) / (self._knn_norm + EPS)
+        return knn_distance(h, ref) / (self._knn_norm + EPS)
 
     def score(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Per-row calibrated score from per-feature squared errors and codes."""

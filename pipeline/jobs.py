@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-
 from pipeline.artifacts import MANIFEST, model_dir, read_manifest, save_artifact
 from pipeline.cluster import connect
 from pipeline.config import AUTO, Config

@@ -68,7 +68,7 @@ def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayou
         ensemble = 1
     members = settings.pop("member_latent_dims", AUTO)  # each member's code width (a manifest before: alike)
     if ensemble > 1:
-        widths = [settings.get("latent_dim", AUTO)] * ensemble if members in (AUTO, None) else members
+        widths = [settings.get("latent_dim", AUTO)] * ensemble if members == AUTO else members
         return Ensemble([build_model(n_features, kind, layout, **{**settings, "latent_dim": w}) for w in widths])
     spec = spec_of(kind)
     if AUTO in (settings.get("latent_dim"), settings.get("hidden_dims")):  # sizes not chosen by a job yet
