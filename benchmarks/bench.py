@@ -49,7 +49,8 @@ from pipeline.config import (ArtifactsSection, Config, DataSection, ModelSection
                              ScoreSection, StorageSection, TrainSection)
 from pipeline.data import InputSpec, SplitFeatures, inspect_input, read_dataset
 from pipeline.kinds import build_model
-from pipeline.storage import Storage, join_uri
+from pipeline.storage import Storage
+from pipeline.uri import join_uri
 
 TARGETS = {"ingest": 0.8, "training": 0.8, "scoring": 0.8, "memory": 1.3, "ingest_large_shards": 0.8,
            "training_end_to_end": 0.7, "per_epoch_fixed_seconds": 0.3}

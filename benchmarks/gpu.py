@@ -67,10 +67,10 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     from pipeline.artifacts import LoadedModel
     from pipeline.config import DataSection
     from pipeline.data import to_fixed_size_list
-    from pipeline.features import Normalizer
+    from pipeline.tensors import Normalizer, autocast_for
     from pipeline.kinds import build_model
     from pipeline.score import Predictor
-    from pipeline.train import autocast_for, tensor_batches, train_epoch
+    from pipeline.train import tensor_batches, train_epoch
 
     torch.manual_seed(0)
     d, bs = args.features, args.batch_size

@@ -26,7 +26,7 @@ from pipeline.calibration import REFERENCE_ROWS, knn_distance
 from pipeline.config import load_config
 from pipeline.data import Moments, normalization_stats, validation_mask
 from pipeline.evaluation import BENCHMARK_DIR, load_npz, protocol_split, ranking_metrics
-from pipeline.features import Normalizer
+from pipeline.tensors import Normalizer
 from pipeline.sizing import resolve_model, step_budget
 from pipeline.train import WorkerConfig, build_trainee, run_training
 

@@ -25,7 +25,8 @@ from pipeline.errors import ArtifactError, StorageError
 from pipeline.features import Featurizer
 from pipeline.kinds import build_model
 from pipeline.models import Autoencoder
-from pipeline.storage import Storage, join_uri
+from pipeline.storage import Storage
+from pipeline.uri import join_uri
 
 FORMAT = "tabular-autoencoder/v1"
 WEIGHTS = "weights.safetensors"

@@ -23,7 +23,7 @@ from pipeline.errors import check_config as _check
 from pipeline.kinds import KINDS
 from pipeline.kinds.spec import KindSpec
 from pipeline.models import AUTO
-from pipeline.storage import join_uri
+from pipeline.uri import join_uri
 
 
 @dataclass

@@ -25,7 +25,8 @@ from pipeline.config import AUTO, DataSection
 from pipeline.errors import InputError, StorageError
 from pipeline.features import (ColumnMoments, ColumnRole, Featurizer, LevelCounts, TableStats, column_roles,
                                counter_capacity)
-from pipeline.storage import Storage, map_io, normalize_uri, scheme_of
+from pipeline.storage import Storage, map_io
+from pipeline.uri import normalize_uri, scheme_of
 from pipeline.watchdog import beating
 
 PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): names the shard in error messages

@@ -29,25 +29,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from pipeline.errors import InputError
 from pipeline.models import SlotLayout
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 OTHER, MISSING = "<other>", "<missing>"  # the two levels every categorical column has besides its own
-
-
-class Normalizer:
-    """(x - mean) / scale with the stored statistics, on whatever device the model is on."""
-
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, device: torch.device | str = "cpu"):
-        # copies: statistics can arrive as read-only arrays (from Ray's object store), which torch warns about
-        self.mean = torch.tensor(np.array(mean, np.float32), device=device)
-        self.inv_scale = 1.0 / torch.tensor(np.array(scale, np.float32), device=device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.inv_scale
 
 
 # ------------------------------------------------------------------------------------------ roles

@@ -29,7 +29,8 @@ from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, 
 from pipeline.score import Lap, ScoreResult, check_features_match, for_model, score
 from pipeline.sizing import resolve_model, still_improving
 from pipeline.sketch import error_histogram_of
-from pipeline.storage import Storage, join_uri
+from pipeline.storage import Storage
+from pipeline.uri import join_uri
 from pipeline.train import fit
 from pipeline.validation import validation_errors, validation_projection
 from pipeline.watchdog import watch

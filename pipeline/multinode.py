@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.storage import scheme_of
+from pipeline.uri import scheme_of
 
 
 def alive_nodes() -> int:

@@ -231,7 +231,8 @@ def data_phase(cfg, what: str, actors: bool = False) -> str:
 
 def _input(cfg) -> str:
     """data.input, with the endpoint it is read from when that is not AWS's own."""
-    from pipeline.storage import endpoint_from, scheme_of
+    from pipeline.storage import endpoint_from
+    from pipeline.uri import scheme_of
 
     endpoint = endpoint_from(cfg.storage) if scheme_of(cfg.data.input) in ("s3", "s3a") else None
     return cfg.data.input + (f" at {endpoint}" if endpoint else "")

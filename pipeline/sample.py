@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import Storage, join_uri, normalize_uri
+from pipeline.storage import Storage
+from pipeline.uri import join_uri, normalize_uri
 
 
 def generate(rows: int, features: int = 32, latent: int = 3, anomaly_fraction: float = 0.01, noise: float = 0.05,

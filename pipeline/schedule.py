@@ -26,7 +26,8 @@ import pyarrow.fs as pafs
 
 from pipeline.artifacts import MANIFEST, model_dir
 from pipeline.errors import ArtifactError, ConfigError, InputError
-from pipeline.storage import Storage, join_uri, normalize_uri
+from pipeline.storage import Storage
+from pipeline.uri import join_uri, normalize_uri
 
 LATEST = "latest"
 STATE_DIR = "_state"

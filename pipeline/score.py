@@ -33,10 +33,10 @@ from pipeline.config import Config, DataSection, OutputSection
 from pipeline.artifacts import featurizer_of
 from pipeline.data import InputSpec, RejectWriter, batch_rows, inspect_input, read_dataset
 from pipeline.errors import InputError, PipelineError
-from pipeline.features import Normalizer
 from pipeline.resources import check_job, data_phase
-from pipeline.storage import Storage, join_uri, makes_dirs, map_io, normalize_uri
-from pipeline.train import autocast_for
+from pipeline.storage import Storage, makes_dirs, map_io
+from pipeline.uri import join_uri, normalize_uri
+from pipeline.tensors import Normalizer, autocast_for
 from pipeline.watchdog import beat, watch
 
 SUCCESS = "_SUCCESS"

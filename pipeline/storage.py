@@ -18,41 +18,17 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import pyarrow.fs as pafs
 
 from pipeline.errors import StorageError
+from pipeline.uri import join_uri, normalize_uri, scheme_of, strip_scheme
 
-if TYPE_CHECKING:  # config.py imports join_uri from here
+if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
     from pipeline.config import StorageSection
-
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-
-
-def scheme_of(uri: str) -> str:
-    m = _SCHEME.match(uri)
-    return m.group(1).lower() if m else "file"
-
-
-def normalize_uri(uri: str) -> str:
-    """Absolute local paths; URIs unchanged except for a trailing slash."""
-    if scheme_of(uri) == "file":
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return str(Path(path).expanduser().resolve())
-    return uri.rstrip("/")
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """`base/part/part`, with exactly one slash between the pieces."""
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
-
 
 def endpoint_from(cfg: StorageSection) -> Optional[str]:
     return cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -153,7 +129,7 @@ class Storage:
         fs = self.filesystem(uri)
         if scheme_of(uri) == "file":
             return fs, uri
-        path = _SCHEME.sub("", uri)
+        path = strip_scheme(uri)
         return fs, path
 
     @contextlib.contextmanager

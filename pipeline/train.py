@@ -26,28 +26,14 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import ModelSection, TrainSection
-from pipeline.features import Normalizer
 from pipeline.kinds import build_model
 from pipeline.models import Autoencoder, Ensemble, SlotLayout
 from pipeline.resume import CHECKPOINT_FILE, resume_state
+from pipeline.tensors import Normalizer, arrow_to_tensor, autocast_for
 from pipeline.watchdog import beat
 
 
-# Arrow buffers are read-only; the tensors made from them are never written to, so the copy torch asks
-# for is skipped (zero-copy is the point) and its warning silenced.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
 # ------------------------------------------------------------------------------------------ pure steps
-
-
-def arrow_to_tensor(table: pa.Table, column: str = "x") -> torch.Tensor:
-    """The fixed_size_list<float32> column of an Arrow batch as a (rows, d) tensor, without copying."""
-    arr = table.column(column)
-    arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
-    d = arr.type.list_size
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return torch.from_numpy(values.reshape(-1, d))
 
 
 def tensor_batches(tables: Iterable[pa.Table], normalizer: Normalizer, device: torch.device,
@@ -202,13 +188,6 @@ class EpochStats:
     @property
     def steady_seconds(self) -> float:
         return self.seconds - self.first_batch_seconds
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPU (mixed precision); a no-op context on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def trimmed_rows(ae: Autoencoder, x: torch.Tensor, trim_fraction: float) -> torch.Tensor:
@@ -743,7 +722,7 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
 
     from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
     from pipeline.data import SplitFeatures, read_dataset
-    from pipeline.storage import join_uri
+    from pipeline.uri import join_uri
 
     data, tr = cfg.data, cfg.train
     fz = None if featurizer.vector else featurizer  # a vector column: the float matrix as it is

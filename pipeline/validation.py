@@ -21,11 +21,12 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import InputSpec, SplitFeatures, batch_rows, read_dataset, validation_mask
-from pipeline.features import Featurizer, Normalizer
+from pipeline.features import Featurizer
 from pipeline.kinds import build_model
 from pipeline.metrics import TRUTH_COLUMN
 from pipeline.sketch import ScoreSketch, ValidationSketch
 from pipeline.storage import Storage
+from pipeline.tensors import Normalizer, arrow_to_tensor
 from pipeline.watchdog import beating
 
 PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enough to read on the driver
@@ -48,7 +49,6 @@ class ErrorScorer:
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        from pipeline.train import arrow_to_tensor
 
         torch.set_num_threads(self.torch_threads)
         x = self.normalizer(arrow_to_tensor(table))

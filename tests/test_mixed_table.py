@@ -18,7 +18,8 @@ import torch
 from pipeline.cli import run_main
 from pipeline.config import DataSection, load_config
 from pipeline.data import BatchMoments, batch_rows, merge_table_rows, normalization_stats
-from pipeline.features import Featurizer, Normalizer, column_roles
+from pipeline.features import Featurizer, column_roles
+from pipeline.tensors import Normalizer
 from pipeline.jobs import score_job, train_job
 from pipeline.kinds import build_model
 from pipeline.metrics import auroc, evaluate_against_truth

@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.config import StorageSection
 from pipeline.errors import StorageError
-from pipeline.storage import Storage, normalize_uri, scheme_of
+from pipeline.storage import Storage
+from pipeline.uri import normalize_uri, scheme_of
 
 
 def test_uri_helpers(tmp_path, monkeypatch):

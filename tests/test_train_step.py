@@ -9,10 +9,10 @@ import pyarrow as pa
 import torch
 
 from pipeline.data import to_fixed_size_list
-from pipeline.features import Normalizer
+from pipeline.tensors import Normalizer, arrow_to_tensor
 from pipeline.kinds import build_model
 from pipeline.sample import generate
-from pipeline.train import (EarlyStopping, arrow_to_tensor, effective_batch_size, evaluate,
+from pipeline.train import (EarlyStopping, effective_batch_size, evaluate,
                             tensor_batches, train_epoch)
 
 
