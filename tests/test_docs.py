@@ -4,8 +4,9 @@ Checked here: the full config-key table (docs/configuration.md) against the conf
 ways with its default, and the README's short key table against the same defaults; the output-schema tables
 (README, docs/operations.md) against `pipeline.score.output_schema`; the kinds and learning-rule tables
 (docs/model-kinds.md) against the registered kinds and `train.algorithm`'s values; the measured tables of
-docs/evaluation.md, docs/performance.md and docs/scale.md present with every row they report; and every
-relative link, file and heading, resolving.
+docs/evaluation.md, docs/performance.md and docs/scale.md present with every row they report; every relative
+link (file and heading) resolving, every docs page linked from the README, every repository path and test
+named existing; and no source file named in the README, which is the user's guide.
 """
 
 from __future__ import annotations
@@ -246,3 +247,21 @@ def test_readme_names_no_internal_source_files():
     """The README is the user's guide: modules move, so it names jobs and config keys, not source files."""
     found = re.findall(r"\bpipeline[/.][\w/.]+", README.read_text())
     assert found == []
+
+
+@pytest.mark.parametrize("page", [README, *doc_pages()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_repository_path_named_exists(page):
+    """Paths in code spans (`pipeline/resume.py`, `tests/test_hangs.py::test_...`, `infra/k8s/`) name files that
+    exist, so a moved module or test shows up here rather than in a reader's search."""
+    named = re.findall(r"`((?:pipeline|benchmarks|tests|infra|jobs|docs)/[\w./-]*)(?:::\w+)?`", page.read_text())
+    assert [p for p in named if not (ROOT / p).exists()] == []
+
+
+def test_every_test_named_in_the_guarantees_exists():
+    """docs/reliability.md maps each guarantee to a test by name: each name is a test function in tests/."""
+    defined = set()
+    for f in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", f.read_text(), re.M))
+    named = set(re.findall(r"`(?:tests/\w+\.py::)?(test_\w+)", (DOCS / "reliability.md").read_text()))
+    assert len(named) >= 15
+    assert sorted(named - defined) == []
