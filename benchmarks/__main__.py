@@ -2,7 +2,7 @@
 
     python -m benchmarks [--preset full|tiny] [--out bench-results.json]
 
-See benchmarks/bench.py for what is measured and how; the README's Performance section for the latest table.
+See benchmarks/bench.py for what is measured and how; docs/performance.md for the latest table.
 """
 
 from __future__ import annotations

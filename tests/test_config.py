@@ -79,8 +79,8 @@ def test_missing_and_invalid_files(tmp_path):
 
 
 def test_every_field_has_a_docstring():
-    """Fields are documented where they are declared (tests/test_docs.py checks the README's key table against
-    the same dataclasses: every key, with its default)."""
+    """Fields are documented where they are declared (tests/test_docs.py checks docs/configuration.md's key table
+    against the same dataclasses: every key, with its default)."""
     import ast
     import dataclasses
     import inspect

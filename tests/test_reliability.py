@@ -1,7 +1,7 @@
 """Reliability: faults survived, bad input refused, outputs committed atomically, artifacts safe.
 
 Everything runs for real: a local Ray cluster per job process, the loopback S3 server (moto), processes
-killed by pid. The README's "Guarantees" table maps each guarantee to the test here that checks it.
+killed by pid. docs/reliability.md maps each guarantee to the test here that checks it.
 
 Job runs are collected in RUNS so the last test can check that the fake secret never appears in anything a
 run printed or wrote.
