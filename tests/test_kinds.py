@@ -111,6 +111,31 @@ def test_model_section_is_the_shared_settings_plus_each_kinds_own():
     assert names == ["kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *kind_names]
 
 
+def test_every_kind_has_a_model_class():
+    assert list(MODELS) == list(KINDS) and all(issubclass(c, Autoencoder) for c in MODELS.values())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_config_checks_a_kinds_scores_and_learning_rules_against_its_spec(kind):
+    spec = KINDS[kind]
+    for score in ("calibrated", "recon", "elbo"):
+        model = {"kind": kind, "score": score}
+        if score in spec.scores:
+            assert config_from_dict({**BASE, "model": model}).model.score == score
+        else:
+            with pytest.raises(ConfigError, match=f"config model.score: {score} is the variational kind's score, "
+                                                  f"not {kind}'s; use calibrated or recon"):
+                config_from_dict({**BASE, "model": model})
+    for algorithm in ("backprop", "recirculation"):
+        raw = {**BASE, "model": {"kind": kind, "ensemble": 1}, "train": {"algorithm": algorithm}}
+        if algorithm in spec.algorithms:
+            assert config_from_dict(raw).train.algorithm == algorithm
+        else:
+            with pytest.raises(ConfigError, match=f"config model.kind: {kind}: train.algorithm {algorithm} trains "
+                                                  f"kind dense only"):
+                config_from_dict(raw)
+
+
 def test_old_flat_config_keys_and_shipped_configs_still_load():
     for path in sorted(Path("jobs/configs").glob("*.yaml")):
         load_config(path)

@@ -46,7 +46,7 @@ def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayou
     rules. `layout`: the input's columns (pipeline/features.py; None: numeric)."""
     if ensemble == AUTO:  # a section no job resolved (sizing.resolve_model picks the count): one model
         ensemble = 1
-    members = settings.pop("member_latent_dims", AUTO)  # each member's code width (a manifest before: alike)
+    members = settings.pop("member_latent_dims", AUTO)  # each member's code width; none given: all alike
     if ensemble > 1:
         widths = [settings.get("latent_dim", AUTO)] * ensemble if members == AUTO else members
         return Ensemble([build_model(n_features, kind, layout, **{**settings, "latent_dim": w}) for w in widths])
