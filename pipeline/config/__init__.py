@@ -38,6 +38,8 @@ __all__ = ["AUTO", "ArtifactsSection", "Config", "DataSection", "ModelSection", 
 
 @dataclass
 class Config:
+    """The whole job's config: one field per section, and the checks that span sections."""
+
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -49,9 +51,9 @@ class Config:
 
     def __post_init__(self) -> None:
         m, t = self.model, self.train
-        _check(t.algorithm in m.spec.algorithms, "model.kind",
-               f"{m.kind}: train.algorithm {t.algorithm} trains kind {' or '.join(kinds_with('algorithms', t.algorithm))}"
-               f" only (kind {m.kind} trains with {' or '.join(m.spec.algorithms)})")
+        trainable = " or ".join(kinds_with("algorithms", t.algorithm))
+        _check(t.algorithm in m.spec.algorithms, "model.kind", f"{m.kind}: train.algorithm {t.algorithm} trains "
+               f"kind {trainable} only (kind {m.kind} trains with {' or '.join(m.spec.algorithms)})")
         if t.algorithm == "recirculation":  # the rule's own limits (pipeline/recirculation.py): one layer, one model
             _check(m.ensemble in (1, AUTO), "model.ensemble",
                    f"{m.ensemble}: train.algorithm recirculation trains one model (set model.ensemble: 1)")

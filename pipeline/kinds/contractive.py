@@ -4,6 +4,7 @@ computed in closed form for the MLP (pipeline/models/contractive.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from pipeline.errors import check_config
 from pipeline.kinds.spec import KindSpec
 

@@ -11,9 +11,7 @@ from pipeline.models.base import Autoencoder
 
 
 class DenoisingAutoencoder(Autoencoder):
-    """Gaussian noise adds noise_level * N(0, 1) to each (normalized) feature; masking noise sets each feature
-    to 0, its training mean, with probability noise_level.
-    """
+    """Trains on `corrupt(x)` against the clean x; scores the clean input like the dense model."""
 
     settings: DenoisingSettings
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.data import PATH_COLUMN, SplitFeatures
 from pipeline.tensors import Normalizer, arrow_to_tensor
 from pipeline.train.collective import all_reduce
 from pipeline.watchdog import beat
@@ -104,8 +105,6 @@ class DirectSplits:
         """This rank's training and validation rows (one `x` table per row group read). Row groups go round
         robin over the ranks; with fewer row groups than ranks, every rank reads them all and keeps every
         world-th row, so no rank is left without rows."""
-        from pipeline.data import PATH_COLUMN, SplitFeatures
-
         groups = []
         for f in self.files:
             with storage.open_parquet(f) as pf:

@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import torch
 
+from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
+from pipeline.data import SplitFeatures, read_dataset
 from pipeline.sizing import step_budget
 from pipeline.train.batches import DirectSplits
 from pipeline.train.state import WorkerConfig
@@ -75,8 +77,6 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
 def _inputs(data, storage, spec, featurizer, cache: bool) -> tuple[Optional[DirectSplits], Optional[dict[str, Any]]]:
     """(DirectSplits, None) when the workers read their cached rows themselves, else (None, the Ray Data
     train and validation datasets)."""
-    from pipeline.data import SplitFeatures, read_dataset
-
     fz = None if featurizer.vector else featurizer  # a vector column: the float matrix as it is
     # Cached: the workers read their rows themselves (DirectSplits), unless a column read is not in the files
     # (e.g. a hive partition key, which only Ray Data's reader adds).
@@ -94,8 +94,6 @@ def _trainer(cfg, storage, worker: WorkerConfig, datasets: Optional[dict[str, An
     """The TorchTrainer: one worker per train.num_workers (a range when elastic), checkpoints under the run."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
 
     tr = cfg.train
     resources = {"CPU": tr.cpus_per_worker}
