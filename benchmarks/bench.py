@@ -48,7 +48,7 @@ from pipeline.artifacts import load_artifact
 from pipeline.config import (ArtifactsSection, Config, DataSection, ModelSection, OutputSection, RunSection,
                              ScoreSection, StorageSection, TrainSection)
 from pipeline.data import InputSpec, SplitFeatures, inspect_input, read_dataset
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.storage import Storage
 from pipeline.uri import join_uri
 

@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     from pipeline.config import DataSection
     from pipeline.data import to_fixed_size_list
     from pipeline.tensors import Normalizer, autocast_for
-    from pipeline.kinds import build_model
+    from pipeline.models import build_model
     from pipeline.score import Predictor
     from pipeline.train import tensor_batches, train_epoch
 

@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 
 from pipeline.errors import ArtifactError, StorageError
 from pipeline.features import Featurizer
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.models import Autoencoder
 from pipeline.storage import Storage
 from pipeline.uri import join_uri

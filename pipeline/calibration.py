@@ -16,8 +16,8 @@ mean test AUROC on cardio, pendigits, thyroid and vowels 0.800 with plain MSE, 0
 The third term is plain mean squared error over its validation mean (every term then averages 1 on the
 validation rows). It gives back what the first two lose where anomalies sit in sparse pockets inside the
 data and are simply reconstructed badly on the features that vary most: measured with 3 seeds on the eight
-tables of `make eval` (benchmarks/rank_probe.py, ensembles of 3), vowels 0.795 -> 0.880 (PCA 0.907) at an
-level mean over the eight tables (0.841 -> 0.844).
+tables of `make eval` (benchmarks/rank_probe.py, ensembles of 3), vowels 0.795 -> 0.880 (PCA 0.907), with
+the mean over the eight tables about level (0.841 -> 0.844).
 
 The fourth term is the code's distance to its nearest validation codes: the mean squared distance to the
 KNN nearest of a fixed-size random sample of the validation rows' codes (REFERENCE_ROWS, kept in the model),

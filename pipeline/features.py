@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
-from pipeline.models import SlotLayout
+from pipeline.layout import SlotLayout
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 OTHER, MISSING = "<other>", "<missing>"  # the two levels every categorical column has besides its own

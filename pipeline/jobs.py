@@ -19,7 +19,7 @@ from pipeline.config import AUTO, Config
 from pipeline.data import InputSpec, compute_moments, compute_table_stats, inspect_input, normalization_stats
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.features import Featurizer
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.metrics import output_error_counts
 from pipeline.multinode import check_shared_storage
 from pipeline.report import scoring_report, training_report

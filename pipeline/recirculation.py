@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.models import Autoencoder, linear_layers
+from pipeline.models.base import Autoencoder, linear_layers
 
 
 def _single_layers(model: Autoencoder) -> tuple[nn.Linear, nn.Linear]:

@@ -1,8 +1,10 @@
 """Model sizes that follow from the table: `model.latent_dim: auto` and `model.hidden_dims: auto`.
 
+    AUTO                                     the word `auto` in a config: chosen here when training starts
     auto_sizes(n_features, algorithm) -> (hidden_dims, latent_dim)
     auto_member_latents(n_features, ensemble) -> each ensemble member's code width
     resolve_model(model, n_features, algorithm) -> ModelSection with the autos replaced
+    effective_batch_size(requested, rows_per_worker) -> the batch size, lowered on small tables
     step_budget(batch_size, rows_per_worker, epochs, steps) -> (batch size, epoch limit)
     still_improving(history, epoch_limit, min_delta) -> a note when the epoch limit cut training short
 
@@ -10,19 +12,20 @@ The rule (measured on ADBench's classical tables, `make eval`; see the README's 
 hidden layer about as wide as the input (4 to MAX_HIDDEN), and a code of about a quarter of the input width,
 so a table of 2 features gets a 1-wide code and a 100-feature table a 25-wide one, capped at MAX_LATENT.
 Wider or deeper networks reconstruct the anomalies inside the training data as well as the normal rows,
-which flattens the ranking (the old default [64, 32] -> 8: cardio 0.69 against 0.85 with this rule, same
-probe). The table's row count sets the training budget instead (`step_budget`). Explicit values always win
-(and are checked as before).
+which flattens the ranking (a fixed [64, 32] -> 8: cardio 0.69 against 0.85 with this rule, same probe).
+The table's row count sets the training budget instead (`step_budget`). Explicit values always win (and are
+checked against the input's width).
+
+Imports nothing else of the pipeline: the config, the kinds and the models all use these rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional, TypeVar
 
-from pipeline.config import AUTO, ModelSection
-
+AUTO = "auto"  # a size chosen from the input's width and rows when training starts
 AUTO_ENSEMBLE = 5  # model.ensemble: auto with backprop (recirculation trains one model)
 MAX_LATENT = 32
 MAX_HIDDEN = 64
@@ -68,9 +71,12 @@ def auto_ensemble(algorithm: str = "backprop") -> int:
     return 1 if algorithm == "recirculation" else AUTO_ENSEMBLE
 
 
-def resolve_model(model: ModelSection, n_features: int, algorithm: str = "backprop") -> ModelSection:
-    """`model` with `auto` sizes (and ensemble count) replaced by the rules above; explicit values are kept
-    (and checked)."""
+Section = TypeVar("Section")
+
+
+def resolve_model(model: Section, n_features: int, algorithm: str = "backprop") -> Section:
+    """`model` (the config's model section) with `auto` sizes (and ensemble count) replaced by the rules above;
+    explicit values are kept, and checked against the input's width (`check_features`)."""
     hidden, latent = auto_sizes(n_features, algorithm)
     ensemble = auto_ensemble(algorithm) if model.ensemble == AUTO else model.ensemble
     if model.member_latent_dims != AUTO:
@@ -89,16 +95,21 @@ def resolve_model(model: ModelSection, n_features: int, algorithm: str = "backpr
 # ------------------------------------------------------------------------------------------ training budget
 
 
-def step_budget(batch_size: int, rows_per_worker: int, epochs, steps: int) -> tuple[int, int]:
+def effective_batch_size(requested: int, rows_per_worker: int, min_steps: int = 20, floor: int = 16) -> int:
+    """The configured batch size, lowered on small data so each worker still takes `min_steps` steps."""
+    if rows_per_worker <= 0:
+        return requested
+    return int(max(min(floor, requested), min(requested, rows_per_worker // min_steps)))
+
+
+def step_budget(batch_size: int, rows_per_worker: int, epochs: Any, steps: int) -> tuple[int, int]:
     """(batch size, epoch limit) for a run: with `epochs: auto`, about `steps` optimizer steps per worker.
 
     Auto: the batch is lowered first (down to 16 rows) so that AUTO_EPOCHS epochs reach the steps; on a table
     too small for that, the epoch limit is raised. A large table keeps its batch size and AUTO_EPOCHS: its
     epochs already hold more steps than the budget. An explicit epoch count is a hard limit, and the batch
-    is only lowered to give each epoch 20 steps, as before. Early stopping still ends a run sooner.
+    is only lowered to give each epoch 20 steps. Early stopping still ends a run sooner.
     """
-    from pipeline.train import effective_batch_size  # noqa: PLC0415 - torch only where training is planned
-
     if epochs != AUTO:
         return effective_batch_size(batch_size, rows_per_worker), int(epochs)
     min_steps = max(20, math.ceil(steps / AUTO_EPOCHS))

@@ -22,7 +22,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data import InputSpec, SplitFeatures, batch_rows, read_dataset, validation_mask
 from pipeline.features import Featurizer
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.metrics import TRUTH_COLUMN
 from pipeline.sketch import ScoreSketch, ValidationSketch
 from pipeline.storage import Storage

@@ -77,7 +77,7 @@ def test_train_epoch_times_the_first_batch_and_the_data_wait_apart():
 
     import torch
 
-    from pipeline.kinds import build_model
+    from pipeline.models import build_model
     from pipeline.train import train_epoch
 
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from pipeline.data import (BatchMoments, Moments, SplitFeatures, auto_features, 
 from pipeline.errors import InputError
 from pipeline.features import (MISSING, OTHER, CategoricalColumn, ColumnMoments, Featurizer, LevelCounts,
                                NumericColumn, column_roles)
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.sample import generate_mixed, mixed_table
 
 import datetime as dt

@@ -1,9 +1,9 @@
 """The kind registry (pipeline/kinds/) and the training worker's parts, in plain PyTorch (no Ray).
 
 Every registered kind builds from its flat config keys, receives each of its settings, and trains; old
-configs and manifests keep loading; and a new kind needs one module plus one registration line: the tiny
-`shrink` kind below is defined here, registered, configured with its own key and trained through the same
-worker parts Ray runs (build_trainee, run_training), checkpoint and resume included.
+configs and manifests keep loading; and a new kind needs a spec, a model class and two registration lines:
+the tiny `shrink` kind below is defined here, registered, configured with its own key and trained through
+the same worker parts Ray runs (build_trainee, run_training), checkpoint and resume included.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 import pipeline.config as config_module
 from pipeline.config import ModelSection, TrainSection, config_from_dict, load_config
 from pipeline.errors import ConfigError, check_config
-from pipeline.kinds import KINDS, build_model, register
-from pipeline.kinds.spec import KindSpec
-from pipeline.models import MLP_SETTINGS, Autoencoder
+from pipeline.kinds import KINDS, kind_setting_names, register
+from pipeline.kinds.spec import MLP_SETTINGS, KindSpec
+from pipeline.models import MODELS, Autoencoder, build_model
 from pipeline.train import ALGORITHMS, TrainState, WorkerConfig, build_trainee, evaluate, run_training
 
 BASE = {"data": {"input": "x"}}
@@ -77,7 +77,7 @@ def test_every_kind_builds_from_flat_keys_receives_each_setting_and_trains(kind)
     assert dataclasses.asdict(cfg.model.kind_settings) == values
     torch.manual_seed(0)
     model = build_model(6, **dataclasses.asdict(cfg.model))
-    assert isinstance(model, spec.model) and isinstance(model.settings, spec.settings)
+    assert isinstance(model, MODELS[kind]) and isinstance(model.settings, spec.settings)
     assert dataclasses.asdict(model.settings) == values  # every declared setting reached the model
     assert all(values[k] != f.default for k in values for f in dataclasses.fields(spec.settings) if f.name == k)
     x = batches(6)[0]
@@ -99,7 +99,7 @@ def test_unknown_kind_is_one_line_naming_the_key_and_the_kinds():
 
 
 def test_a_kind_setting_name_cannot_be_taken_twice():
-    clash = KindSpec("clash", Autoencoder, KINDS["denoising"].settings)
+    clash = KindSpec("clash", KINDS["denoising"].settings)
     with pytest.raises(ValueError, match="'noise' is already one of denoising's"):
         register(clash)
     assert "clash" not in KINDS
@@ -109,6 +109,31 @@ def test_model_section_is_the_shared_settings_plus_each_kinds_own():
     names = [f.name for f in dataclasses.fields(ModelSection)]
     kind_names = [n for spec in KINDS.values() for n in spec.setting_names]
     assert names == ["kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *kind_names]
+
+
+def test_every_kind_has_a_model_class():
+    assert list(MODELS) == list(KINDS) and all(issubclass(c, Autoencoder) for c in MODELS.values())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_config_checks_a_kinds_scores_and_learning_rules_against_its_spec(kind):
+    spec = KINDS[kind]
+    for score in ("calibrated", "recon", "elbo"):
+        model = {"kind": kind, "score": score}
+        if score in spec.scores:
+            assert config_from_dict({**BASE, "model": model}).model.score == score
+        else:
+            with pytest.raises(ConfigError, match=f"config model.score: {score} is the variational kind's score, "
+                                                  f"not {kind}'s; use calibrated or recon"):
+                config_from_dict({**BASE, "model": model})
+    for algorithm in ("backprop", "recirculation"):
+        raw = {**BASE, "model": {"kind": kind, "ensemble": 1}, "train": {"algorithm": algorithm}}
+        if algorithm in spec.algorithms:
+            assert config_from_dict(raw).train.algorithm == algorithm
+        else:
+            with pytest.raises(ConfigError, match=f"config model.kind: {kind}: train.algorithm {algorithm} trains "
+                                                  f"kind dense only"):
+                config_from_dict(raw)
 
 
 def test_old_flat_config_keys_and_shipped_configs_still_load():
@@ -137,7 +162,9 @@ def test_manifests_written_by_main_still_build_and_new_ones_keep_the_format(kind
     own = KINDS[kind].setting_names
     assert dataclasses.asdict(model.settings) == {k: old[k] for k in own}
     assert type(model).__name__ != "Ensemble"  # a manifest from before model.ensemble: one model
-    assert set(dataclasses.asdict(ModelSection())) == set(MAIN_MANIFEST_MODEL) | {"ensemble", "member_latent_dims"}
+    keys = set(dataclasses.asdict(ModelSection()))
+    assert keys == {"kind", *MLP_SETTINGS, "ensemble", "member_latent_dims"} | kind_setting_names()
+    assert set(MAIN_MANIFEST_MODEL) <= keys  # an old manifest's keys all still exist
 
 
 def test_training_settings_reach_the_workers_typed_and_picklable():
@@ -179,19 +206,21 @@ class ShrinkAutoencoder(Autoencoder):
         return mse + self.settings.shrink_weight * pen, {"recon": mse.detach(), "shrink": pen.detach()}
 
 
-SHRINK = KindSpec("shrink", ShrinkAutoencoder, ShrinkSettings, undercomplete=True)
+SHRINK = KindSpec("shrink", ShrinkSettings, undercomplete=True)
 
 
 @pytest.fixture
 def shrink_registered(monkeypatch):
-    """The one registration line, undone afterwards; the config's model section is rebuilt to include it."""
+    """The two registration lines (the spec, the model class), undone afterwards; the config's model section is
+    rebuilt to include the kind's settings."""
     register(SHRINK)
-    monkeypatch.setattr(config_module, "ModelSection", config_module._model_section())
+    monkeypatch.setitem(MODELS, "shrink", ShrinkAutoencoder)
+    monkeypatch.setattr(config_module, "ModelSection", config_module.model_section())
     yield
     del KINDS["shrink"]
 
 
-def test_a_new_kind_is_one_module_plus_one_registration_line(shrink_registered):
+def test_a_new_kind_is_a_spec_a_model_class_and_two_registration_lines(shrink_registered):
     with pytest.raises(ConfigError, match="config model.shrink_weight: -1.0 must be >= 0"):
         config_from_dict({**BASE, "model": {"kind": "shrink", "shrink_weight": -1.0}})
     with pytest.raises(ConfigError, match="config model.latent_dim: 6 must be < the 6 input features"):

@@ -21,7 +21,7 @@ from pipeline.data import BatchMoments, batch_rows, merge_table_rows, normalizat
 from pipeline.features import Featurizer, column_roles
 from pipeline.tensors import Normalizer
 from pipeline.jobs import score_job, train_job
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.metrics import auroc, evaluate_against_truth
 from pipeline.sample import write_mixed_sample
 

@@ -15,8 +15,9 @@ import torch
 
 from pipeline.config import ModelSection, config_from_dict
 from pipeline.errors import ConfigError
-from pipeline.kinds import KINDS, build_model
-from pipeline.kinds.contractive import encoder_jacobian_sq_norm
+from pipeline.kinds import KINDS
+from pipeline.models import build_model
+from pipeline.models.contractive import encoder_jacobian_sq_norm
 from pipeline.recirculation import make_step_fn, recirculation_update
 from pipeline.sample import generate
 from pipeline.train import evaluate, train_epoch

@@ -17,7 +17,7 @@ from pipeline.artifacts import save_artifact
 from pipeline.config import Config, DataSection, ModelSection, ScoreSection, StorageSection
 from pipeline.data import PATH_COLUMN, inspect_input, read_dataset
 from pipeline.errors import ConfigError
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.sample import write_sample
 from pipeline.storage import Storage
 

@@ -1,4 +1,4 @@
-"""Which checkpoint a restarted worker group resumes from (pipeline/resume.py), on local storage, no Ray."""
+"""Which checkpoint a restarted worker group resumes from (pipeline/train/state.py), on local storage, no Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import torch
 
 from pipeline.config import StorageSection
-from pipeline.resume import newest_stored_state, resume_state
+from pipeline.train.state import newest_stored_state, resume_state
 from pipeline.storage import Storage
 
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.calibration import KNN_WEIGHT, REFERENCE_ROWS, ScoreCalibration, knn_distance
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.sizing import auto_member_latents, auto_sizes, resolve_model, step_budget, still_improving
 
 

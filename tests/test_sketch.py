@@ -71,7 +71,7 @@ def test_validation_pass_function_summarizes_what_the_scorer_scores():
 
     from pipeline.config import ModelSection
     from pipeline.data import to_fixed_size_list
-    from pipeline.kinds import build_model
+    from pipeline.models import build_model
     from pipeline.validation import ErrorScorer
     from pipeline.sketch import ValidationSketch
 

@@ -10,10 +10,10 @@ import torch
 
 from pipeline.data import to_fixed_size_list
 from pipeline.tensors import Normalizer, arrow_to_tensor
-from pipeline.kinds import build_model
+from pipeline.models import build_model
 from pipeline.sample import generate
-from pipeline.train import (EarlyStopping, effective_batch_size, evaluate,
-                            tensor_batches, train_epoch)
+from pipeline.sizing import effective_batch_size
+from pipeline.train import EarlyStopping, evaluate, tensor_batches, train_epoch
 
 
 def batches(x: torch.Tensor, size: int):

@@ -1,15 +1,16 @@
-"""`kind: denoising`: learns to map a corrupted x~ back to the clean x; scored on clean input."""
+"""`kind: denoising`: learns to map a corrupted x~ back to the clean x; scored on clean input.
+
+Gaussian noise adds noise_level * N(0, 1) to each (normalized) feature; masking noise sets each feature to
+0, its training mean, with probability noise_level. The model: pipeline/models/denoising.py.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import Literal
 
 from pipeline.errors import check_config
 from pipeline.kinds.spec import KindSpec
-from pipeline.models import Autoencoder
 
 
 @dataclass(frozen=True)
@@ -25,26 +26,4 @@ class DenoisingSettings:
             check_config(self.noise_level < 1, "model.noise_level", f"{self.noise_level} must be < 1 for mask noise")
 
 
-class DenoisingAutoencoder(Autoencoder):
-    """Gaussian noise adds noise_level * N(0, 1) to each (normalized) feature; masking noise sets each feature
-    to 0, its training mean, with probability noise_level.
-    """
-
-    settings: DenoisingSettings
-
-    def __init__(self, n_features: int, settings: DenoisingSettings = DenoisingSettings(), **mlp: Any):
-        super().__init__(n_features, settings=settings, **mlp)
-
-    def corrupt(self, x: torch.Tensor) -> torch.Tensor:
-        level = self.settings.noise_level
-        if self.settings.noise == "gaussian":
-            return x + level * torch.randn_like(x)
-        return x * (torch.rand_like(x) >= level).to(x.dtype)
-
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        recon = self(self.corrupt(x))
-        mse = self.recon_loss(recon, x)
-        return mse, {"recon": mse.detach()}
-
-
-SPEC = KindSpec("denoising", DenoisingAutoencoder, DenoisingSettings)
+SPEC = KindSpec("denoising", DenoisingSettings)

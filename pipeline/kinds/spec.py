@@ -1,8 +1,12 @@
-"""`KindSpec`: everything the pipeline knows about one model kind, in one object.
+"""`KindSpec`: what the pipeline knows about one model kind besides its model class, in one object.
 
 A kind is its settings dataclass (flat `model.<setting>` config keys, each with a docstring and a range
-check), its model class (an `Autoencoder` subclass, torch only), and the hooks training and config checks
-need. Nothing outside the kind's module branches on its name.
+check), the scores and learning rules it supports, and the hooks training and the config checks need. All
+of it loads without torch, so reading a config does not import it; the kind's model class (an
+`Autoencoder` subclass, torch only) lives in `pipeline/models/<kind>.py`, and `pipeline.models.MODELS`
+maps the kind's name to it. The config and the trainer read a kind's differences from here; only the model
+classes and the recirculation rule (`pipeline/recirculation.py`, which trains the plain dense model) differ
+in code.
 """
 
 from __future__ import annotations
@@ -10,6 +14,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
+
+MLP_SETTINGS = ("hidden_dims", "latent_dim", "activation", "dropout", "code_activation", "score")
+"""The settings every kind shares: the model classes' keyword arguments (typed and documented in the config's
+model section)."""
+
+SCORES = ("calibrated", "recon")
+"""The anomaly scores every kind supports (pipeline/calibration.py; mean squared reconstruction error)."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +40,6 @@ def _no_pretraining(model_section: Any) -> int:
 class KindSpec:
     name: str
     """The `model.kind` value."""
-    model: type
-    """The Autoencoder subclass; built as `model(n_features, settings=<settings>, **<shared MLP settings>)`."""
     settings: type = NoSettings
     """Frozen dataclass of the kind's own settings; range checks in its `__post_init__` (ConfigError naming
     `model.<field>`). Field names are flat config keys and must not clash with another kind's."""
@@ -46,6 +55,10 @@ class KindSpec:
     pretrain_epochs: Callable[[Any], int] = _no_pretraining
     """Epochs (given the model section) before the whole model trains: they do not count for early stopping
     or the best model, and `train.epochs` must exceed them."""
+    scores: tuple[str, ...] = SCORES
+    """The `model.score` values the kind's model computes."""
+    algorithms: tuple[str, ...] = ("backprop",)
+    """The `train.algorithm` values that can train it."""
 
     @property
     def setting_names(self) -> tuple[str, ...]:

@@ -11,16 +11,15 @@ r = g(h), and exposes the same methods, so training and scoring never branch on 
     forward(x)          -> reconstruction
 
 `Autoencoder` here is the plain undercomplete MLP (`model.kind: dense`); the other kinds subclass it, one
-module each under `pipeline/kinds/`, where the registry (`pipeline.kinds.KINDS`) and `build_model` live.
+module each beside this one (their settings and checks live in `pipeline/kinds/`, without torch).
 `Ensemble` (`model.ensemble` > 1) holds several models of one kind, trained together, with the same methods.
-Every model takes the shared MLP settings (`MLP_SETTINGS`) as keyword arguments and its kind's own
-settings as one dataclass, `settings`, kept on the model.
+Every model takes the shared MLP settings (`pipeline.kinds.spec.MLP_SETTINGS`) as keyword arguments and its
+kind's own settings as one dataclass, `settings`, kept on the model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.calibration import ScoreCalibration
+from pipeline.layout import SlotLayout
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -84,47 +84,17 @@ def blocks(seq: nn.Sequential) -> list[nn.Sequential]:
     return [nn.Sequential(*b) for b in out]
 
 
-@dataclass(frozen=True)
-class SlotLayout:
-    """Which input slots make which input column, for inputs with categorical columns or missing indicators
-    (pipeline/features.py builds it; a numeric-only input has none and each slot is its own column).
-
-    A column's error: a numeric column's squared error (plus its missing indicator's), a categorical column's
-    cross-entropy of its softmax over its slots (levels, other, missing) against the observed level. So a
-    column counts once, however many levels it has."""
-
-    n_columns: int
-    numeric: tuple[tuple[int, int], ...]
-    """(slot, column) of every numeric value and missing-indicator slot."""
-    groups: tuple[tuple[int, int, int], ...]
-    """(first slot, end slot, column) of every categorical column's one-hot block."""
-
-    def errors(self, recon: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, cols: torch.Tensor,
-               group_cols: torch.Tensor) -> torch.Tensor:
-        """(rows, n_columns) per-column errors; the index tensors come from the model's buffers."""
-        out = recon.new_zeros(recon.shape[0], self.n_columns)
-        if len(self.numeric):
-            out = out.index_add(1, cols, (recon[:, slots] - x[:, slots]) ** 2)
-        if self.groups:
-            ce = [F.cross_entropy(recon[:, a:b], x[:, a:b].argmax(dim=1), reduction="none") for a, b, _ in self.groups]
-            out = out.index_add(1, group_cols, torch.stack(ce, dim=1))
-        return out
-
-
-MLP_SETTINGS = ("hidden_dims", "latent_dim", "activation", "dropout", "code_activation", "score")
-AUTO = "auto"  # a size chosen from the input's width and rows when training starts (pipeline/sizing.py)
-"""The settings every kind shares: Autoencoder's keyword arguments (typed and documented in config.ModelSection)."""
-
-
 class Autoencoder(nn.Module):
     """Undercomplete MLP autoencoder (`kind: dense`): the bottleneck is the only constraint.
 
-    `settings` is the kind's own settings dataclass (None for a kind without any); subclasses read it.
+    The keyword arguments are the shared MLP settings (`pipeline.kinds.spec.MLP_SETTINGS`); the sizes have no
+    default: a job passes the ones its config chose or `pipeline.sizing` resolved. `settings` is the kind's
+    own settings dataclass (None for a kind without any); subclasses read it.
     """
 
-    def __init__(self, n_features: int, hidden_dims: Sequence[int] = (64, 32), latent_dim: int = 8,
-                 activation: str = "gelu", dropout: float = 0.0, code_activation: Optional[str] = None,
-                 score: str = "recon", settings: Any = None, layout: Optional[SlotLayout] = None):
+    def __init__(self, n_features: int, *, hidden_dims: Sequence[int], latent_dim: int, activation: str = "gelu",
+                 dropout: float = 0.0, code_activation: Optional[str] = None, score: str = "recon",
+                 settings: Any = None, layout: Optional[SlotLayout] = None):
         super().__init__()
         self.settings = settings  # first: default_code_activation() may depend on it
         self.n_features = n_features
