@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline.errors import ArtifactError, StorageError
-from pipeline.features import Featurizer
+from pipeline.featurizer import Featurizer
 from pipeline.kinds import build_model
 from pipeline.models import Autoencoder
 from pipeline.storage import Storage

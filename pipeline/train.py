@@ -119,7 +119,8 @@ class DirectSplits:
         """This rank's training and validation rows (one `x` table per row group read). Row groups go round
         robin over the ranks; with fewer row groups than ranks, every rank reads them all and keeps every
         world-th row, so no rank is left without rows."""
-        from pipeline.data import PATH_COLUMN, SplitFeatures
+        from pipeline.rows import SplitFeatures
+        from pipeline.shards import PATH_COLUMN
 
         groups = []
         for f in self.files:
@@ -721,7 +722,8 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
     from ray.train.torch import TorchTrainer
 
     from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
-    from pipeline.data import SplitFeatures, read_dataset
+    from pipeline.read import read_dataset
+    from pipeline.rows import SplitFeatures
     from pipeline.uri import join_uri
 
     data, tr = cfg.data, cfg.train

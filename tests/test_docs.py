@@ -1,6 +1,6 @@
 """The README's tables against the code they describe, so the two cannot drift: the config-key table against
 the config dataclasses (every key, both ways, with its default) and the output-schema tables against
-`pipeline.score.output_schema`."""
+`pipeline.output.output_schema`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.config import Config, OutputSection
-from pipeline.score import output_schema
+from pipeline.output import output_schema
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 UNSET = object()

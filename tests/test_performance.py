@@ -12,13 +12,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import predictor as predictor_mod
 from pipeline import score as score_mod
+from pipeline import scorer as scorer_mod
 from pipeline.artifacts import save_artifact
 from pipeline.config import Config, DataSection, ModelSection, ScoreSection, StorageSection
-from pipeline.data import PATH_COLUMN, inspect_input, read_dataset
+from pipeline.inputs import inspect_input
+from pipeline.read import read_dataset
 from pipeline.errors import ConfigError
 from pipeline.kinds import build_model
 from pipeline.sample import write_sample
+from pipeline.shards import PATH_COLUMN
 from pipeline.storage import Storage
 
 DATA = dict(features="features", id_columns=["id"], timestamp_column="event_time")
@@ -99,13 +103,13 @@ def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
     run_uri = str(tmp_path / "run")
     _save_model(storage, spec, run_uri)
     loads = []
-    real_load = score_mod.load_artifact
-    monkeypatch.setattr(score_mod, "load_artifact", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
-    monkeypatch.setattr(score_mod, "_WORKER_PREDICTOR", {})
+    real_load = predictor_mod.load_artifact
+    monkeypatch.setattr(predictor_mod, "load_artifact", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
+    monkeypatch.setattr(predictor_mod, "_CACHED", {})
     table = pq.read_table(spec.files[0], columns=spec.columns)
     now = dt.datetime.now(dt.timezone.utc)
 
-    fn = score_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-1")
+    fn = scorer_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-1")
     out = [fn(table), fn(table)]
     assert loads == [run_uri]  # the second block reuses the loaded model
     assert all(o.num_rows == table.num_rows for o in out)  # sliced into batches of 300, put back in order
@@ -113,6 +117,6 @@ def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
     assert out[0].column("id").to_pylist() == table.column("id").to_pylist()
     np.testing.assert_allclose(out[0].column("recon_error").to_numpy(), out[1].column("recon_error").to_numpy())
 
-    score_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-2")(table)
+    scorer_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-2")(table)
     assert loads == [run_uri, run_uri]  # a new run never reuses an earlier run's model
-    assert len(score_mod._WORKER_PREDICTOR) == 1
+    assert len(predictor_mod._CACHED) == 1
