@@ -86,7 +86,7 @@ class LoadedModel:
 
     @property
     def featurizer(self) -> Featurizer:
-        """The input's featurizer; a manifest from before categoricals: its numeric features, as they were."""
+        """The input's featurizer (featurizer_of: a manifest without a `features` section gives its numeric inputs)."""
         return featurizer_of(self.manifest)
 
     @property

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import DataSection, StorageSection
 from pipeline.inputs import inspect_input
-from pipeline.prepare import BatchStats, merge_stat_rows
+from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
 from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, validation_mask
 from pipeline.stats import ColumnMoments, normalization_stats
 from pipeline.errors import InputError
@@ -168,3 +168,22 @@ def test_batch_stats_rows_merge_to_train_split_stats():
     val = validation_mask(t, data)
     assert (m.n == n_train).all() and n_train + n_val == 3000 and n_rej == 0
     np.testing.assert_allclose(m.mean, x[~val].astype(np.float64).mean(0), rtol=1e-9)
+
+
+def test_prepare_key_changes_with_every_data_setting(tmp_path):
+    """The prepare pass's cache key comes from the data section itself: a setting added to it later is in the
+    key without anyone remembering to add it (the list below must name every field)."""
+    import dataclasses
+
+    write(tmp_path, "a.parquet", vec_table(10, 4))
+    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    base = prepare_key(spec, spec.data)
+    assert base == prepare_key(spec, spec.data)
+    changes = {"input": str(tmp_path / "other"), "features": "vectors", "exclude_columns": ["label"],
+               "categorical_columns": ["code"], "missing": "drop", "max_categories": 7, "id_columns": ["user"],
+               "timestamp_column": "ts", "validation_fraction": 0.3, "nan_policy": "drop"}
+    assert set(changes) == {f.name for f in dataclasses.fields(DataSection)}
+    for name, value in changes.items():
+        assert prepare_key(spec, dataclasses.replace(spec.data, **{name: value})) != base, name
+    other = inspect_input(DataSection(input=str(tmp_path)), LOCAL, files=[write(tmp_path, "b.parquet", vec_table(10, 4))])
+    assert prepare_key(other, other.data) != base  # other files, the same settings
