@@ -50,6 +50,20 @@ def test_read_dataset_reads_each_file_in_its_own_task_and_block(tmp_path, ray_cl
     assert set(read_dataset(spec, storage, with_paths=False).columns()) == set(spec.columns)
 
 
+@pytest.mark.integration
+def test_read_dataset_returns_once_its_sampling_tasks_have_freed_their_cpus(tmp_path, ray_cluster):
+    """read_parquet samples two files in 1-CPU tasks. A dataset started right after saw their CPUs still taken,
+    and Ray Data warned that the cluster had no CPUs and the job would hang (4 tries in 25 on `make run`'s 2
+    CPUs). read_dataset returns once the CPUs free before it are free again."""
+    import ray
+
+    storage, _, spec = _spec(tmp_path, rows=400, shards=4)
+    for _ in range(10):
+        before = ray.available_resources().get("CPU", 0.0)
+        read_dataset(spec, storage)
+        assert ray.available_resources().get("CPU", 0.0) >= before
+
+
 def _plan(ds) -> str:
     out = io.StringIO()
     with redirect_stdout(out):
