@@ -10,7 +10,7 @@ Everything runs against a loopback S3 server (moto), started here and stopped at
             run's history (`worker_rows_per_s`: the first batch timed apart) vs a plain PyTorch loop over
             in-memory tensors with the same model, batch size, rows and torch threads;
   scoring   `score` (read -> ScoreBatches -> staged Parquet, fused in a task per file -> verify -> publish), end
-            to end after one warm-up run, vs a plain loop (pyarrow read -> the same Predictor -> pyarrow write)
+            to end after one warm-up run, vs a plain loop (pyarrow read -> the same BatchScorer -> pyarrow write)
             on the same server;
   training_end_to_end  `train_job` wall time for `e2e_epochs` epochs on a small and a medium table vs a plain
             script (pyarrow read -> normalize -> the same epochs -> weights written to the same server); ratio =
@@ -44,10 +44,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.artifacts import load_artifact
 from pipeline.config import (ArtifactsSection, Config, DataSection, ModelSection, OutputSection, RunSection,
                              ScoreSection, StorageSection, TrainSection)
-from pipeline.data import InputSpec, SplitFeatures, inspect_input, read_dataset
+from pipeline.inputs import InputSpec, inspect_input
+from pipeline.read import read_dataset
+from pipeline.rows import SplitFeatures
 from pipeline.models import build_model
 from pipeline.storage import Storage
 from pipeline.uri import join_uri
@@ -203,7 +204,7 @@ def measure_ingest(spec: InputSpec, storage: Storage, repeats: int,
            # Ray Data's own cost: the same number of rows and tasks, generated instead of read
            "ray_data_floor_seconds": _median(floor),
            "baseline_seconds": spec.num_rows / _median(pa_rps),
-           "pipeline": "ray.data.read_parquet (pipeline.data.read_dataset) -> iter_batches",
+           "pipeline": "ray.data.read_parquet (pipeline.read.read_dataset) -> iter_batches",
            "baseline": "pyarrow.dataset.to_batches, same files, same columns"}
     if big is not None:  # the larger data set: fixed costs weigh less
         ray_big, pa_big = [], []
@@ -395,17 +396,19 @@ def measure_training_end_to_end(bc: BenchConfig, storage: Storage, uris: dict[st
 
 def plain_score(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: str, output_uri: str,
                 threads: int) -> float:
-    """pyarrow read -> the same Predictor -> pyarrow write, file by file, with the CPU budget of the scoring
+    """pyarrow read -> the same BatchScorer -> pyarrow write, file by file, with the CPU budget of the scoring
     worker it is compared with: `threads` torch threads and `threads` Arrow CPU threads (Ray sets
     OMP_NUM_THREADS to a task's CPUs, and Arrow sizes its CPU pool by it). Returns rows/s."""
-    from pipeline.score import Predictor
+    from pipeline.predictor import Predictor
+    from pipeline.scorer import BatchScorer
 
     prev_threads, prev_arrow = torch.get_num_threads(), pa.cpu_count()
     torch.set_num_threads(threads)
     pa.set_cpu_count(threads)
     try:
         t0 = time.perf_counter()
-        predictor = Predictor(load_artifact(storage, model_run_uri), cfg.data, dt.datetime.now(dt.timezone.utc))
+        predictor = BatchScorer(Predictor.from_artifact(storage, model_run_uri), cfg.data,
+                                dt.datetime.now(dt.timezone.utc))
         rows = 0
         for i, f in enumerate(spec.files):
             with storage.open_parquet(f) as pf:

@@ -5,8 +5,8 @@
 
 No Ray (its wheel need not be on the GPU box): the pipeline side is what a Ray worker runs per batch,
 `pipeline.train.train_epoch` over `tensor_batches` of Arrow batches (zero-copy tensor, pinned, non-blocking
-copy, normalization on the device, bf16 autocast), and `pipeline.score.Predictor` on Arrow batches (to Arrow
-output columns). The baseline is a plain loop on the same device with the data already there: normalize, the
+copy, normalization on the device, bf16 autocast), and `pipeline.scorer.BatchScorer` on Arrow batches (to
+Arrow output columns). The baseline is a plain loop on the same device with the data already there: normalize, the
 same model and optimizer under bf16 autocast; for scoring, the forward pass and the scores copied back.
 Ratios are pipeline rows/s over baseline rows/s, medians of `--repeats` after a warm-up. Takes about a
 minute on one H100. Without a CUDA device it prints one line and exits 2.
@@ -64,12 +64,13 @@ def _timed_rows_per_s(fn: Callable[[], int], device: torch.device, repeats: int)
 
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
     """Per model size, train and score: pipeline and plain rows/s and their ratio (any device; main: CUDA)."""
-    from pipeline.artifacts import LoadedModel
+    from pipeline.artifacts import featurizer_of
     from pipeline.config import DataSection
-    from pipeline.data import to_fixed_size_list
-    from pipeline.tensors import Normalizer, autocast_for
     from pipeline.models import build_model
-    from pipeline.score import Predictor
+    from pipeline.predictor import Predictor
+    from pipeline.rows import to_fixed_size_list
+    from pipeline.scorer import BatchScorer
+    from pipeline.tensors import Normalizer, autocast_for
     from pipeline.train import tensor_batches, train_epoch
 
     torch.manual_seed(0)
@@ -104,9 +105,9 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
             return args.rows
 
         manifest = {"normalization": {"mean": mean.tolist(), "scale": scale.tolist()}, "threshold": 1.0,
-                    "feature_names": [f"f{i}" for i in range(d)], "model_version": "gpu-check"}
-        predictor = Predictor(LoadedModel(model, manifest), data, dt.datetime.now(dt.timezone.utc),
-                              device=device.type)
+                    "feature_names": [f"features[{i}]" for i in range(d)], "model_version": "gpu-check"}
+        predictor = BatchScorer(Predictor(model, featurizer_of(manifest), device.type, manifest), data,
+                                dt.datetime.now(dt.timezone.utc))
 
         def pipeline_score() -> int:
             return sum(predictor(t).num_rows for t in tables)

@@ -24,7 +24,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from pipeline.calibration import REFERENCE_ROWS, knn_distance
 from pipeline.config import load_config
-from pipeline.data import Moments, normalization_stats, validation_mask
+from pipeline.rows import validation_mask
+from pipeline.stats import ColumnMoments, normalization_stats
 from pipeline.evaluation import BENCHMARK_DIR, load_npz, protocol_split, ranking_metrics
 from pipeline.tensors import Normalizer
 from pipeline.sizing import resolve_model, step_budget
@@ -33,7 +34,7 @@ from pipeline.train import WorkerConfig, build_trainee, run_training
 
 def scaling_stats(x: np.ndarray, how: str):
     if how == "zscore":
-        return normalization_stats(Moments.of(x))
+        return normalization_stats(ColumnMoments.of(x))
     if how == "minmax":
         lo, hi = x.min(0), x.max(0)
         return lo, np.where(hi > lo, hi - lo, 1.0)

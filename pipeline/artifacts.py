@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pipeline.errors import ArtifactError, StorageError
-from pipeline.features import Featurizer
+from pipeline.featurizer import Featurizer
 from pipeline.models import build_model
 from pipeline.models import Autoencoder
 from pipeline.storage import Storage
@@ -86,7 +86,7 @@ class LoadedModel:
 
     @property
     def featurizer(self) -> Featurizer:
-        """The input's featurizer; a manifest from before categoricals: its numeric features, as they were."""
+        """The input's featurizer (featurizer_of: a manifest without a `features` section gives its numeric inputs)."""
         return featurizer_of(self.manifest)
 
     @property

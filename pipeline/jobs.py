@@ -13,30 +13,30 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pipeline.artifacts import MANIFEST, model_dir, read_manifest, save_artifact
+from pipeline.artifacts import model_dir, read_manifest, save_artifact
 from pipeline.cluster import connect
 from pipeline.config import AUTO, Config
-from pipeline.data import InputSpec, compute_moments, compute_table_stats, inspect_input, normalization_stats
-from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.features import Featurizer
+from pipeline.errors import ConfigError, InputError
+from pipeline.featurizer import Featurizer
+from pipeline.inputs import InputSpec, inspect_input
 from pipeline.models import build_model
 from pipeline.metrics import output_error_counts
 from pipeline.multinode import check_shared_storage
+from pipeline.phases import Lap
+from pipeline.prepare import prepare
+from pipeline.preflight import check_features_match, check_train, for_model, table_model
 from pipeline.report import scoring_report, training_report
 from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
                                run_date_uri)
-from pipeline.score import Lap, ScoreResult, check_features_match, for_model, score
-from pipeline.sizing import resolve_model, still_improving
-from pipeline.sketch import error_histogram_of
+from pipeline.score import ScoreResult, score
+from pipeline.sizing import still_improving
+from pipeline.sketch import ScoreSketch, error_histogram_of
 from pipeline.storage import Storage
 from pipeline.uri import join_uri
 from pipeline.train import fit
 from pipeline.validation import validation_errors, validation_projection
 from pipeline.watchdog import watch
-
-PREPARE = "prepare.json"
-REJECTS = "rejects"  # <run>/rejects/: training rows dropped by data.nan_policy=drop, with the reason
 
 
 @dataclass
@@ -60,106 +60,9 @@ class TrainSummary:
     """Seconds per phase (checks, ray_start, prepare, training, threshold, artifact_and_report)."""
 
 
-def _prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
-    """Normalization statistics and split counts; stored with the run so a resumed run reuses them."""
-    uri = join_uri(cfg.run_uri, PREPARE)
-    data = spec.data or cfg.data
-    key = {"input": spec.uri, "num_rows": spec.num_rows, "features": spec.feature_names,
-           "validation_fraction": data.validation_fraction, "id_columns": data.id_columns,
-           "nan_policy": data.nan_policy, "missing": data.missing, "max_categories": data.max_categories,
-           "roles": [[r.name, r.role, r.family] for r in spec.roles]}
-    if storage.exists(uri):
-        prev = storage.read_json(uri)
-        if prev.get("key") == key:
-            print(f"[prepare] reusing normalization statistics from {uri}", flush=True)
-            return prev
-    t0 = time.perf_counter()
-    rejects_uri = join_uri(cfg.run_uri, REJECTS)
-    storage.delete_dir(rejects_uri)  # a recomputed pass rewrites them all
-    if spec.featurizer is None:  # one vector column
-        moments, n_val, n_rej = compute_moments(spec, data, storage, rejects_uri)
-        n_train = moments.n
-        mean, scale = normalization_stats(moments)
-        featurizer = Featurizer.numeric(spec.feature_names, mean, scale, vector=data.feature_columns[0])
-    else:  # scalar columns: numeric moments, nulls and categorical levels from the same pass
-        stats, n_train, n_val, n_rej = compute_table_stats(spec, data, storage, rejects_uri)
-        offset, scale = normalization_stats(stats.numeric)
-        featurizer = spec.featurizer.fit(stats, offset, scale, data.max_categories, data.missing)
-    if n_train == 0:
-        raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
-    prep = {"key": key, "mean": featurizer.offset.tolist(), "scale": featurizer.scale.tolist(),
-            "features": featurizer.to_dict(), "train_rows": n_train,
-            "validation_rows": n_val, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}
-    storage.write_json(uri, prep)
-    print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {n_train} train, {n_val} validation, "
-          f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s", flush=True)
-    return prep
-
-
-def check_train(cfg: Config, storage: Storage, overwrite: bool = False, output: bool = False) -> InputSpec:
-    """Everything training can check before starting Ray: the run's state, that the artifact (and with
-    `output`, the output) location is writable, and the input's schema. Deletes the old run on overwrite."""
-    run_uri = cfg.run_uri
-    manifest_uri = join_uri(model_dir(run_uri), MANIFEST)
-    for uri in (run_uri, cfg.data.input) + ((cfg.output.uri,) if output else ()):
-        storage.check_bucket(uri)
-    finished = storage.exists(manifest_uri)
-    if finished and not overwrite:
-        raise PipelineError(f"run {cfg.run.name}: already trained ({manifest_uri} exists); "
-                            "pass --overwrite to replace it or choose another run.name")
-    storage.check_writable(run_uri)
-    if output:
-        storage.check_writable(cfg.output.uri)
-    spec = inspect_input(cfg.data, storage)
-    check_categoricals(cfg, spec)
-    if not any(r.role == "categorical" for r in spec.roles):  # else checked once the prepare pass knows the levels
-        table_model(cfg, spec.num_features)  # checks explicit sizes against the input's width
-    if finished:  # only once the new run's input has passed its checks
-        print(f"[train] --overwrite: deleting the previous run at {run_uri}", flush=True)
-        storage.delete_dir(run_uri)
-    return spec
-
-
-def table_model(cfg: Config, width: int):
-    """The model section with `auto` sizes chosen for an input `width` slots wide (pipeline/sizing.py);
-    explicit ones checked."""
-    return resolve_model(cfg.model, width, cfg.train.algorithm)
-
-
-def check_categoricals(cfg: Config, spec: InputSpec) -> None:
-    """A model kind or learning rule without a softmax head refuses categorical columns, before any work."""
-    cats = [r.name for r in spec.roles if r.role == "categorical"]
-    if not cats:
-        return
-    if cfg.train.algorithm == "recirculation":
-        raise ConfigError(f"config train.algorithm: recirculation takes numeric columns only; {cats[:3]} are "
-                          "categorical (use backprop, or leave them out of data.features)")
-    if not cfg.model.spec.categorical:
-        raise ConfigError(f"config model.kind: {cfg.model.kind} takes numeric columns only; {cats[:3]} are "
-                          "categorical (use another kind, or leave them out of data.features)")
-
-
-def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
-              check_output: bool = False) -> TrainSummary:
-    """`check_output`: also check that `output.uri` is writable before training (for train-then-score)."""
-    start = time.perf_counter()
-    phases: dict[str, float] = {}
-    lap = Lap(phases)
-    storage = storage or Storage(cfg.storage)
-    run_uri = cfg.run_uri
-    spec = check_train(cfg, storage, overwrite, output=check_output)
-    requested, cfg = cfg, dataclasses.replace(cfg, data=spec.data or cfg.data)
-    lap("checks")
-    connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
-    lap("ray_start")  # ~0 when the job has its Ray already (a cluster)
-    cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
-    check_shared_storage(cfg, ("data.input", "artifacts.uri") + (("output.uri",) if check_output else ()))
-    stall_s = cfg.train.stall_timeout_s
-    with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
-        prep = _prepare(cfg, storage, spec)
-    lap("prepare")
-    featurizer = Featurizer.from_dict(prep["features"])
-    # sizes once the input's width is known: one-hot slots and missing indicators count
+def _sized(cfg: Config, requested: Config, featurizer: Featurizer) -> tuple[Config, list[str]]:
+    """The model sizes for the input's width once it is known (one-hot slots and missing indicators count),
+    and which of them were `auto`."""
     cfg = dataclasses.replace(cfg, model=table_model(cfg, featurizer.width))
     auto = [k for k in ("hidden_dims", "latent_dim", "ensemble", "member_latent_dims")
             if getattr(requested.model, k) == AUTO]
@@ -168,18 +71,10 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         print(f"[train] model sizes for {featurizer.width} input slots ({len(featurizer.columns)} columns): "
               f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim}, ensemble "
               f"{cfg.model.ensemble}{members} ({', '.join(auto)}: auto)", flush=True)
+    return cfg, auto
 
-    with watch(stall_s, "training", training_phase(cfg)):
-        result = fit(cfg, storage, spec, featurizer, prep["train_rows"])
-    lap("training")
-    with watch(stall_s, "validation", data_phase(cfg, "the validation pass")):
-        sketch = validation_errors(cfg, storage, spec, result.best_state, featurizer)
-    lap("threshold")
-    if sketch.rows == 0:
-        raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
-    feat_err = sketch.sq_sum / sketch.rows
-    q = cfg.score.threshold_quantile
-    threshold = float(sketch.quantile(q))
+
+def _metrics(cfg: Config, result, sketch: ScoreSketch) -> dict[str, Any]:
     hist = result.history
     best = next((h for h in hist if h["epoch"] == result.best_epoch), hist[-1])
     metrics = {
@@ -192,9 +87,16 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     }
     if metrics["still_improving"]:
         print(f"[train] warning: {metrics['still_improving']}", flush=True)
+    return metrics
+
+
+def _save_model(cfg: Config, requested: Config, storage: Storage, spec: InputSpec, featurizer: Featurizer,
+                prep: dict[str, Any], result, sketch: ScoreSketch, auto: list[str]):
+    """The best epoch's model and its manifest, written to the run's model directory: (manifest, model)."""
+    q = cfg.score.threshold_quantile
     model = build_model(featurizer.width, layout=featurizer.layout(), **dataclasses.asdict(cfg.model))
     model.load_state_dict(result.best_state)
-    manifest = save_artifact(storage, run_uri, model, {
+    manifest = save_artifact(storage, cfg.run_uri, model, {
         "run_name": cfg.run.name,
         "config": requested.to_dict(),  # as asked; `model` below holds the sizes chosen for this input
         "n_features": featurizer.width,
@@ -204,34 +106,68 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         "model": dataclasses.asdict(cfg.model),
         "auto_sizes": auto,
         "normalization": {"mean": prep["mean"], "scale": prep["scale"]},
-        "threshold": threshold,
+        "threshold": float(sketch.quantile(q)),
         "threshold_quantile": q,
         "data": {"input": spec.uri, "files": len(spec.files), "input_rows": spec.num_rows,
                  "train_rows": prep["train_rows"], "validation_rows": prep["validation_rows"],
                  "rejected_rows": prep["rejected_rows"], "rejects": prep.get("rejects")},
-        "metrics": metrics,
-        "history": hist,
-        "per_feature_error": feat_err.tolist(),
+        "metrics": _metrics(cfg, result, sketch),
+        "history": result.history,
+        "per_feature_error": (sketch.sq_sum / sketch.rows).tolist(),
         "validation_error_histogram": error_histogram_of(sketch),
     })
-    report = join_uri(run_uri, "report.html")
+    return manifest, model
+
+
+def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
+              check_output: bool = False) -> TrainSummary:
+    """`check_output`: also check that `output.uri` is writable before training (for train-then-score)."""
+    start = time.perf_counter()
+    phases: dict[str, float] = {}
+    lap = Lap(phases)
+    storage = storage or Storage(cfg.storage)
+    spec = check_train(cfg, storage, overwrite, output=check_output)
+    requested, cfg = cfg, dataclasses.replace(cfg, data=spec.data or cfg.data)
+    lap("checks")
+    connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
+    lap("ray_start")  # ~0 when the job has its Ray already (a cluster)
+    cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
+    check_shared_storage(cfg, ("data.input", "artifacts.uri") + (("output.uri",) if check_output else ()))
+    stall_s = cfg.train.stall_timeout_s
+    with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
+        prep = prepare(cfg, storage, spec)
+    lap("prepare")
+    featurizer = Featurizer.from_dict(prep["features"])
+    cfg, auto = _sized(cfg, requested, featurizer)
+    with watch(stall_s, "training", training_phase(cfg)):
+        result = fit(cfg, storage, spec, featurizer, prep["train_rows"])
+    lap("training")
+    with watch(stall_s, "validation", data_phase(cfg, "the validation pass")):
+        sketch = validation_errors(cfg, storage, spec, result.best_state, featurizer)
+    lap("threshold")
+    if sketch.rows == 0:
+        raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
+    manifest, model = _save_model(cfg, requested, storage, spec, featurizer, prep, result, sketch, auto)
+    report = join_uri(cfg.run_uri, "report.html")
     storage.write_bytes(report, training_report(manifest, sketch.sample, *validation_projection(
         cfg, storage, spec, featurizer, manifest, model), val_rows=sketch.rows).encode())
     lap("artifact_and_report")
     print(f"[train] report: {report}", flush=True)
-    print(f"[train] model {manifest['model_version']} written to {model_dir(run_uri)} "
-          f"(threshold {threshold:.5f} = q{q} of {sketch.rows} validation errors)", flush=True)
+    print(f"[train] model {manifest['model_version']} written to {model_dir(cfg.run_uri)} (threshold "
+          f"{manifest['threshold']:.5f} = q{manifest['threshold_quantile']} of {sketch.rows} validation errors)",
+          flush=True)
+    hist = result.history
     steps = sum(h["step_seconds"] for h in hist)
     print(f"[train] done in {time.perf_counter() - start:.1f}s ("
           + ", ".join(f"{k} {v:.1f}s" + (f" ({len(hist)} epochs, {steps:.1f}s in training steps)"
                                           if k == "training" else "") for k, v in phases.items()) + ")",
           flush=True)
-    return TrainSummary(run_uri=run_uri, model_version=manifest["model_version"], train_rows=prep["train_rows"],
+    return TrainSummary(run_uri=cfg.run_uri, model_version=manifest["model_version"], train_rows=prep["train_rows"],
                         validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],
                         best_val_loss=result.best_val_loss, final_train_loss=hist[-1]["train_loss"],
-                        threshold=threshold, seconds=time.perf_counter() - start, manifest=manifest,
-                        still_improving=metrics["still_improving"], phases=phases)
+                        threshold=manifest["threshold"], seconds=time.perf_counter() - start, manifest=manifest,
+                        still_improving=manifest["metrics"]["still_improving"], phases=phases)
 
 
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,

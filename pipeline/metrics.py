@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.data import inspect_input
+from pipeline.inputs import inspect_input
 from pipeline.report import decile_counts, histogram_counts
 from pipeline.storage import Storage
 

@@ -126,6 +126,17 @@ def generate_mixed(rows: int, anomaly_fraction: float = 0.02, null_fraction: flo
         "merchant": np.array([f"m{m:04d}" for m in merchant], dtype=object),
         "card_present": channel == CHANNELS.index("store"),
     }
+    truth = _plant_anomalies(cols, rng, anomaly_fraction)
+    # a few percent nulls, on normal rows only: a missing value is not what makes a planted row odd
+    for c in ("account_age_days", "latency_ms", "channel", "merchant", "items"):
+        cols[c + "__null"] = (rng.random(rows) < null_fraction) & ~truth
+    return cols
+
+
+def _plant_anomalies(cols: dict[str, np.ndarray], rng: np.random.Generator, anomaly_fraction: float) -> np.ndarray:
+    """Plant generate_mixed's anomalies in `cols` (half numeric, half categorical only) and add the truth
+    columns; returns the planted rows."""
+    rows = len(cols["amount"])
     truth = rng.random(rows) < anomaly_fraction
     kind = np.full(rows, "", dtype=object)
     idx = np.flatnonzero(truth)
@@ -146,10 +157,7 @@ def generate_mixed(rows: int, anomaly_fraction: float = 0.02, null_fraction: flo
     cols["channel"][wrong_card] = CHANNELS[web]
     cols["card_present"][wrong_card] = True  # a card swiped through a web form
     cols["anomaly_kind"], cols["is_anomaly_truth"] = kind, truth
-    # a few percent nulls, on normal rows only: a missing value is not what makes a planted row odd
-    for c in ("account_age_days", "latency_ms", "channel", "merchant", "items"):
-        cols[c + "__null"] = (rng.random(rows) < null_fraction) & ~truth
-    return cols
+    return truth
 
 
 def mixed_table(cols: dict[str, np.ndarray], lo: int, hi: int, start: dt.datetime) -> pa.Table:

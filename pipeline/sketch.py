@@ -182,35 +182,3 @@ def error_histogram_of(sk: ScoreSketch) -> dict[str, list[float]]:
                             sk.hi if np.isfinite(sk.hi) else None, HIST_BINS)
     deciles = sk.quantile(np.linspace(0.1, 0.9, 9)) if sk.finite_rows else np.zeros(9)
     return {"edges": edges.tolist(), "counts": sk.histogram(edges).tolist(), "deciles": list(map(float, deciles))}
-
-
-_SCORERS: dict[str, Any] = {}
-"""The validation pass's model, per worker process, for the run that loaded it last."""
-
-
-class ValidationSketch:
-    """Ray Data function for the validation pass, in plain tasks: a block of `x` rows -> its one-row summary.
-
-    Tasks rather than an actor pool: nothing to wait for before the first block (an actor needing a whole
-    `score.cpus_per_actor` on one node can wait indefinitely on a cluster that just lost a node), and Ray
-    retries a task lost with its node. Each worker process builds the model once per run and keeps it."""
-
-    def __init__(self, scorer_kwargs: dict[str, Any], batch_size: int, run_id: str):
-        self.scorer_kwargs, self.batch_size, self.run_id = scorer_kwargs, batch_size, run_id
-
-    def scorer(self):
-        from pipeline.validation import ErrorScorer  # noqa: PLC0415 - validation imports this module
-
-        if self.run_id not in _SCORERS:
-            _SCORERS.clear()
-            _SCORERS[self.run_id] = ErrorScorer(**self.scorer_kwargs)
-        return _SCORERS[self.run_id]
-
-    def __call__(self, table: "pa.Table") -> "pa.Table":
-        scorer = self.scorer()
-        parts = [scorer(table.slice(i, self.batch_size)) for i in range(0, table.num_rows, self.batch_size)]
-        layout = self.scorer_kwargs.get("layout")  # per-column errors: one per input column
-        n_columns = layout.n_columns if layout is not None else self.scorer_kwargs["n_features"]
-        scores = np.concatenate([p["score"] for p in parts]) if parts else np.zeros(0, np.float32)
-        sq = np.concatenate([p["sq_error"] for p in parts]) if parts else np.zeros((0, n_columns), np.float32)
-        return summary_table(scores, sq)

@@ -4,8 +4,7 @@
                                                                (for the anomaly threshold) and per-column
                                                                error, on Ray Data
     validation_projection(cfg, storage, spec, featurizer,      a sample of validation rows read on the driver,
-                          manifest, model)
-                                                               their codes, flags and planted truth (for the
+                          manifest, model)                     their codes, flags and planted truth (for the
                                                                training report's charts)
 """
 
@@ -20,55 +19,60 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import Config
-from pipeline.data import InputSpec, SplitFeatures, batch_rows, read_dataset, validation_mask
-from pipeline.features import Featurizer
-from pipeline.models import build_model
+from pipeline.featurizer import Featurizer
+from pipeline.inputs import InputSpec
 from pipeline.metrics import TRUTH_COLUMN
-from pipeline.sketch import ScoreSketch, ValidationSketch
+from pipeline.predictor import Predictor, cached_predictor
+from pipeline.read import read_dataset
+from pipeline.rows import SplitFeatures, batch_rows, validation_mask
+from pipeline.sketch import ScoreSketch, summary_table
 from pipeline.storage import Storage
-from pipeline.tensors import Normalizer, arrow_to_tensor
+from pipeline.tensors import arrow_to_tensor
 from pipeline.watchdog import beating
 
 PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enough to read on the driver
 
 
-class ErrorScorer:
-    """The validation pass's map function: per-row score and per-column error of `x` rows.
+class ValidationSketch:
+    """Ray Data function for the validation pass, in plain tasks: a block of `x` rows -> its one-row summary
+    (pipeline/sketch.py).
 
-    Made on the driver and run in Ray Data tasks (like scoring's `ScoreBatches`), not an actor pool: Ray Data
-    restarts pool actors from constructor arguments kept in the object store, and Ray's core worker logs an
-    error-level line about that for every pool, which reads like a failure."""
+    Tasks rather than an actor pool: nothing to wait for before the first block (an actor needing a whole
+    `score.cpus_per_actor` on one node can wait indefinitely on a cluster that just lost a node), Ray retries a
+    task lost with its node, and Ray's core worker logs an error-level line for every actor pool (it restarts
+    pool actors from constructor arguments kept in the object store), which reads like a failure. Each worker
+    process builds the model once per run and keeps it (predictor.cached_predictor)."""
 
-    def __init__(self, model_settings: dict[str, Any], n_features: int, state: dict[str, torch.Tensor],
-                 mean: np.ndarray, scale: np.ndarray, torch_threads: int = 1, layout=None):
-        self.torch_threads = max(1, torch_threads)
-        self.model = build_model(n_features, layout=layout, **model_settings)
-        self.model.load_state_dict(state)
-        self.model.eval()
-        self.normalizer = Normalizer(mean, scale)
+    def __init__(self, model_settings: dict[str, Any], state: dict[str, torch.Tensor], featurizer: Featurizer,
+                 batch_size: int, run_id: str, torch_threads: int = 1):
+        self.model_settings, self.state, self.featurizer = model_settings, state, featurizer
+        self.batch_size, self.run_id, self.torch_threads = batch_size, run_id, max(1, torch_threads)
 
-    @torch.inference_mode()
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+    def predictor(self) -> Predictor:
+        return cached_predictor(self.run_id, lambda: Predictor.from_state(self.model_settings, self.state,
+                                                                          self.featurizer))
 
+    def __call__(self, table: pa.Table) -> pa.Table:
         torch.set_num_threads(self.torch_threads)
-        x = self.normalizer(arrow_to_tensor(table))
-        score, _, sq = self.model.score_and_latent(x)
-        return {"score": score.numpy().astype(np.float32), "sq_error": sq.numpy().astype(np.float32)}
+        predict = self.predictor()
+        parts = [predict(arrow_to_tensor(table.slice(i, self.batch_size)))
+                 for i in range(0, table.num_rows, self.batch_size)]
+        n_columns = len(self.featurizer.columns)  # per-column errors: one per input column
+        scores = np.concatenate([p.score for p in parts]) if parts else np.zeros(0, np.float32)
+        sq = np.concatenate([p.errors for p in parts]) if parts else np.zeros((0, n_columns), np.float32)
+        return summary_table(scores, sq)
 
 
 def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, featurizer: Featurizer) -> ScoreSketch:
     """Sketch of the best model's per-row validation scores and per-column error (distributed).
 
-    Each block is scored and summarized in one task (pipeline/sketch.py); the driver merges fixed-size
-    summaries, so its memory does not grow with the validation rows."""
-    fn = ValidationSketch(dict(model_settings=dataclasses.asdict(cfg.model), n_features=featurizer.width,
-                               state=state, mean=featurizer.offset, scale=featurizer.scale,
-                               layout=featurizer.layout()), cfg.score.batch_size, uuid.uuid4().hex)
+    Each block is scored and summarized in one task; the driver merges fixed-size summaries, so its memory
+    does not grow with the validation rows."""
+    fn = ValidationSketch(dataclasses.asdict(cfg.model), state, featurizer, cfg.score.batch_size, uuid.uuid4().hex)
     cpus = {"num_cpus": cfg.score.cpus_per_actor}
-    fz = None if featurizer.vector else featurizer
     summaries = read_dataset(spec, storage, **cpus).map_batches(
-        SplitFeatures(cfg.data, spec.num_features, "validation", fz), batch_format="pyarrow", batch_size=None,
-        **cpus).map_batches(fn, batch_format="pyarrow", batch_size=None, **cpus)
+        SplitFeatures(cfg.data, spec.num_features, "validation", featurizer), batch_format="pyarrow",
+        batch_size=None, **cpus).map_batches(fn, batch_format="pyarrow", batch_size=None, **cpus)
     sketch = ScoreSketch(len(featurizer.columns))
     for b in beating(summaries.iter_batches(batch_format="pyarrow", batch_size=None)):
         for row in b.to_pylist():
@@ -76,11 +80,9 @@ def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, fea
     return sketch
 
 
-def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Optional[Featurizer] = None,
+def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Featurizer,
                       max_rows: int = PROJECTION_ROWS) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Up to `max_rows` validation rows read on the driver: (input slots, planted truth or None)."""
-    fz = None if featurizer is None or featurizer.vector else featurizer
-    width = featurizer.width if featurizer is not None else spec.num_features
     xs, truths, n, has_truth = [], [], 0, True
     for f in spec.files:
         with storage.open_parquet(f) as pf:
@@ -88,7 +90,7 @@ def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer
             cols = spec.columns + ([TRUTH_COLUMN] if has_truth else [])
             for batch in pf.iter_batches(batch_size=8192, columns=cols):
                 t = pa.Table.from_batches([batch])
-                rows = batch_rows(t, cfg.data, spec.num_features, fz)
+                rows = batch_rows(t, cfg.data, featurizer)
                 keep = validation_mask(t, cfg.data, rows.split_key) & rows.keep
                 xs.append(rows.x[keep])
                 if has_truth:
@@ -98,7 +100,7 @@ def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer
                     break
         if n >= max_rows:
             break
-    x = np.concatenate(xs)[:max_rows] if xs else np.zeros((0, width), np.float32)
+    x = np.concatenate(xs)[:max_rows] if xs else np.zeros((0, featurizer.width), np.float32)
     truth = np.concatenate(truths)[:max_rows] if has_truth and truths else None
     return x, truth
 
@@ -107,7 +109,5 @@ def validation_projection(cfg: Config, storage: Storage, spec: InputSpec, featur
                           manifest: dict[str, Any], model) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """A validation sample through the stored model: (codes, anomaly flags, planted truth or None)."""
     x, truth = validation_sample(cfg, storage, spec, featurizer)
-    norm = Normalizer(featurizer.offset, featurizer.scale)
-    with torch.inference_mode():
-        score, h, _ = model.eval().score_and_latent(norm(torch.from_numpy(x)))
-    return h.float().numpy(), score.float().numpy() > float(manifest["threshold"]), truth
+    pred = Predictor(model, featurizer)(x)
+    return pred.latent, pred.score > float(manifest["threshold"]), truth

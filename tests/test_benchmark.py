@@ -126,5 +126,5 @@ def test_gpu_check_refuses_bad_arguments_and_runs_its_measures_on_any_device(cap
     # no Ray anywhere on its import path: Ray's wheel need not be on the GPU box
     import subprocess
 
-    probe = "import sys, benchmarks.gpu as g, pipeline.score, pipeline.train; print('ray' in sys.modules)"
+    probe = "import sys, benchmarks.gpu as g, pipeline.score, pipeline.scorer, pipeline.train; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -8,12 +8,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataSection, StorageSection
-from pipeline.data import (Moments, SplitFeatures, feature_matrix, inspect_input, merge_moment_rows,
-                           normalization_stats, validation_mask, BatchMoments)
+from pipeline.inputs import inspect_input
+from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
+from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, validation_mask
+from pipeline.stats import ColumnMoments, normalization_stats
 from pipeline.errors import InputError
 from pipeline.storage import Storage
 
 LOCAL = Storage(StorageSection())
+
+
+def feature_matrix(table: pa.Table, data: DataSection, num_features: int) -> np.ndarray:
+    """The raw input slots of a batch, as the featurizer makes them before any statistics."""
+    return batch_rows(table, data, raw_featurizer(data, num_features)).x
 
 
 def vec_table(n: int, d: int, start: int = 0, fixed: bool = False) -> pa.Table:
@@ -131,11 +138,11 @@ def test_split_is_deterministic_and_independent_of_batching():
 def test_moments_merge_matches_numpy_on_wild_scales():
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(10_000, 4)) * [1e-3, 1.0, 1e4, 0.0] + [0.0, -5.0, 1e6, 42.0]).astype(np.float32)
-    chunks = [Moments.of(x[i:i + 999]) for i in range(0, len(x), 999)]
+    chunks = [ColumnMoments.of(x[i:i + 999]) for i in range(0, len(x), 999)]
     total = chunks[0]
     for c in chunks[1:]:
         total = total.merge(c)
-    assert total.n == len(x)
+    assert (total.n == len(x)).all()
     np.testing.assert_allclose(total.mean, x.astype(np.float64).mean(0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(total.std[:3], x.astype(np.float64).std(0, ddof=1)[:3], rtol=1e-6)
     mean, scale = normalization_stats(total)
@@ -146,16 +153,37 @@ def test_moments_merge_matches_numpy_on_wild_scales():
     np.testing.assert_allclose(z[:, 3], 0.0)
 
 
-def test_batch_moments_rows_merge_to_train_split_stats():
+def test_batch_stats_rows_merge_to_train_split_stats():
     t = vec_table(3000, 3)
     data = DataSection(validation_fraction=0.25)
-    bm = BatchMoments(data, 3)
+    fz = raw_featurizer(data, 3)
+    bm = BatchStats(data, fz)
     rows = []
     for i in range(0, 3000, 1000):
         out = bm(t.slice(i, 1000))
         rows.append({k: v[0] for k, v in out.items()})
-    m, n_val, n_rej = merge_moment_rows(rows, 3)
+    stats, n_train, n_val, n_rej = merge_stat_rows(rows, fz, data.max_categories)
+    m = stats.numeric
     x = feature_matrix(t, data, 3)
     val = validation_mask(t, data)
-    assert m.n + n_val == 3000 and n_rej == 0
+    assert (m.n == n_train).all() and n_train + n_val == 3000 and n_rej == 0
     np.testing.assert_allclose(m.mean, x[~val].astype(np.float64).mean(0), rtol=1e-9)
+
+
+def test_prepare_key_changes_with_every_data_setting(tmp_path):
+    """The prepare pass's cache key comes from the data section itself: a setting added to it later is in the
+    key without anyone remembering to add it (the list below must name every field)."""
+    import dataclasses
+
+    write(tmp_path, "a.parquet", vec_table(10, 4))
+    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    base = prepare_key(spec, spec.data)
+    assert base == prepare_key(spec, spec.data)
+    changes = {"input": str(tmp_path / "other"), "features": "vectors", "exclude_columns": ["label"],
+               "categorical_columns": ["code"], "missing": "drop", "max_categories": 7, "id_columns": ["user"],
+               "timestamp_column": "ts", "validation_fraction": 0.3, "nan_policy": "drop"}
+    assert set(changes) == {f.name for f in dataclasses.fields(DataSection)}
+    for name, value in changes.items():
+        assert prepare_key(spec, dataclasses.replace(spec.data, **{name: value})) != base, name
+    other = inspect_input(DataSection(input=str(tmp_path)), LOCAL, files=[write(tmp_path, "b.parquet", vec_table(10, 4))])
+    assert prepare_key(other, other.data) != base  # other files, the same settings

@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.config import Config, OutputSection, TrainSection
 from pipeline.kinds import KINDS
-from pipeline.score import output_schema
+from pipeline.output import output_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -1,4 +1,5 @@
-"""The featurizer (pipeline/features.py): roles, mergeable statistics, encoding, manifest, per-column errors.
+"""The featurizer and what feeds it (pipeline/roles.py, stats.py, featurizer.py, prepare.py): roles, mergeable
+statistics, encoding, manifest, per-column errors, for scalar columns and vector columns alike.
 
 Pure functions on in-memory Arrow tables: no Ray, no S3.
 """
@@ -14,11 +15,13 @@ import pytest
 import torch
 
 from pipeline.config import DataSection
-from pipeline.data import (BatchMoments, Moments, SplitFeatures, auto_features, batch_rows, feature_matrix,
-                           merge_table_rows, normalization_stats)
 from pipeline.errors import InputError
-from pipeline.features import (MISSING, OTHER, CategoricalColumn, ColumnMoments, Featurizer, LevelCounts,
-                               NumericColumn, column_roles)
+from pipeline.featurizer import MISSING, OTHER, CategoricalColumn, Featurizer, NumericColumn
+from pipeline.inputs import auto_features
+from pipeline.prepare import BatchStats, merge_stat_rows
+from pipeline.roles import column_roles, vector_roles
+from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, validation_mask
+from pipeline.stats import ColumnMoments, LevelCounts, normalization_stats
 from pipeline.models import build_model
 from pipeline.sample import generate_mixed, mixed_table
 
@@ -43,9 +46,9 @@ def unfitted(table: pa.Table, data: DataSection) -> Featurizer:
 def fitted(table: pa.Table, data: DataSection, bounds: list[int]) -> Featurizer:
     """The featurizer the prepare pass fits when the table arrives in blocks cut at `bounds`."""
     fz = unfitted(table, data)
-    udf = BatchMoments(data, len(fz.columns), featurizer=fz)
+    udf = BatchStats(data, fz)
     rows = [{k: v[0] for k, v in udf(table.slice(a, b - a)).items()} for a, b in zip(bounds[:-1], bounds[1:])]
-    stats, *_ = merge_table_rows(rows[::-1], fz, data.max_categories)  # any order, too
+    stats, *_ = merge_stat_rows(rows[::-1], fz, data.max_categories)  # any order, too
     offset, scale = normalization_stats(stats.numeric)
     return fz.fit(stats, offset, scale, data.max_categories, data.missing)
 
@@ -92,23 +95,62 @@ def test_statistics_merge_to_the_same_featurizer_under_any_block_split():
     assert by["card_present"].levels in (["false", "true"], ["true", "false"])
 
 
-def test_numeric_columns_without_nulls_get_exactly_the_old_statistics():
-    x = np.random.default_rng(1).normal(size=(1000, 5)).astype(np.float32) * [1, 10, 100, 1e3, 1e-2]
-    parts = [(0, 300), (300, 301), (301, 1000)]
-    old = Moments(0, np.zeros(5), np.zeros(5))
-    new = ColumnMoments.empty(5)
-    for a, b in parts:
-        old, new = old.merge(Moments.of(x[a:b])), new.merge(ColumnMoments.of(x[a:b]))
-    np.testing.assert_array_equal(old.mean, new.mean)
-    np.testing.assert_array_equal(old.std, new.std)
-    # and the plain featurizer's matrix is the old feature matrix
+def test_numeric_columns_without_nulls_are_the_float_matrix_itself():
+    x = (np.random.default_rng(1).normal(size=(1000, 5)) * [1, 10, 100, 1e3, 1e-2]).astype(np.float32)
+    whole = ColumnMoments.empty(5)
+    for a, b in [(0, 300), (300, 301), (301, 1000)]:
+        whole = whole.merge(ColumnMoments.of(x[a:b]))
+    np.testing.assert_allclose(whole.mean, x.astype(np.float64).mean(0), rtol=1e-9)
+    np.testing.assert_allclose(whole.std, x.astype(np.float64).std(0, ddof=1), rtol=1e-6)
     t = pa.table({"id": np.arange(1000), **{f"f{j}": x[:, j] for j in range(5)}})
     data = DataSection(features=[f"f{j}" for j in range(5)])
-    fz = Featurizer.numeric(data.feature_columns, new.mean, new.std)
+    fz = Featurizer.numeric(data.feature_columns, whole.mean, whole.std)
     assert fz.plain and fz.layout() is None and fz.width == 5
-    np.testing.assert_array_equal(batch_rows(t, data, 5, fz).x, feature_matrix(t, data, 5))
+    np.testing.assert_array_equal(batch_rows(t, data, fz).x, x)
     np.testing.assert_array_equal(SplitFeatures(data, 5, "train", fz)(t).column("x").to_pylist(),
                                   SplitFeatures(data, 5, "train")(t).column("x").to_pylist())
+
+
+def test_a_vector_column_is_numeric_inputs_through_the_same_featurizer():
+    x = np.random.default_rng(2).normal(size=(500, 4)).astype(np.float32)
+    values = pa.array(x.reshape(-1))
+    vec = pa.table({"id": np.arange(500), "v": pa.FixedSizeListArray.from_arrays(values, 4)})
+    cols = pa.table({"id": np.arange(500), **{f"v[{j}]": x[:, j] for j in range(4)}})
+    fz_vec = Featurizer.unfitted(vector_roles("v", 4), "v")
+    fz_cols = Featurizer.unfitted(vector_roles("v", 4))
+    vdata, cdata = DataSection(features="v"), DataSection(features=[f"v[{j}]" for j in range(4)])
+    got = batch_rows(vec, vdata, fz_vec).x
+    np.testing.assert_array_equal(got, x)
+    assert np.shares_memory(got, values.to_numpy())  # the fast path: the vector's values, reshaped, no copy
+    stats = [merge_stat_rows([{k: v[0] for k, v in BatchStats(d, fz)(t).items()}], fz, 64)
+             for t, d, fz in [(vec, vdata, fz_vec), (cols, cdata, fz_cols)]]
+    assert stats[0][1:] == stats[1][1:]
+    np.testing.assert_array_equal(stats[0][0].numeric.mean, stats[1][0].numeric.mean)
+    fitted_vec = fz_vec.fit(stats[0][0], *normalization_stats(stats[0][0].numeric), 64, "impute")
+    assert fitted_vec.vector == "v" and fitted_vec.plain and fitted_vec.names == fz_cols.names
+    # a manifest written before: the vector's elements as numeric columns with `vector` set
+    old = {"vector": "v", "columns": [{"role": "numeric", "name": f"v[{j}]", "family": "float", "offset": 0.5,
+                                       "scale": 2.0, "indicator": False} for j in range(4)]}
+    loaded = Featurizer.from_dict(old)
+    assert loaded.to_dict() == old and loaded.vector == "v" and loaded.offset.tolist() == [0.5] * 4
+    np.testing.assert_array_equal(batch_rows(vec, vdata, loaded).x, x)
+
+
+def test_vector_errors_name_the_file_column_count_and_setting():
+    v = pa.array([[1.0, float("nan")], [1.0, 2.0], [float("inf"), 0.0]], pa.list_(pa.float32()))
+    t = pa.table({"id": [1, 2, 3], "v": v, "path": ["f.parquet"] * 3})
+    fz = raw_featurizer(DataSection(features="v"), 2)
+    with pytest.raises(InputError, match=r"^file f\.parquet: column 'v' has 2 rows with NaN or infinite values "
+                                         r"\(set data.nan_policy=drop to skip them\)$"):
+        batch_rows(t, DataSection(features="v"), fz)
+    # NaN in a vector is a bad value under every missing policy, not a missing one
+    for missing in ("impute", "drop", "error"):
+        rows = batch_rows(t, DataSection(features="v", nan_policy="drop", missing=missing), fz)
+        assert rows.keep.tolist() == [False, True, False]
+        assert rows.reasons == ["NaN or infinite value in v[1]", "NaN or infinite value in v[0]"]
+    nulls = pa.table({"id": [1, 2], "v": pa.array([[1.0, None], None], pa.list_(pa.float32()))})
+    with pytest.raises(InputError, match="column 'v' has 1 null vectors"):
+        batch_rows(nulls, DataSection(features="v", missing="impute"), fz)
 
 
 def test_unseen_levels_and_nulls_never_fail_and_land_in_other_and_missing():
@@ -139,10 +181,10 @@ def test_level_counters_are_bounded_and_keep_the_frequent_levels():
     t = pa.table({"id": np.arange(25_000), "u": pa.array(ids + frequent)})
     data = DataSection(features=["u"], max_categories=2)
     fz = unfitted(t, data)
-    udf = BatchMoments(data, 1, featurizer=fz)
+    udf = BatchStats(data, fz)
     rows = [{k: v[0] for k, v in udf(t.slice(i, 5000)).items()} for i in range(0, 25_000, 5000)]
     assert all(len(json.loads(r["stats"])["levels"][0]["counts"]) <= 1024 for r in rows)  # bounded per block
-    stats, *_ = merge_table_rows(rows, fz, data.max_categories)
+    stats, *_ = merge_stat_rows(rows, fz, data.max_categories)
     assert stats.levels[0].truncated
     with pytest.warns(UserWarning, match="column 'u': more than 1024 distinct values"):
         out = fz.fit(stats, np.zeros(0), np.ones(0), 2, "impute")
@@ -156,8 +198,8 @@ def test_manifest_round_trip_and_type_changes_name_the_column():
     fz = fitted(t, data_section(), [0, 700, 2000])
     back = Featurizer.from_dict(json.loads(json.dumps(fz.to_dict())))
     assert back == fz and back.layout() == fz.layout() and back.width == fz.width
-    x1 = batch_rows(t, data_section(), 0, fz).x
-    np.testing.assert_array_equal(x1, batch_rows(t, data_section(), 0, back).x)
+    x1 = batch_rows(t, data_section(), fz).x
+    np.testing.assert_array_equal(x1, batch_rows(t, data_section(), back).x)
     fz.check_types(t.schema, "in")  # float32 vs float64 and int vs float are all numbers: fine
     changed = t.set_column(t.schema.get_field_index("items"), "items", pa.array([str(i) for i in range(2000)]))
     with pytest.raises(InputError, match=r"^in: column 'items' is string \(string\), but the model was trained "
@@ -197,10 +239,8 @@ def test_split_and_stats_do_not_depend_on_the_fitted_statistics_without_ids():
     data = DataSection(features=FEATURES, id_columns=[])
     un = unfitted(t, data)
     fz = fitted(t, data, [0, 2000])
-    from pipeline.data import validation_mask
-
-    a = validation_mask(t, data, batch_rows(t, data, 0, un).split_key)
-    b = validation_mask(t, data, batch_rows(t, data, 0, fz).split_key)
+    a = validation_mask(t, data, batch_rows(t, data, un).split_key)
+    b = validation_mask(t, data, batch_rows(t, data, fz).split_key)
     np.testing.assert_array_equal(a, b)
     assert 0.05 < a.mean() < 0.15
     assert OTHER != MISSING
@@ -211,10 +251,10 @@ def test_split_and_stats_do_not_depend_on_the_fitted_statistics_without_ids():
 
 def test_kinds_and_rules_without_a_softmax_head_refuse_categoricals_with_one_line():
     from pipeline.config import load_config
-    from pipeline.data import InputSpec
     from pipeline.errors import ConfigError
-    from pipeline.features import ColumnRole
-    from pipeline.jobs import check_categoricals
+    from pipeline.inputs import InputSpec
+    from pipeline.preflight import check_categoricals
+    from pipeline.roles import ColumnRole
 
     spec = InputSpec("in", ["in/a"], ["a", "c"], 10, ["a", "c"],
                      roles=[ColumnRole("a", "numeric", "float"), ColumnRole("c", "categorical", "string")])

@@ -17,13 +17,16 @@ import torch
 
 from pipeline.cli import run_main
 from pipeline.config import DataSection, load_config
-from pipeline.data import BatchMoments, batch_rows, merge_table_rows, normalization_stats
-from pipeline.features import Featurizer, column_roles
-from pipeline.tensors import Normalizer
+from pipeline.featurizer import Featurizer
 from pipeline.jobs import score_job, train_job
 from pipeline.models import build_model
 from pipeline.metrics import auroc, evaluate_against_truth
+from pipeline.prepare import BatchStats, merge_stat_rows
+from pipeline.roles import column_roles
+from pipeline.rows import batch_rows
 from pipeline.sample import write_mixed_sample
+from pipeline.stats import normalization_stats
+from pipeline.tensors import Normalizer
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +57,9 @@ def numeric_only_auroc(table: pa.Table, hidden: list[int], latent: int, epochs: 
     """The same model on the numeric columns alone (trained in-process: the comparison, not the pipeline)."""
     data = DataSection(features=NUMERIC, id_columns=["id"])
     fz = Featurizer.unfitted(column_roles(table.schema, NUMERIC, [], "input"))
-    stats, *_ = merge_table_rows([{k: v[0] for k, v in BatchMoments(data, 6, featurizer=fz)(table).items()}], fz, 64)
+    stats, *_ = merge_stat_rows([{k: v[0] for k, v in BatchStats(data, fz)(table).items()}], fz, 64)
     fz = fz.fit(stats, *normalization_stats(stats.numeric), 64, "impute")
-    x = Normalizer(fz.offset, fz.scale)(torch.from_numpy(batch_rows(table, data, 6, fz).x))
+    x = Normalizer(fz.offset, fz.scale)(torch.from_numpy(batch_rows(table, data, fz).x))
     torch.manual_seed(0)
     model = build_model(fz.width, hidden_dims=hidden, latent_dim=min(latent, fz.width - 1), layout=fz.layout())
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)

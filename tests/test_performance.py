@@ -12,13 +12,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import predictor as predictor_mod
 from pipeline import score as score_mod
+from pipeline import scorer as scorer_mod
 from pipeline.artifacts import save_artifact
 from pipeline.config import Config, DataSection, ModelSection, ScoreSection, StorageSection
-from pipeline.data import PATH_COLUMN, inspect_input, read_dataset
+from pipeline.inputs import inspect_input
+from pipeline.read import read_dataset
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
 from pipeline.sample import write_sample
+from pipeline.shards import PATH_COLUMN
 from pipeline.storage import Storage
 
 DATA = dict(features="features", id_columns=["id"], timestamp_column="event_time")
@@ -44,6 +48,20 @@ def test_read_dataset_reads_each_file_in_its_own_task_and_block(tmp_path, ray_cl
     files = {r[PATH_COLUMN] for r in ds.select_columns([PATH_COLUMN]).take_all()}
     assert len(files) == 4
     assert set(read_dataset(spec, storage, with_paths=False).columns()) == set(spec.columns)
+
+
+@pytest.mark.integration
+def test_read_dataset_returns_once_its_sampling_tasks_have_freed_their_cpus(tmp_path, ray_cluster):
+    """read_parquet samples two files in 1-CPU tasks. A dataset started right after saw their CPUs still taken,
+    and Ray Data warned that the cluster had no CPUs and the job would hang (4 tries in 25 on `make run`'s 2
+    CPUs). read_dataset returns once the CPUs free before it are free again."""
+    import ray
+
+    storage, _, spec = _spec(tmp_path, rows=400, shards=4)
+    for _ in range(10):
+        before = ray.available_resources().get("CPU", 0.0)
+        read_dataset(spec, storage)
+        assert ray.available_resources().get("CPU", 0.0) >= before
 
 
 def _plan(ds) -> str:
@@ -99,13 +117,13 @@ def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
     run_uri = str(tmp_path / "run")
     _save_model(storage, spec, run_uri)
     loads = []
-    real_load = score_mod.load_artifact
-    monkeypatch.setattr(score_mod, "load_artifact", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
-    monkeypatch.setattr(score_mod, "_WORKER_PREDICTOR", {})
+    real_load = predictor_mod.load_artifact
+    monkeypatch.setattr(predictor_mod, "load_artifact", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
+    monkeypatch.setattr(predictor_mod, "_CACHED", {})
     table = pq.read_table(spec.files[0], columns=spec.columns)
     now = dt.datetime.now(dt.timezone.utc)
 
-    fn = score_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-1")
+    fn = scorer_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-1")
     out = [fn(table), fn(table)]
     assert loads == [run_uri]  # the second block reuses the loaded model
     assert all(o.num_rows == table.num_rows for o in out)  # sliced into batches of 300, put back in order
@@ -113,6 +131,6 @@ def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
     assert out[0].column("id").to_pylist() == table.column("id").to_pylist()
     np.testing.assert_allclose(out[0].column("recon_error").to_numpy(), out[1].column("recon_error").to_numpy())
 
-    score_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-2")(table)
+    scorer_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-2")(table)
     assert loads == [run_uri, run_uri]  # a new run never reuses an earlier run's model
-    assert len(score_mod._WORKER_PREDICTOR) == 1
+    assert len(predictor_mod._CACHED) == 1

@@ -297,20 +297,21 @@ def test_bad_input_is_refused_before_ray_with_one_line(case, s3_server, bucket, 
 
 def test_vectors_of_varying_length_are_refused(s3_server, bucket):
     from pipeline.config import DataSection
-    from pipeline.data import PATH_COLUMN, feature_matrix
     from pipeline.errors import InputError
+    from pipeline.rows import batch_rows, raw_featurizer
+    from pipeline.shards import PATH_COLUMN
 
     t = pa.table({"id": [1, 2, 3], "features": pa.array([[1.0, 2.0], [1.0], [1.0, 2.0]], pa.list_(pa.float32())),
                   PATH_COLUMN: ["s3://b/in/x.parquet", "s3://b/in/y.parquet", "s3://b/in/x.parquet"]})
     with pytest.raises(InputError, match=r"file s3://b/in/y.parquet: column 'features' has 1 vectors whose "
                                          r"length is not 2 \(e.g. 1\)"):
-        feature_matrix(t, DataSection(), 2)
+        batch_rows(t, DataSection(), raw_featurizer(DataSection(), 2))
 
 
 def test_feature_order_differs_from_manifest():
-    from pipeline.data import InputSpec
     from pipeline.errors import InputError
-    from pipeline.score import check_features_match
+    from pipeline.inputs import InputSpec
+    from pipeline.preflight import check_features_match
 
     spec = InputSpec("in", ["in/a"], ["b", "a", "c"], 10, ["a", "b", "c"])
     with pytest.raises(InputError, match="feature order differs from the model's manifest"):
@@ -389,7 +390,9 @@ def test_nan_policy_drop_counts_and_writes_rejects(trained, s3_server, shared_bu
 def test_training_drop_counts_and_writes_rejects(tmp_path):
     """The training statistics pass counts rejects and writes them with the reason (pure UDF, no Ray)."""
     from pipeline.config import DataSection, StorageSection
-    from pipeline.data import PATH_COLUMN, BatchMoments, RejectWriter
+    from pipeline.prepare import BatchStats
+    from pipeline.rows import RejectWriter, raw_featurizer
+    from pipeline.shards import PATH_COLUMN
     from pipeline.storage import Storage
 
     storage = Storage(StorageSection())
@@ -398,7 +401,7 @@ def test_training_drop_counts_and_writes_rejects(tmp_path):
     x[3, 2] = np.nan
     t = t.set_column(2, "features", pa.array(list(x), pa.list_(pa.float32())))
     data = DataSection(nan_policy="drop")
-    udf = BatchMoments(data, FEATURES, RejectWriter(storage, str(tmp_path / "rejects"), data))
+    udf = BatchStats(data, raw_featurizer(data, FEATURES), RejectWriter(storage, str(tmp_path / "rejects"), data))
     out = udf(t)
     assert int(out["n_rejected"][0]) == 1 and int(out["n"][0] + out["n_val"][0]) == 49
     udf(t)  # a retried task rewrites the same file rather than adding a duplicate
@@ -408,7 +411,7 @@ def test_training_drop_counts_and_writes_rejects(tmp_path):
     assert rej.column("id").to_pylist() == [3]
     assert rej.column("reason").to_pylist() == ["NaN or infinite value in features[2]"]
     with pytest.raises(Exception, match="rows with NaN or infinite values"):
-        BatchMoments(DataSection(), FEATURES)(t)
+        BatchStats(DataSection(), raw_featurizer(DataSection(), FEATURES))(t)
 
 
 # ------------------------------------------------------------------------------------------ artifacts

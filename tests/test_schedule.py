@@ -14,7 +14,7 @@ from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.report import decile_counts, error_histogram, histogram_counts, pca_2d, population_stability_index
 from pipeline.schedule import (input_partitions, parse_run_date, plan_incremental, record_scored,
                                resolve_model_run, run_date_uri)
-from pipeline.score import explanation_columns
+from pipeline.output import explanation_columns
 from pipeline.storage import Storage
 
 

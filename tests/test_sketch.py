@@ -64,28 +64,28 @@ def test_histogram_agrees_with_the_exact_one():
 
 def test_validation_pass_function_summarizes_what_the_scorer_scores():
     """The task function of the threshold pass (no Ray here): its one-row summary per block, merged, gives
-    the scores ErrorScorer gives row by row, whatever the slice size."""
+    the scores the predictor gives row by row, whatever the slice size."""
     import dataclasses
 
     import pyarrow as pa
 
     from pipeline.config import ModelSection
-    from pipeline.data import to_fixed_size_list
+    from pipeline.featurizer import Featurizer
     from pipeline.models import build_model
-    from pipeline.validation import ErrorScorer
-    from pipeline.sketch import ValidationSketch
+    from pipeline.predictor import Predictor
+    from pipeline.rows import to_fixed_size_list
+    from pipeline.validation import ValidationSketch
 
     n_features, settings = 6, dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=2))
-    kwargs = dict(model_settings=settings, n_features=n_features,
-                  state=build_model(n_features, **settings).state_dict(),
-                  mean=np.zeros(n_features, np.float32), scale=np.ones(n_features, np.float32))
+    fz = Featurizer.numeric([f"f{j}" for j in range(n_features)], np.zeros(n_features), np.ones(n_features))
+    state = build_model(n_features, **settings).state_dict()
     x = np.random.default_rng(4).normal(size=(1000, n_features)).astype(np.float32)
     table = pa.table({"x": to_fixed_size_list(x)})
-    exact = ErrorScorer(**kwargs)(table)
+    exact = Predictor.from_state(settings, state, fz)(x)
     sk = ScoreSketch(n_features)
     for block in (table.slice(0, 700), table.slice(700), table.slice(0, 0)):
-        for row in ValidationSketch(kwargs, batch_size=256, run_id="t")(block).to_pylist():
+        for row in ValidationSketch(settings, state, fz, batch_size=256, run_id="t")(block).to_pylist():
             sk.add(row)
     assert sk.rows == 1000
-    np.testing.assert_allclose(sk.sq_sum, exact["sq_error"].astype(np.float64).sum(axis=0), rtol=1e-5)
-    assert sk.quantile(0.99) == pytest.approx(float(np.quantile(exact["score"], 0.99)), rel=2 ** -10)
+    np.testing.assert_allclose(sk.sq_sum, exact.errors.astype(np.float64).sum(axis=0), rtol=1e-5)
+    assert sk.quantile(0.99) == pytest.approx(float(np.quantile(exact.score, 0.99)), rel=2 ** -10)

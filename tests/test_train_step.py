@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.data import to_fixed_size_list
+from pipeline.rows import to_fixed_size_list
 from pipeline.tensors import Normalizer, arrow_to_tensor
 from pipeline.models import build_model
 from pipeline.sample import generate
@@ -78,7 +78,7 @@ def test_early_stopping():
 def test_splits_are_cached_when_they_fit_the_share_of_the_object_store(ray_cluster, capsys):
     import ray
 
-    from pipeline.data import InputSpec
+    from pipeline.inputs import InputSpec
     from pipeline.train import cache_splits, split_bytes
 
     store = ray.cluster_resources()["object_store_memory"]
@@ -133,7 +133,7 @@ def test_direct_splits_give_every_row_to_one_rank_and_equal_steps_to_all(tmp_pat
     import pyarrow.parquet as pq
 
     from pipeline.config import DataSection, StorageSection
-    from pipeline.data import SplitFeatures
+    from pipeline.rows import SplitFeatures
     from pipeline.storage import Storage
     from pipeline.train import DirectSplits, EpochCache
 
@@ -177,7 +177,8 @@ def test_streamed_epochs_read_the_files_in_a_new_order_each_time(ray_cluster, tm
     import pyarrow.parquet as pq
 
     from pipeline.config import StorageSection
-    from pipeline.data import InputSpec, read_dataset
+    from pipeline.inputs import InputSpec
+    from pipeline.read import read_dataset
     from pipeline.storage import Storage
 
     files = []

@@ -73,7 +73,7 @@ class DataSection:
     def feature_columns(self) -> list[str]:
         """The feature columns; with `auto`, only known once the input's schema is read (InputSpec.data)."""
         if self.features == AUTO:
-            raise ValueError("data.features: auto is resolved from the input's schema (pipeline.data.inspect_input)")
+            raise ValueError("data.features: auto is resolved from the input's schema (pipeline.inputs.inspect_input)")
         return [self.features] if isinstance(self.features, str) else list(self.features)
 
     @property

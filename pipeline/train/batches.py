@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.data import PATH_COLUMN, SplitFeatures
+from pipeline.rows import SplitFeatures
+from pipeline.shards import PATH_COLUMN
 from pipeline.tensors import Normalizer, arrow_to_tensor
 from pipeline.train.collective import all_reduce
 from pipeline.watchdog import beat

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 
 from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
-from pipeline.data import SplitFeatures, read_dataset
+from pipeline.read import read_dataset
+from pipeline.rows import SplitFeatures
 from pipeline.sizing import step_budget
 from pipeline.train.batches import DirectSplits
 from pipeline.train.state import WorkerConfig

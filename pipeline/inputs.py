@@ -1,0 +1,174 @@
+"""Input inspection: find the Parquet shards and check their footers up front, before any Ray work.
+
+`inspect_input` reads only Parquet footers (in parallel), plus the first rows of one file for a
+variable-length vector column; a bad input stops the job with one line naming the file and column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import AUTO, DataSection
+from pipeline.errors import InputError, StorageError
+from pipeline.featurizer import Featurizer
+from pipeline.roles import ColumnRole, column_roles, vector_roles
+from pipeline.shards import PATH_COLUMN
+from pipeline.storage import Storage, map_io
+from pipeline.uri import normalize_uri, scheme_of
+
+
+@dataclass
+class InputSpec:
+    """What the schema check learned about the input: every file, the feature layout, the row count."""
+
+    uri: str
+    files: list[str]
+    feature_names: list[str]
+    num_rows: int
+    columns: list[str]
+    """Columns to read: features, ids and timestamp."""
+    file_rows: dict[str, int] = field(default_factory=dict)
+    data: Optional[DataSection] = None
+    """The data section with `features: auto` resolved to the input's columns."""
+    roles: list[ColumnRole] = field(default_factory=list)
+    """Each feature's role (numeric, categorical) and type family; a vector column's elements are numeric."""
+    schema: Optional[pa.Schema] = None
+    """The first file's schema (every file has the same types in the columns read)."""
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def featurizer(self) -> Featurizer:
+        """The features' featurizer before the prepare pass fits it."""
+        vector = self.data.feature_columns[0] if self.data is not None and self.data.vector_column else None
+        return Featurizer.unfitted(self.roles, vector)
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _read_footer(storage: Storage, uri: str) -> tuple[str, pa.Schema, int]:
+    try:
+        with storage.open_parquet(uri) as pf:
+            md = pf.metadata
+            return uri, md.schema.to_arrow_schema(), md.num_rows
+    except (StorageError, FileNotFoundError):
+        raise
+    except pa.ArrowInvalid as e:
+        raise InputError(f"file {uri}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    except OSError as e:
+        text = str(e).lower()
+        if "parquet" in text or "magic" in text or "footer" in text or "size" in text:
+            raise InputError(f"file {uri}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") \
+                from None
+        raise
+
+
+def _first_vector_length(storage: Storage, uri: str, column: str) -> Optional[int]:
+    with storage.open_parquet(uri) as pf:
+        for batch in pf.iter_batches(batch_size=64, columns=[column]):
+            arr = batch.column(0)
+            lengths = pc.list_value_length(arr).drop_null()
+            if len(lengths):
+                return int(lengths[0].as_py())
+    return None
+
+
+def _list_files(uri: str, storage: Storage) -> list[str]:
+    if scheme_of(uri) == "file" and not storage.exists(uri):
+        raise InputError(f"data.input {uri}: no such file or directory")
+    if storage.exists(uri) and not storage.is_dir(uri):
+        return [uri]
+    return [f for f in storage.list_files(uri) if not f.endswith((".crc", ".json", ".txt"))]
+
+
+def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list[str],
+                ref_types: dict[str, tuple[pa.DataType, str]]) -> list[ColumnRole]:
+    """One file's footer: every column read present, with the type the first file has, of a usable kind.
+    Returns the scalar feature columns' roles (none for a vector column)."""
+    for col in required:
+        idx = schema.get_field_index(col)
+        if idx < 0:
+            raise InputError(f"file {f_uri}: missing column {col!r}")
+        t = schema.field(idx).type
+        if col in ref_types and ref_types[col][0] != t:
+            raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_types[col][1]} has "
+                             f"{ref_types[col][0]} (shards must share one schema)")
+        ref_types.setdefault(col, (t, f_uri))
+    if data.vector_column:
+        col = data.feature_columns[0]
+        t = schema.field(col).type
+        if not (_is_list(t) and _is_numeric(t.value_type)):
+            raise InputError(f"file {f_uri}: feature column {col!r} is {t}, expected a list of floats")
+    roles = [] if data.vector_column else column_roles(schema, data.feature_columns, data.categorical_columns,
+                                                       f"file {f_uri}")
+    if data.timestamp_column:
+        t = schema.field(data.timestamp_column).type
+        if not (pa.types.is_timestamp(t) or pa.types.is_date(t)):
+            raise InputError(f"file {f_uri}: timestamp column {data.timestamp_column!r} is {t}, "
+                             "expected a timestamp or date")
+    return roles
+
+
+def _vector_length(uri: str, storage: Storage, col: str, t: pa.DataType, file_rows: dict[str, int]) -> int:
+    """A vector column's length: from its type when fixed, else from the first non-empty vector."""
+    if pa.types.is_fixed_size_list(t):
+        return t.list_size
+    for f_uri, rows in file_rows.items():
+        if rows:
+            dim = _first_vector_length(storage, f_uri, col)
+            if dim:
+                return dim
+    raise InputError(f"data.input {uri}: feature column {col!r} has no non-empty vectors")
+
+
+def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]] = None) -> InputSpec:
+    """List the shards and check every footer: columns present, types usable, one schema throughout.
+
+    Raises InputError/StorageError with one line naming the file and column."""
+    uri = normalize_uri(data.input)
+    files = _list_files(uri, storage) if files is None else files
+    if not files:
+        raise InputError(f"data.input {uri}: no Parquet files found")
+    footers = map_io(lambda u: _read_footer(storage, u), files)
+    if data.features == AUTO:
+        data = dataclasses.replace(data, features=auto_features(data, footers[0][1], footers[0][0]))
+    required = list(dict.fromkeys(data.feature_columns + data.id_columns
+                                  + ([data.timestamp_column] if data.timestamp_column else [])))
+    ref_types: dict[str, tuple[pa.DataType, str]] = {}
+    roles = [_check_file(data, f_uri, schema, required, ref_types) for f_uri, schema, _ in footers][0]
+    file_rows = {f_uri: nrows for f_uri, _, nrows in footers}
+    num_rows = sum(file_rows.values())
+    if num_rows == 0:
+        raise InputError(f"data.input {uri}: the input is empty ({len(files)} files, 0 rows)")
+    if data.vector_column:
+        col = data.feature_columns[0]
+        roles = vector_roles(col, _vector_length(uri, storage, col, ref_types[col][0], file_rows))
+    return InputSpec(uri=uri, files=list(files), feature_names=[r.name for r in roles], num_rows=num_rows,
+                     columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1])
+
+
+def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> Union[str, list[str]]:
+    """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
+    input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
+    left is the vector form."""
+    skip = set(data.id_columns) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
+    cols = [name for name in schema.names if name not in skip]
+    if not cols:
+        raise InputError(f"file {f_uri}: data.features auto: no columns left besides ids, timestamp and exclusions")
+    if len(cols) == 1 and _is_list(schema.field(cols[0]).type):
+        return cols[0]
+    return cols
+

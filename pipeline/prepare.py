@@ -1,0 +1,120 @@
+"""The prepare pass: one distributed pass over the input before training, the same for every kind of table.
+
+Per block (BatchStats, in Ray Data tasks): the rows through the featurizer, rejects written, the split
+taken, and the training rows' mergeable statistics (pipeline/stats.py); on the driver, the merged statistics
+fit the featurizer. The result is stored with the run (`prepare.json`), so a resumed run reuses it when
+nothing it depends on changed (`prepare_key`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import Config, DataSection
+from pipeline.errors import InputError
+from pipeline.featurizer import Featurizer
+from pipeline.inputs import InputSpec
+from pipeline.read import read_dataset
+from pipeline.rows import RejectWriter, batch_rows, validation_mask
+from pipeline.stats import ColumnMoments, LevelCounts, TableStats, counter_capacity, normalization_stats
+from pipeline.storage import Storage
+from pipeline.uri import join_uri
+from pipeline.watchdog import beating
+
+PREPARE = "prepare.json"
+REJECTS = "rejects"  # <run>/rejects/: training rows dropped by data.nan_policy or data.missing `drop`, with the reason
+
+
+class BatchStats:
+    """Ray Data UDF: one row of partial statistics per batch (its training rows, as TableStats JSON in
+    `stats`), plus its split and reject counts."""
+
+    def __init__(self, data: DataSection, featurizer: Featurizer, on_reject: Optional[RejectWriter] = None):
+        self.data, self.featurizer, self.on_reject = data, featurizer, on_reject
+
+    def __call__(self, table: pa.Table) -> dict[str, Any]:
+        fz, data = self.featurizer, self.data
+        rows = batch_rows(table, data, fz)
+        if self.on_reject is not None:
+            self.on_reject(table, rows)
+        val = validation_mask(table, data, rows.split_key)
+        train = rows.keep & ~val
+        cap = counter_capacity(data.max_categories)
+        xnum = rows.raw[train]
+        stats = TableStats(ColumnMoments.of(xnum), np.isnan(xnum).sum(axis=0).astype(np.int64),
+                           [LevelCounts.of(table.column(c.name).filter(pa.array(train)), cap)
+                            for c in fz.categorical_columns])
+        return {
+            "n": np.array([int(train.sum())], dtype=np.int64),
+            "stats": np.array([stats.to_json()], dtype=object),
+            "n_val": np.array([int((rows.keep & val).sum())], dtype=np.int64),
+            "n_rejected": np.array([int((~rows.keep).sum())], dtype=np.int64),
+        }
+
+
+def merge_stat_rows(rows: Iterable[dict[str, Any]], featurizer: Featurizer,
+                    max_categories: int) -> tuple[TableStats, int, int, int]:
+    """(merged statistics, train rows, validation rows, rejected rows) from BatchStats' rows, in any order."""
+    total = TableStats.empty(len(featurizer.numeric_columns), len(featurizer.categorical_columns))
+    n = n_val = n_rej = 0
+    for r in rows:
+        total = total.merge(TableStats.from_json(str(r["stats"])), counter_capacity(max_categories))
+        n, n_val, n_rej = n + int(r["n"]), n_val + int(r["n_val"]), n_rej + int(r["n_rejected"])
+    return total, n, n_val, n_rej
+
+
+def compute_stats(spec: InputSpec, data: DataSection, storage: Storage,
+                  rejects_uri: Optional[str] = None) -> tuple[TableStats, int, int, int]:
+    """One distributed pass: (statistics of the training rows, train, validation, rejected rows). With
+    `rejects_uri` (and a `drop` policy), the dropped rows are written there with the reason."""
+    fz = spec.featurizer
+    on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri and data.drops_rows else None
+    ds = read_dataset(spec, storage).map_batches(BatchStats(data, fz, on_reject), batch_format="pyarrow",
+                                                 batch_size=None)
+    rows = []
+    for batch in beating(ds.iter_batches(batch_format="numpy", batch_size=None)):
+        for i in range(len(batch["n"])):
+            rows.append({k: batch[k][i] for k in batch})
+    return merge_stat_rows(rows, fz, data.max_categories)
+
+
+def prepare_key(spec: InputSpec, data: DataSection) -> dict[str, Any]:
+    """What the pass's result depends on: every data setting (features resolved), the input's files and rows,
+    the features' roles. Any change to them recomputes the pass (as JSON, the form it is stored in)."""
+    key = {"data": dataclasses.asdict(data), "input": spec.uri, "files": spec.file_rows,
+           "features": spec.feature_names, "roles": [dataclasses.asdict(r) for r in spec.roles]}
+    return json.loads(json.dumps(key))
+
+
+def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
+    """The fitted featurizer (normalization, levels) and split counts; stored with the run so a resumed run
+    reuses them."""
+    uri = join_uri(cfg.run_uri, PREPARE)
+    data = spec.data or cfg.data
+    key = prepare_key(spec, data)
+    if storage.exists(uri):
+        prev = storage.read_json(uri)
+        if prev.get("key") == key:
+            print(f"[prepare] reusing normalization statistics from {uri}", flush=True)
+            return prev
+    t0 = time.perf_counter()
+    rejects_uri = join_uri(cfg.run_uri, REJECTS)
+    storage.delete_dir(rejects_uri)  # a recomputed pass rewrites them all
+    stats, n_train, n_val, n_rej = compute_stats(spec, data, storage, rejects_uri)
+    offset, scale = normalization_stats(stats.numeric)
+    featurizer = spec.featurizer.fit(stats, offset, scale, data.max_categories, data.missing)
+    if n_train == 0:
+        raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
+    prep = {"key": key, "mean": featurizer.offset.tolist(), "scale": featurizer.scale.tolist(),
+            "features": featurizer.to_dict(), "train_rows": n_train,
+            "validation_rows": n_val, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}
+    storage.write_json(uri, prep)
+    print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {n_train} train, {n_val} validation, "
+          f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s", flush=True)
+    return prep

@@ -1,0 +1,145 @@
+"""Mergeable statistics of the training rows, gathered block by block in the prepare pass.
+
+    ColumnMoments   count, mean and squared deviations per numeric input (NaN = missing)
+    LevelCounts     a categorical column's level frequencies, bounded
+    TableStats      both, plus the nulls per numeric input; merged on the driver in any order
+    normalization_stats(moments)   the (offset, scale) the model's input is normalized with
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.roles import as_strings
+
+
+def counter_capacity(max_categories: int) -> int:
+    """Distinct levels a counter keeps: well above the levels kept, so the top ones survive any block split;
+    bounded, so a column of ids mistaken for a category cannot exhaust memory."""
+    return max(1024, 16 * max_categories)
+
+
+@dataclass
+class LevelCounts:
+    """Frequencies of a categorical column's levels, bounded to `capacity` distinct levels.
+
+    Merging sums the counts and keeps the `capacity` largest (ties by level, so the result does not depend on
+    the order of blocks); while no block or merge goes over the bound, merging is exactly associative. Over
+    it, the rarest levels are dropped (`truncated`): the frequent ones, the only ones one-hot encoded, stay."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    missing: int = 0
+    truncated: bool = False
+
+    @classmethod
+    def of(cls, arr: Union[pa.Array, pa.ChunkedArray], capacity: int) -> "LevelCounts":
+        s = as_strings(arr)
+        vc = pc.value_counts(s.drop_null())
+        counts = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+        return cls(counts, s.null_count)._bound(capacity)
+
+    def merge(self, other: "LevelCounts", capacity: int) -> "LevelCounts":
+        counts = dict(self.counts)
+        for k, v in other.counts.items():
+            counts[k] = counts.get(k, 0) + v
+        return LevelCounts(counts, self.missing + other.missing, self.truncated or other.truncated)._bound(capacity)
+
+    def _bound(self, capacity: int) -> "LevelCounts":
+        if len(self.counts) > capacity:
+            keep = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:capacity]
+            return LevelCounts(dict(keep), self.missing, True)
+        return self
+
+    def top(self, k: int) -> list[str]:
+        """The k most frequent levels, most frequent first (ties by level)."""
+        return [lv for lv, _ in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+@dataclass
+class ColumnMoments:
+    """Per-input count, mean and sum of squared deviations over the values present (NaN = missing), merged
+    with Chan et al.'s parallel rule input by input."""
+
+    n: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, k: int) -> "ColumnMoments":
+        return cls(np.zeros(k, np.int64), np.zeros(k), np.zeros(k))
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "ColumnMoments":
+        x64 = x.astype(np.float64)
+        present = ~np.isnan(x64)
+        if present.all():  # the common case (every vector column): one mean and one pass over the block
+            n = np.full(x64.shape[1], x64.shape[0], np.int64)
+            if x64.shape[0] == 0:
+                return cls.empty(x64.shape[1])
+            mean = x64.mean(axis=0)
+            return cls(n, mean, ((x64 - mean) ** 2).sum(axis=0))
+        n = present.sum(axis=0)
+        total = np.where(present, x64, 0.0).sum(axis=0)
+        mean = np.divide(total, n, out=np.zeros_like(total), where=n > 0)
+        m2 = (np.where(present, x64 - mean, 0.0) ** 2).sum(axis=0)
+        return cls(n.astype(np.int64), mean, m2)
+
+    def merge(self, other: "ColumnMoments") -> "ColumnMoments":
+        n = self.n + other.n
+        safe = np.maximum(n, 1)
+        delta = other.mean - self.mean
+        mean = np.where(self.n == 0, other.mean, np.where(other.n == 0, self.mean,
+                                                         self.mean + delta * (other.n / safe)))
+        m2 = self.m2 + other.m2 + delta ** 2 * (self.n * other.n / safe)
+        return ColumnMoments(n, mean, m2)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / np.maximum(self.n - 1, 1))
+
+
+def normalization_stats(m: ColumnMoments) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) as float32; a constant feature gets scale 1 so it normalizes to 0, not to NaN."""
+    std = m.std
+    tiny = 1e-6 * np.maximum(1.0, np.abs(m.mean))
+    scale = np.where(std > tiny, std, 1.0)
+    return m.mean.astype(np.float32), scale.astype(np.float32)
+
+
+@dataclass
+class TableStats:
+    """The prepare pass's statistics of the training rows' feature inputs, mergeable across blocks."""
+
+    numeric: ColumnMoments
+    nulls: np.ndarray
+    """Missing values (null or NaN) per numeric input."""
+    levels: list[LevelCounts]
+    """Per categorical column."""
+
+    @classmethod
+    def empty(cls, n_numeric: int, n_categorical: int) -> "TableStats":
+        return cls(ColumnMoments.empty(n_numeric), np.zeros(n_numeric, np.int64),
+                   [LevelCounts() for _ in range(n_categorical)])
+
+    def merge(self, other: "TableStats", capacity: int) -> "TableStats":
+        return TableStats(self.numeric.merge(other.numeric), self.nulls + other.nulls,
+                          [a.merge(b, capacity) for a, b in zip(self.levels, other.levels)])
+
+    def to_json(self) -> str:
+        return json.dumps({"n": self.numeric.n.tolist(), "mean": self.numeric.mean.tolist(),
+                           "m2": self.numeric.m2.tolist(), "nulls": self.nulls.tolist(),
+                           "levels": [dataclasses.asdict(lc) for lc in self.levels]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "TableStats":
+        d = json.loads(text)
+        return cls(ColumnMoments(np.asarray(d["n"], np.int64), np.asarray(d["mean"], np.float64),
+                                 np.asarray(d["m2"], np.float64)), np.asarray(d["nulls"], np.int64),
+                   [LevelCounts(**lc) for lc in d["levels"]])
