@@ -93,7 +93,7 @@ def _metrics(cfg: Config, result, sketch: ScoreSketch) -> dict[str, Any]:
 def _save_model(cfg: Config, requested: Config, storage: Storage, spec: InputSpec, featurizer: Featurizer,
                 prep: dict[str, Any], result, sketch: ScoreSketch, auto: list[str]):
     """The best epoch's model and its manifest, written to the run's model directory: (manifest, model)."""
-    q = cfg.score.threshold_quantile
+    q = cfg.train.threshold_quantile
     model = build_model(featurizer.width, layout=featurizer.layout(), **dataclasses.asdict(cfg.model))
     model.load_state_dict(result.best_state)
     manifest = save_artifact(storage, cfg.run_uri, model, {
@@ -133,7 +133,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     lap("ray_start")  # ~0 when the job has its Ray already (a cluster)
     cfg = check_job(cfg, "train")  # before any data is read: requests the cluster can never meet end here
     check_shared_storage(cfg, ("data.input", "artifacts.uri") + (("output.uri",) if check_output else ()))
-    stall_s = cfg.train.stall_timeout_s
+    stall_s = cfg.run.stall_timeout_s
     with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
         prep = prepare(cfg, storage, spec)
     lap("prepare")

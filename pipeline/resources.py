@@ -190,8 +190,8 @@ def plan_actor_pool(concurrency: int, cpus_per_actor: float, use_gpu: bool, clus
 def fit_job(cfg, cluster: Cluster, job: str, log=print):
     """The config to run on `cluster`: checked, with reservations lowered where Ray Data would starve.
 
-    `job` "train": the training workers, then the validation pass (plain tasks, at most score.concurrency at
-    once, started once training has released its workers); "score": the scoring pass. Prints one
+    `job` "train": the training workers, then the validation pass (plain tasks of train.cpus_per_worker,
+    started once training has released its workers); "score": the scoring pass. Prints one
     `[resources]` line per change; raises ConfigError on requests that can never be met.
     """
     tr, sc = cfg.train, cfg.score
@@ -199,10 +199,7 @@ def fit_job(cfg, cluster: Cluster, job: str, log=print):
     if job == "train":
         cpw, note = plan_training(tr.num_workers, tr.cpus_per_worker, tr.use_gpu, cluster)
         tr = dataclasses.replace(tr, cpus_per_worker=cpw)
-        notes.append(note)
-        # the validation pass: plain tasks (pipeline/validation.py), started once training released its workers
-        cpa, conc, note = plan_actor_pool(sc.concurrency, sc.cpus_per_actor, False, cluster, fused=True,
-                                          what="validation")
+        cpa, conc = sc.cpus_per_actor, sc.concurrency
     else:
         cpa, conc, note = plan_actor_pool(sc.concurrency, sc.cpus_per_actor, sc.use_gpu, cluster,
                                           fused=not sc.uses_actors)

@@ -113,7 +113,7 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     fs, staging_path = storage.resolve(staging)
     lap("plan")
     try:
-        with watch(cfg.train.stall_timeout_s, "scoring", data_phase(cfg, "scoring", actors=cfg.score.uses_actors)):
+        with watch(cfg.run.stall_timeout_s, "scoring", data_phase(cfg, "scoring", actors=cfg.score.uses_actors)):
             # on S3, making directories costs a round trip per file for nothing
             ds.write_parquet(staging_path, filesystem=fs, try_create_dir=makes_dirs(fs), **write_args)
         lap("score_and_write")

@@ -68,8 +68,9 @@ def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, fea
 
     Each block is scored and summarized in one task; the driver merges fixed-size summaries, so its memory
     does not grow with the validation rows."""
-    fn = ValidationSketch(dataclasses.asdict(cfg.model), state, featurizer, cfg.score.batch_size, uuid.uuid4().hex)
-    cpus = {"num_cpus": cfg.score.cpus_per_actor}
+    fn = ValidationSketch(dataclasses.asdict(cfg.model), state, featurizer, cfg.train.validation_batch_size,
+                         uuid.uuid4().hex)
+    cpus = {"num_cpus": cfg.train.cpus_per_worker}  # the CPUs the training workers held and released
     summaries = read_dataset(spec, storage, **cpus).map_batches(
         SplitFeatures(cfg.data, spec.num_features, "validation", featurizer), batch_format="pyarrow",
         batch_size=None, **cpus).map_batches(fn, batch_format="pyarrow", batch_size=None, **cpus)

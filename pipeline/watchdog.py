@@ -1,4 +1,4 @@
-"""Stall watch: a job that makes no progress says what it waits for, and ends at `train.stall_timeout_s`.
+"""Stall watch: a job that makes no progress says what it waits for, and ends at `run.stall_timeout_s`.
 
 The driver spends a job blocked in `trainer.fit()`, `write_parquet()` or a Ray Data iterator, so a daemon
 thread watches for it. Progress is a `beat()` (the training workers beat per batch, the scoring predictor
@@ -11,7 +11,7 @@ resources). At the stall timeout it interrupts the main thread, which unwinds th
 (staging is removed, Ray shut down at exit) and ends with `error: stalled: ...`, exit 2; a main thread
 stuck in native code (a storage call that never returns) past GRACE_S is ended by the thread itself.
 
-    with watch(cfg.train.stall_timeout_s, "training", "2 training workers x 0.5 CPU + Ray Data"):
+    with watch(cfg.run.stall_timeout_s, "training", "2 training workers x 0.5 CPU + Ray Data"):
         trainer.fit()
 """
 
@@ -40,7 +40,7 @@ HEARTBEAT = "tabular-autoencoders-heartbeat"
 
 
 class StallError(PipelineError):
-    """The job made no progress for `train.stall_timeout_s` seconds."""
+    """The job made no progress for `run.stall_timeout_s` seconds."""
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -245,7 +245,7 @@ class Watchdog:
                 + (f"; {ray_state}" if ray_state else ""))
 
     def _fire(self, idle: float) -> None:
-        self.error = StallError(f"stalled: {self.status(idle)}; ended after train.stall_timeout_s "
+        self.error = StallError(f"stalled: {self.status(idle)}; ended after run.stall_timeout_s "
                                 f"{self.timeout_s:g}s without progress")
         _thread.interrupt_main()  # the main thread unwinds through the job's cleanup and prints the error
         if self._stop.wait(GRACE_S):

@@ -45,7 +45,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     ("model.hidden_dims=[64, -1]", "model.hidden_dims"),
     ("data.validation_fraction=1.5", "data.validation_fraction"),
     ("data.nan_policy=ignore", "data.nan_policy"),
-    ("score.threshold_quantile=1", "score.threshold_quantile"),
+    ("train.threshold_quantile=1", "train.threshold_quantile"),
     ("run.name=bad/name", "run.name"),
     ("storage.endpoint_url=localhost:9000", "storage.endpoint_url"),
     ("train=5", "train: expected a mapping"),
@@ -86,10 +86,14 @@ def test_every_field_has_a_docstring():
     import inspect
 
     import pipeline.config as mod
+    import pipeline.config.model
+    import pipeline.config.sections
+    import pipeline.config.training
     from pipeline.kinds import KINDS
 
     kind_modules = {inspect.getmodule(spec.settings) for spec in KINDS.values()}
-    classes = [node for m in (mod, *kind_modules) for node in ast.parse(inspect.getsource(m)).body
+    config_modules = (mod, pipeline.config.model, pipeline.config.sections, pipeline.config.training)
+    classes = [node for m in (*config_modules, *kind_modules) for node in ast.parse(inspect.getsource(m)).body
                if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list)]
     # ModelSection is assembled from the kinds' settings (make_dataclass), so it has no class statement
     sections = {c.name for c in classes} | {n for n, v in vars(mod).items() if dataclasses.is_dataclass(v)}
@@ -102,3 +106,15 @@ def test_every_field_has_a_docstring():
                 if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
                     missing.append(f"{node.name}.{stmt.target.id}")
     assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_moved_keys_still_load_at_their_new_place_with_one_warning(capsys):
+    cfg = load_config(DEMO, ["train.stall_timeout_s=20", "score.threshold_quantile=0.95"])
+    assert cfg.run.stall_timeout_s == 20 and cfg.train.threshold_quantile == 0.95
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: config train.stall_timeout_s is now run.stall_timeout_s (the old key still loads; "
+                   "rename it)",
+                   "warning: config score.threshold_quantile is now train.threshold_quantile (the old key still "
+                   "loads; rename it)"]
+    new = load_config(DEMO, ["score.threshold_quantile=0.95", "train.threshold_quantile=0.9"])
+    assert new.train.threshold_quantile == 0.9  # given both, the new key wins

@@ -5,7 +5,7 @@ loopback S3 server, under a wall-clock limit; a job that hangs fails the test by
   reservation is lowered so Ray Data keeps a CPU to read with;
 - requests the cluster can never meet end in one line, exit 2, before any data is read;
 - a job whose input read blocks (an S3 endpoint that stops answering) says what it waits for and ends at
-  train.stall_timeout_s with exit 2, leaving nothing for readers.
+  run.stall_timeout_s with exit 2, leaving nothing for readers.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class GoesSilent:
 def test_a_blocked_input_read_is_reported_and_ends_at_the_stall_timeout(s3_server, bucket, storage, env, tmp_path):
     write_sample(f"s3://{bucket}/input", storage, rows=2000, shards=2, features=16, seed=2)
     proxy = GoesSilent(s3_server)
-    args = job_args(bucket, proxy.endpoint, "train.stall_timeout_s=20", "train.num_workers=1",
+    args = job_args(bucket, proxy.endpoint, "run.stall_timeout_s=20", "train.num_workers=1",
                     f"artifacts.uri={tmp_path / 'artifacts'}", f"output.uri={tmp_path / 'output'}")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -211,7 +211,7 @@ def test_a_blocked_input_read_is_reported_and_ends_at_the_stall_timeout(s3_serve
                                         "(a storage endpoint that does not answer, a hung task)")
     [err] = error_lines(stderr)
     assert err.startswith("error: stalled: prepare: no progress for ")
-    assert err.endswith("ended after train.stall_timeout_s 20s without progress")
+    assert err.endswith("ended after run.stall_timeout_s 20s without progress")
     assert time.monotonic() - t_silent[0] < 20 + 60 + 60, "ended long after the stall timeout"
     assert not (tmp_path / "artifacts" / "hangs" / "model").exists()
     print(f"stall ended {time.monotonic() - t_silent[0]:.0f}s after the input went silent "

@@ -142,7 +142,7 @@ def test_watchdog_reports_a_silent_phase_and_ends_it_at_the_timeout():
     assert lines[0].endswith("s, waiting for 2 training workers x 1 CPU + Ray Data; cluster has 2 CPUs, 0 free")
     assert isinstance(w.error, StallError)
     assert str(w.error).startswith("stalled: training: no progress for ")
-    assert str(w.error).endswith("ended after train.stall_timeout_s 1.5s without progress")
+    assert str(w.error).endswith("ended after run.stall_timeout_s 1.5s without progress")
 
 
 def test_watchdog_stays_quiet_while_progress_arrives():

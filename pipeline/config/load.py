@@ -5,6 +5,7 @@ checked dataclasses. Knows nothing of the sections themselves (pipeline/config/_
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -118,8 +119,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+MOVED = {"train.stall_timeout_s": "run.stall_timeout_s", "score.threshold_quantile": "train.threshold_quantile"}
+"""Keys that moved to the section of their reader: old dotted key -> new one. The old key still loads, with one
+warning line; given both, the new key wins."""
+
+
+def _move_renamed(tree: dict[str, Any]) -> None:
+    for old, new in MOVED.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = tree.get(osec)
+        if not isinstance(section, dict) or okey not in section:
+            continue
+        value = section.pop(okey)
+        print(f"warning: config {old} is now {new} (the old key still loads; rename it)", file=sys.stderr,
+              flush=True)
+        target = tree.setdefault(nsec, {})
+        if isinstance(target, dict):
+            target.setdefault(nkey, value)
+
+
 def read_tree(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The YAML at `path` (or an empty tree) with the dotted overrides applied, not yet checked."""
+    """The YAML at `path` (or an empty tree) with the dotted overrides applied, not yet checked; keys that
+    moved (MOVED) are read at their new place."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -136,4 +157,5 @@ def read_tree(path: str | Path | None = None, overrides: list[str] | None = None
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
+    _move_renamed(tree)
     return tree

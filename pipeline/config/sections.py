@@ -20,11 +20,15 @@ class RunSection:
     """Seed for weight init and data corruption; the split does not depend on it (it hashes the ids)."""
     num_cpus: Optional[int] = None
     """CPUs for a local Ray started by the job (ignored when connecting to a cluster via RAY_ADDRESS)."""
+    stall_timeout_s: float = 1800.0
+    """End the job (exit 2) after this long without progress in any Ray phase: prepare, training, validation,
+    scoring (0: never). A job without progress says what it waits for every minute before that."""
 
     def __post_init__(self) -> None:
         ok = bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name) and self.name[0] != "."
         _check(ok, "run.name", f"{self.name!r} must be non-empty and use only letters, digits, '-', '_', '.'")
         _check(self.num_cpus is None or self.num_cpus >= 1, "run.num_cpus", "must be >= 1")
+        _check(self.stall_timeout_s >= 0, "run.stall_timeout_s", f"{self.stall_timeout_s} must be >= 0 (0: off)")
 
 
 @dataclass
@@ -89,8 +93,6 @@ class DataSection:
 
 @dataclass
 class ScoreSection:
-    threshold_quantile: float = 0.99
-    """Anomaly threshold: this quantile of the validation reconstruction errors."""
     batch_size: int = 4096
     """Rows per scoring batch."""
     concurrency: int = 1
@@ -107,7 +109,6 @@ class ScoreSection:
     """Input is partitioned (`<data.input>/<key>=<value>/`): score only partitions this model has not scored."""
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.threshold_quantile < 1.0, "score.threshold_quantile", "must be in (0, 1)")
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
         _check(self.concurrency >= 1, "score.concurrency", "must be >= 1")
         _check(self.cpus_per_actor > 0, "score.cpus_per_actor", "must be > 0")

@@ -51,9 +51,12 @@ class TrainSection:
     """Rows in each worker's local shuffle buffer (0: block order is randomized, rows are not)."""
     recirculation_lambda: float = 0.75
     """recirculation: regression factor; the second visible state is lambda * x + (1 - lambda) * g(f(x))."""
-    stall_timeout_s: float = 1800.0
-    """End the job (exit 2) after this long without progress in any Ray phase: prepare, training, validation,
-    scoring (0: never). A job without progress says what it waits for every minute before that."""
+    threshold_quantile: float = 0.99
+    """Anomaly threshold, set when training ends: this quantile of the validation rows' anomaly scores (stored
+    with the model; scoring flags rows above it)."""
+    validation_batch_size: int = 4096
+    """Rows per batch of the validation pass that sets the threshold (it runs on the CPUs the training workers
+    held: train.num_workers tasks x train.cpus_per_worker)."""
     cache_fraction: float = 0.25
     """Read the training and validation splits once and run later epochs from the training workers' memory
     (every row reshuffled each epoch) when their size (rows x features x 4 bytes, from the Parquet footers)
@@ -68,6 +71,8 @@ class TrainSection:
     checkpoint and report cost."""
 
     def __post_init__(self) -> None:
+        _check(0.0 < self.threshold_quantile < 1.0, "train.threshold_quantile", "must be in (0, 1)")
+        _check(self.validation_batch_size >= 1, "train.validation_batch_size", "must be >= 1")
         _check(self.epochs == AUTO or self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
         _check(self.steps >= 0, "train.steps", f"{self.steps} must be >= 0")
         _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1")
@@ -94,4 +99,3 @@ class TrainSection:
                f"{self.checkpoint_interval_s} must be > 0")
         _check(0.0 <= self.recirculation_lambda < 1.0, "train.recirculation_lambda",
                f"{self.recirculation_lambda} must be in [0, 1)")
-        _check(self.stall_timeout_s >= 0, "train.stall_timeout_s", f"{self.stall_timeout_s} must be >= 0 (0: off)")
