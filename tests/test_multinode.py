@@ -10,12 +10,9 @@ pid, SIGKILL) and a fresh node takes its place for the next test.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, free_port, job_env
+from tests.procs import finish, get_bytes, keys, latest_checkpoint, manifest, s3_client, start_job
+from tests.procs import wait_until as wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -92,14 +91,12 @@ def cluster(s3_server):
 
 @pytest.fixture(scope="module")
 def mbucket(s3_server, cluster):
-    import boto3
-
     from pipeline.config import StorageSection
     from pipeline.sample import write_sample
     from pipeline.storage import Storage
 
     name = f"mn-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    s3_client(s3_server).create_bucket(Bucket=name)
     write_sample(f"s3://{name}/in", Storage(StorageSection(endpoint_url=s3_server)), rows=ROWS, shards=SHARDS,
                  features=FEATURES)
     return name
@@ -125,34 +122,7 @@ def start(module: str, argv: list[str], s3: str, log: Path, address: str | None)
     env = job_env(s3)
     if address:
         env["RAY_ADDRESS"] = address
-    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT)
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"job still running after {timeout}s:\n{log.read_text()[-4000:]}")
-    text = log.read_text()
-    assert proc.returncode == 0, text[-4000:]
-    return text
-
-
-def s3c(s3: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
-
-
-def keys(s3: str, bucket: str, prefix: str) -> list[str]:
-    pages = s3c(s3).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
-def manifest(s3: str, bucket: str, run: str) -> dict:
-    return json.loads(s3c(s3).get_object(Bucket=bucket, Key=f"artifacts/{run}/model/manifest.json")["Body"].read())
+    return start_job(module, argv, env, log)
 
 
 def published_ids(s3: str, bucket: str, run: str) -> np.ndarray:
@@ -160,7 +130,7 @@ def published_ids(s3: str, bucket: str, run: str) -> np.ndarray:
     prefix = f"out-{run}/run_date={RUN_DATE}/"
     ks = keys(s3, bucket, prefix)
     assert prefix + "_SUCCESS" in ks, ks
-    parts = [pq.read_table(io.BytesIO(s3c(s3).get_object(Bucket=bucket, Key=k)["Body"].read()), columns=["id"])
+    parts = [pq.read_table(io.BytesIO(get_bytes(s3, bucket, k)), columns=["id"])
              for k in ks if k.endswith(".parquet") and "/_" not in k[len(prefix) - 1:]]
     return np.concatenate([t.column("id").to_numpy() for t in parts])
 
@@ -168,33 +138,6 @@ def published_ids(s3: str, bucket: str, run: str) -> np.ndarray:
 def assert_exactly_once(s3: str, bucket: str, run: str) -> None:
     ids = published_ids(s3, bucket, run)
     assert len(ids) == ROWS and np.array_equal(np.sort(ids), np.arange(ROWS)), (len(ids), len(np.unique(ids)))
-
-
-def latest_checkpoint(s3: str, bucket: str, run: str) -> dict | None:
-    """The newest checkpoint Ray Train registered for the run (its state file, loaded), or None."""
-    import torch
-
-    key = f"artifacts/{run}/train/{run}/checkpoint_manager_snapshot.json"
-    try:
-        snap = json.loads(s3c(s3).get_object(Bucket=bucket, Key=key)["Body"].read())
-        path = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except Exception:  # noqa: BLE001 - not written yet, or caught mid-write
-        return None
-    body = s3c(s3).get_object(Bucket=bucket, Key=f"artifacts/{run}/train/{run}/{path}/state.pt")["Body"].read()
-    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
-
-
-def wait_for(cond, proc: subprocess.Popen, log: Path, what: str, timeout: float = 600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        if proc.poll() is not None:
-            pytest.fail(f"job exited (rc {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.3)
-    proc.kill()
-    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
 def worker_node_of(ckpt: dict, cluster: LoopbackCluster) -> str:
