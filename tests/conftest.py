@@ -108,7 +108,9 @@ def ray_cluster(s3_server):
     from pipeline.cluster import LOCAL_SYSTEM_CONFIG, local_ray_environment
 
     local_ray_environment()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, _system_config=LOCAL_SYSTEM_CONFIG)
+    # address="local": a new cluster of its own, never one another process started on the machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
+             _system_config=LOCAL_SYSTEM_CONFIG)
     yield
     ray.shutdown()
 
