@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -32,7 +33,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 # A test using one of these fixtures (they appear in `item.fixturenames` through other fixtures too) needs the
 # S3 server or a Ray cluster: it is an integration test.
-INTEGRATION_FIXTURES = {"s3_server", "bucket", "ray_cluster", "storage", "trained_model"}
+INTEGRATION_FIXTURES = {"s3_server", "bucket", "ray_cluster", "ray_address", "storage", "trained_model"}
 BROWSER_FIXTURES = {"render_page"}
 _UNIT_TIER = False
 
@@ -100,19 +101,31 @@ def bucket(s3_server):
 def ray_cluster(s3_server):
     """A real local Ray cluster for the session (4 logical CPUs on the 2-core box: fractional workers), shared
     by every in-process test; a test that kills Ray or needs an exact CPU count starts a job with its own.
+    Yields the cluster's temp dir (its session logs are under `session_*/logs/`).
 
-    Started the way a job starts its own local Ray (pipeline/cluster.py): idle workers kept, Ray Train's
-    faster health check. Without them each Ray Data pass of each test started its worker processes anew."""
+    Started the way a job starts its own local Ray (pipeline/cluster.py: idle workers kept, Ray Train's
+    faster health check), in a temp dir of its own so that no other Ray on the machine shares its files."""
     import ray
 
     from pipeline.cluster import LOCAL_SYSTEM_CONFIG, local_ray_environment
 
+    temp_dir = tempfile.mkdtemp(prefix="sess-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     local_ray_environment()
     # address="local": a new cluster of its own, never one another process started on the machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True, _temp_dir=temp_dir,
              _system_config=LOCAL_SYSTEM_CONFIG)
-    yield
+    yield temp_dir
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    """The session cluster's address: a job subprocess given it as RAY_ADDRESS joins this cluster, as under
+    `ray job submit`, instead of starting a local Ray of its own."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture(scope="session")

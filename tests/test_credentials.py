@@ -1,8 +1,9 @@
 """Credentials never appear in what a job prints or writes: its output and error lines, the objects it stores
-(manifests, reports, checkpoints, Parquet output and `_SUCCESS`), or the logs of the Ray cluster it starts.
+(manifests, reports, checkpoints, Parquet output and `_SUCCESS`), or the logs of the Ray clusters it runs on.
 
 The test makes its own runs (a successful one, failed ones before and inside Ray, a killed one) in a bucket
-and a Ray temp dir of its own, so it checks the same things whichever tests run before it.
+of its own, so it checks the same things whichever tests run before it. They run on the session's Ray, whose
+logs are checked as well, except the killed one, which takes a local Ray of its own down with it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.models import RUN_DATE, base_args, write_input
-from tests.procs import (FAKE_KEY_ID, FAKE_SECRET, checkpoint_registered, create_bucket, free_port, get_bytes,
+from tests.procs import (FAKE_KEY_ID, FAKE_SECRET, create_bucket, free_port, get_bytes,
                          in_process, job_env, keys, kill_tree, private_ray_tmpdir, put_table, run_job, start_job,
                          wait_until)
 
@@ -29,51 +30,56 @@ def secret_in(data: bytes) -> bool:
     return FAKE_SECRET.encode() in data or FAKE_KEY_ID.encode() in data
 
 
-def test_credentials_never_appear_in_output_or_artifacts(s3_server, storage, capsys, tmp_path):
+def ray_logs(temp_dir: str) -> list[Path]:
+    return [p for p in Path(temp_dir).glob("**/session_*/logs/**/*") if p.is_file()]
+
+
+def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, s3_server, storage, capsys, tmp_path):
     """Successful, failed and killed runs printed and wrote things: the secret is in none of them, nor in
     any object they stored (manifests, reports, checkpoints, Parquet output: raw bytes, and Parquet decoded,
-    as compression would hide a value), nor in the logs of the Ray clusters they started."""
+    as compression would hide a value), nor in the logs of the Ray clusters they ran on."""
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRET
     bucket = create_bucket(s3_server, "cred")
     write_input(storage, bucket, rows=2000, shards=2)
     runs: list[str] = []  # stdout + stderr of every run
-    fast = ["--set", "train.epochs=3", "--set", "train.patience=3"]
+    short = ["--set", "train.epochs=3", "--set", "train.patience=3"]
 
-    with private_ray_tmpdir("cred-ray-") as ray_tmp:
-        env = job_env(s3_server, ray_tmp)
-        # succeeds: trains and scores (manifest, report, checkpoints, Parquet output, _SUCCESS)
-        p = run_job("jobs.run", *base_args(s3_server, bucket, run="cred"), *fast, "--run-date", RUN_DATE,
-                    env=env, timeout=900)
-        runs.append(p.stdout + p.stderr)
-        assert p.returncode == 0, runs[-1][-4000:]
+    # succeeds: trains and scores (manifest, report, checkpoints, Parquet output, _SUCCESS)
+    rc, out, err = in_process("jobs.run", base_args(s3_server, bucket, run="cred") + short
+                              + ["--run-date", RUN_DATE], capsys)
+    runs.append(out + err)
+    assert rc == 0, runs[-1][-4000:]
 
-        # fails before Ray: a config error, input that is not there, an endpoint that does not answer
-        for argv in (base_args(s3_server, bucket, run="cred-bad") + ["--set", "train.epochs=0"],
-                     base_args(s3_server, bucket, run="cred-bad", data="nothing-here")):
-            rc, out, err = in_process("jobs.train", argv, capsys)
-            runs.append(out + err)
-            assert rc == 2, err
-        p = run_job("jobs.run", *base_args(f"http://127.0.0.1:{free_port()}", bucket), env=env, timeout=120)
-        runs.append(p.stdout + p.stderr)
-        assert p.returncode == 2, runs[-1][-4000:]
+    # fails before Ray: a config error, input that is not there, an endpoint that does not answer (the
+    # whole process)
+    for argv in (base_args(s3_server, bucket, run="cred-bad") + ["--set", "train.epochs=0"],
+                 base_args(s3_server, bucket, run="cred-bad", data="nothing-here")):
+        rc, out, err = in_process("jobs.train", argv, capsys)
+        runs.append(out + err)
+        assert rc == 2, err
+    p = run_job("jobs.run", *base_args(f"http://127.0.0.1:{free_port()}", bucket), env=job_env(s3_server),
+                timeout=120)
+    runs.append(p.stdout + p.stderr)
+    assert p.returncode == 2, runs[-1][-4000:]
 
-        # fails inside Ray: a NaN found by a scoring task, reported through Ray's wrappers
-        t = pq.read_table(io.BytesIO(get_bytes(s3_server, bucket, keys(s3_server, bucket, "in/")[0])))
-        x = np.array(t.column("features").to_pylist(), dtype=np.float32)
-        x[3, 1] = np.nan
-        t = t.set_column(t.schema.get_field_index("features"), "features", pa.array(list(x), pa.list_(pa.float32())))
-        put_table(s3_server, bucket, "innan/part-00000.parquet", t)
-        p = run_job("jobs.score", *base_args(s3_server, bucket, run="cred", data="innan", out="outnan"),
-                    "--model", "cred", env=env, timeout=900)
-        runs.append(p.stdout + p.stderr)
-        assert p.returncode == 2 and "rows with NaN" in p.stderr, runs[-1][-4000:]
+    # fails inside Ray: a NaN found by a scoring task, reported through Ray's wrappers
+    t = pq.read_table(io.BytesIO(get_bytes(s3_server, bucket, keys(s3_server, bucket, "in/")[0])))
+    x = np.array(t.column("features").to_pylist(), dtype=np.float32)
+    x[3, 1] = np.nan
+    t = t.set_column(t.schema.get_field_index("features"), "features", pa.array(list(x), pa.list_(pa.float32())))
+    put_table(s3_server, bucket, "innan/part-00000.parquet", t)
+    rc, out, err = in_process("jobs.score", base_args(s3_server, bucket, run="cred", data="innan", out="outnan")
+                              + ["--model", "cred"], capsys)
+    runs.append(out + err)
+    assert rc == 2 and "rows with NaN" in err, runs[-1][-4000:]
 
-        # killed mid-training, once a checkpoint is registered
+    with private_ray_tmpdir("cred-ray-") as killed_ray:
+        # killed with its local Ray once that has run the job's first Ray Data pass
         log = tmp_path / "killed.log"
-        proc = start_job("jobs.train", base_args(s3_server, bucket, run="cred-killed"), env, log)
+        proc = start_job("jobs.train", base_args(s3_server, bucket, run="cred-killed"),
+                         job_env(s3_server, killed_ray), log)
         try:
-            wait_until(lambda: checkpoint_registered(s3_server, bucket, "cred-killed"), proc, log,
-                       what="a registered checkpoint")
+            wait_until(lambda: "[prepare]" in log.read_text(), proc, log, what="the normalization pass")
         finally:
             kill_tree(proc)
         runs.append(log.read_text())
@@ -91,9 +97,8 @@ def test_credentials_never_appear_in_output_or_artifacts(s3_server, storage, cap
                 assert FAKE_SECRET not in decoded and FAKE_KEY_ID not in decoded, k
             seen.update({end: n + 1 for end, n in seen.items() if k.endswith(end)})
         assert all(seen.values()), f"expected every kind of object the runs write: {seen}"
-        logs = [p for p in Path(ray_tmp).glob("ray/session_*/logs/**/*") if p.is_file()]
-        assert len(logs) >= 10, f"no Ray session logs under {ray_tmp}"
-        sessions = {p.parts[len(Path(ray_tmp).parts) + 1] for p in logs} - {"session_latest"}
-        assert len(sessions) >= 3, f"a Ray session per run that started one: {sessions}"
-        for p in logs:
-            assert not secret_in(p.read_bytes()), p
+        for temp_dir in (ray_cluster, killed_ray):
+            logs = ray_logs(temp_dir)
+            assert len(logs) >= 10, f"no Ray session logs under {temp_dir}"
+            for p in logs:
+                assert not secret_in(p.read_bytes()), p

@@ -1,8 +1,8 @@
 """Faults survived: a training worker killed mid-run is replaced and training resumes from its checkpoint; a
 killed driver's rerun resumes; a scoring job killed mid-write publishes nothing and its rerun publishes every
 row once. Processes are killed for real (SIGKILL by pid), so each killed job runs as a subprocess with a local
-Ray of its own; the reruns that are not killed, and the baseline model they are compared against
-(`trained_model("s3-vector")`, tests/models.py), use the session's Ray.
+Ray of its own; the reruns, which are not killed, and the baseline model they are compared against
+(`trained_model("s3-vector")`, tests/models.py) use the session's Ray.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_killed_training_worker_is_replaced_and_resumes_from_checkpoint(base, s3
     assert m["metrics"]["best_val_loss"] < 1.5 * trained["metrics"]["best_val_loss"]
 
 
-def test_killed_driver_rerun_resumes_from_checkpoint(base, s3_server, env, tmp_path):
+def test_killed_driver_rerun_resumes_from_checkpoint(base, s3_server, env, ray_address, tmp_path):
     shared_bucket, trained = base.bucket, base.manifest
     log = tmp_path / "train1.log"
     argv = base_args(s3_server, shared_bucket, run="driverkill")
@@ -76,7 +76,8 @@ def test_killed_driver_rerun_resumes_from_checkpoint(base, s3_server, env, tmp_p
     finally:
         kill_tree(proc)  # the driver and its whole local Ray, mid-training
     assert keys(s3_server, shared_bucket, "artifacts/driverkill/model/") == [], "no model from a killed run"
-    p = run_job("jobs.train", *argv, env=env, timeout=900)
+    # the rerun is not killed: it joins the session's Ray (a new driver, as after a restart)
+    p = run_job("jobs.train", *argv, env={**env, "RAY_ADDRESS": ray_address}, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     out = p.stdout + p.stderr
     assert "[prepare] reusing normalization statistics" in out

@@ -121,7 +121,7 @@ RAY_NOISE = ["Reporting training result", "Checkpoint successfully created at", 
              "Estimated parquet encoding ratio"]
 
 
-def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained, tmp_path):
+def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained, ray_address, tmp_path):
     cfg = trained["cfg"]
     args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input={cfg.data.input}",
             "--set", f"artifacts.uri={tmp_path / 'artifacts'}", "--set", "run.name=logs", "--set", "run.num_cpus=2",
@@ -130,8 +130,9 @@ def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained,
     with private_ray_tmpdir("ops-ray-") as ray_tmp:
         env = job_env(ray_tmpdir=ray_tmp)
         p = run_job("jobs.train", *args, env=env, timeout=900)
-        verbose = run_job("jobs.score", *args, "--set", f"output.uri={tmp_path / 'out'}", "--verbose", env=env,
-                          timeout=900)
+        # (scoring joins the session's Ray: what --verbose shows is the driver's)
+        verbose = run_job("jobs.score", *args, "--set", f"output.uri={tmp_path / 'out'}", "--verbose",
+                          env={**env, "RAY_ADDRESS": ray_address}, timeout=900)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     for epoch in (1, 2):
