@@ -41,13 +41,17 @@ def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, s3_server,
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == FAKE_SECRET
     bucket = create_bucket(s3_server, "cred")
     write_input(storage, bucket, rows=2000, shards=2)
-    runs: list[str] = []  # stdout + stderr of every run
+    runs: list[str] = []  # stdout + stderr of every run, checked as soon as it ends
+
+    def ran(text: str) -> None:
+        assert FAKE_SECRET not in text and FAKE_KEY_ID not in text, f"run {len(runs) + 1} printed a credential"
+        runs.append(text)
     short = ["--set", "train.epochs=3", "--set", "train.patience=3"]
 
     # succeeds: trains and scores (manifest, report, checkpoints, Parquet output, _SUCCESS)
     rc, out, err = in_process("jobs.run", base_args(s3_server, bucket, run="cred") + short
                               + ["--run-date", RUN_DATE], capsys)
-    runs.append(out + err)
+    ran(out + err)
     assert rc == 0, runs[-1][-4000:]
 
     # fails before Ray: a config error, input that is not there, an endpoint that does not answer (the
@@ -55,11 +59,11 @@ def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, s3_server,
     for argv in (base_args(s3_server, bucket, run="cred-bad") + ["--set", "train.epochs=0"],
                  base_args(s3_server, bucket, run="cred-bad", data="nothing-here")):
         rc, out, err = in_process("jobs.train", argv, capsys)
-        runs.append(out + err)
+        ran(out + err)
         assert rc == 2, err
     p = run_job("jobs.run", *base_args(f"http://127.0.0.1:{free_port()}", bucket), env=job_env(s3_server),
                 timeout=120)
-    runs.append(p.stdout + p.stderr)
+    ran(p.stdout + p.stderr)
     assert p.returncode == 2, runs[-1][-4000:]
 
     # fails inside Ray: a NaN found by a scoring task, reported through Ray's wrappers
@@ -70,7 +74,7 @@ def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, s3_server,
     put_table(s3_server, bucket, "innan/part-00000.parquet", t)
     rc, out, err = in_process("jobs.score", base_args(s3_server, bucket, run="cred", data="innan", out="outnan")
                               + ["--model", "cred"], capsys)
-    runs.append(out + err)
+    ran(out + err)
     assert rc == 2 and "rows with NaN" in err, runs[-1][-4000:]
 
     with private_ray_tmpdir("cred-ray-") as killed_ray:
@@ -82,11 +86,9 @@ def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, s3_server,
             wait_until(lambda: "[prepare]" in log.read_text(), proc, log, what="the normalization pass")
         finally:
             kill_tree(proc)
-        runs.append(log.read_text())
+        ran(log.read_text())
 
-        for text in runs:
-            assert FAKE_SECRET not in text
-            assert FAKE_KEY_ID not in text
+        assert len(runs) == 6
         seen = {".json": 0, "_SUCCESS": 0, "report.html": 0, ".parquet": 0, ".pt": 0}
         for k in keys(s3_server, bucket, ""):
             body = get_bytes(s3_server, bucket, k)
