@@ -14,7 +14,6 @@ the test by timing out.
 from __future__ import annotations
 
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,9 +23,8 @@ import time
 import pytest
 
 from pipeline.sample import write_sample
-from tests.conftest import ROOT, job_env, run_job
 from tests.models import base_args
-from tests.procs import assert_one_line_error, error_lines, in_process, keys
+from tests.procs import ROOT, assert_one_line_error, error_lines, in_process, job_env, keys, private_ray_tmpdir, run_job
 
 # No module-wide marker: the planner's refusals are unit tests; tests/conftest.py marks the rest (they use the
 # S3 server or Ray) as integration.
@@ -42,14 +40,11 @@ def job_args(bucket: str, endpoint: str, *extra: str, input_uri: str | None = No
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
     """A job's environment with a Ray temp dir of its own: `ray.init()` joins whatever cluster
     /tmp/ray/ray_current_cluster names (another `ray start` on the machine) instead of starting 2 CPUs."""
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="r15-", dir="/tmp")  # short: Ray's socket paths live under it
-    yield {**job_env(), "RAY_TMPDIR": ray_tmp}
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    with private_ray_tmpdir("r15-") as ray_tmp:
+        yield job_env(ray_tmpdir=ray_tmp)
 
 
 def test_two_workers_at_the_default_cpus_finish_on_two_cpus(s3_server, bucket, env):

@@ -343,7 +343,7 @@ def _recirculation_worker(rank: int, world: int, port: int, x: torch.Tensor, out
 def test_recirculation_on_two_workers_averages_updates_and_matches_one_worker():
     import torch.multiprocessing as mp
 
-    from tests.conftest import free_port
+    from tests.procs import free_port
 
     x = manifold_data(2048, features=8)
     single = recirc_model(8, 3, code_activation="tanh")

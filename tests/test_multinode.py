@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, free_port, job_env
+from tests.procs import ROOT, free_port, job_env
 from tests.procs import finish, get_bytes, keys, latest_checkpoint, manifest, s3_client, start_job
 from tests.procs import wait_until as wait_for
 

@@ -24,7 +24,7 @@ import pytest
 from pipeline.config import StorageSection
 from pipeline.sample import write_sample
 from pipeline.storage import Storage
-from tests.conftest import ROOT, free_port, wait_for_port
+from tests.procs import ROOT, free_port, wait_for_port
 
 # Each test may wait on a whole training job; on a loaded 2-core CI box that can pass 10 minutes.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
