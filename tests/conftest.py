@@ -18,23 +18,22 @@ import os
 import re
 import shutil
 import subprocess
-import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.loopback_s3 import FAKE_KEY_ID, FAKE_SECRET, LoopbackS3, free_port, wait_for_port  # noqa: F401
+from tests.procs import ROOT, job_env, run_job  # noqa: F401 - also importable from here
 
 # Local Ray binds 127.0.0.1; no usage stats leave the machine.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # A test using one of these fixtures (they appear in `item.fixturenames` through other fixtures too) needs the
 # S3 server or a Ray cluster: it is an integration test.
-INTEGRATION_FIXTURES = {"s3_server", "bucket", "ray_cluster", "storage"}
+INTEGRATION_FIXTURES = {"s3_server", "bucket", "ray_cluster", "ray_address", "storage", "trained_model"}
 BROWSER_FIXTURES = {"render_page"}
 _UNIT_TIER = False
 
@@ -100,12 +99,49 @@ def bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
-    """A real local Ray cluster for the session (4 logical CPUs on the 2-core box: fractional workers)."""
+    """A real local Ray cluster for the session (4 logical CPUs on the 2-core box: fractional workers), shared
+    by every in-process test; a test that kills Ray or needs an exact CPU count starts a job with its own.
+    Yields the cluster's temp dir (its session logs are under `session_*/logs/`).
+
+    Started the way a job starts its own local Ray (pipeline/cluster.py: idle workers kept, Ray Train's
+    faster health check), in a temp dir of its own so that no other Ray on the machine shares its files."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
+    from pipeline.cluster import LOCAL_SYSTEM_CONFIG, local_ray_environment
+
+    temp_dir = tempfile.mkdtemp(prefix="sess-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    local_ray_environment()
+    # address="local": a new cluster of its own, never one another process started on the machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True, _temp_dir=temp_dir,
+             _system_config=LOCAL_SYSTEM_CONFIG)
+    yield temp_dir
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    """The session cluster's address: a job subprocess given it as RAY_ADDRESS joins this cluster, as under
+    `ray job submit`, instead of starting a local Ray of its own."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def trained_model(ray_cluster, s3_server, tmp_path_factory):
+    """`trained_model(name) -> TrainedModel`: the model of configuration `name` in tests/models.py, trained
+    on the session's Ray the first time a test asks for it; every later test gets the same one (read-only)."""
+    from tests.models import MODELS
+
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = MODELS[name](s3_server, tmp_path_factory)
+        return done[name]
+
+    return get
 
 
 @pytest.fixture
@@ -114,23 +150,6 @@ def storage(s3_server):
     from pipeline.storage import Storage
 
     return Storage(StorageSection(endpoint_url=s3_server))
-
-
-def job_env(s3_server: str | None = None) -> dict[str, str]:
-    """Environment for running a job entrypoint as a subprocess (its own local Ray)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    env.pop("RAY_ADDRESS", None)
-    if s3_server:
-        env["AWS_ENDPOINT_URL"] = s3_server
-    return env
-
-
-def run_job(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600,
-            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    unit_tier_refuses(f"a job subprocess (python -m {module})")
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=env or job_env(), timeout=timeout, cwd=cwd or ROOT)
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

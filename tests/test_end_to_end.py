@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.jobs import score_job, train_job
 from pipeline.metrics import auroc, evaluate_against_truth
 from pipeline.sample import write_sample
-from tests.conftest import job_env, run_job
+from tests.procs import job_env, run_job
 
 pytestmark = pytest.mark.integration
 

@@ -1,9 +1,12 @@
-"""No silent hangs (issue 15), end to end: each job runs as a subprocess with its own local Ray of 2 CPUs, on the
-loopback S3 server, under a wall-clock limit; a job that hangs fails the test by timing out.
+"""No silent hangs, end to end: the jobs that must run on an exact cluster shape run as subprocesses with a
+local Ray of 2 CPUs of their own, on the loopback S3 server, under a wall-clock limit; a job that hangs fails
+the test by timing out.
 
 - the two-worker config a new user writes first (cpus_per_worker left at 1.0) finishes: the workers'
   reservation is lowered so Ray Data keeps a CPU to read with;
-- requests the cluster can never meet end in one line, exit 2, before any data is read;
+- requests the cluster can never meet end in one line, exit 2, before any data is read: the planner's
+  refusal for a 2-CPU machine is a unit test (pipeline/resources.py), and the jobs' place for it (before the
+  first read) is checked on the session's Ray;
 - a job whose input read blocks (an S3 endpoint that stops answering) says what it waits for and ends at
   run.stall_timeout_s with exit 2, leaving nothing for readers.
 """
@@ -11,7 +14,6 @@ loopback S3 server, under a wall-clock limit; a job that hangs fails the test by
 from __future__ import annotations
 
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,9 +23,11 @@ import time
 import pytest
 
 from pipeline.sample import write_sample
-from tests.conftest import ROOT, job_env, run_job
+from tests.models import base_args
+from tests.procs import ROOT, assert_one_line_error, error_lines, in_process, job_env, keys, private_ray_tmpdir, run_job
 
-pytestmark = pytest.mark.integration
+# No module-wide marker: the planner's refusals are unit tests; tests/conftest.py marks the rest (they use the
+# S3 server or Ray) as integration.
 
 JOB_TIMEOUT_S = 900  # generous for a loaded 2-core machine (the training run took 394 s at load 14); a hang ends here
 
@@ -36,41 +40,25 @@ def job_args(bucket: str, endpoint: str, *extra: str, input_uri: str | None = No
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
     """A job's environment with a Ray temp dir of its own: `ray.init()` joins whatever cluster
     /tmp/ray/ray_current_cluster names (another `ray start` on the machine) instead of starting 2 CPUs."""
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="r15-", dir="/tmp")  # short: Ray's socket paths live under it
-    yield {**job_env(), "RAY_TMPDIR": ray_tmp}
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    with private_ray_tmpdir("r15-") as ray_tmp:
+        yield job_env(ray_tmpdir=ray_tmp)
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-
-
-@pytest.fixture(scope="module")
-def trained(s3_server, env):
-    """The issue's config on 2 CPUs (the model is reused by the scoring test)."""
-    import boto3
-
+def test_two_workers_at_the_default_cpus_finish_on_two_cpus(s3_server, bucket, env):
+    """The issue's config on 2 CPUs."""
     from pipeline.config import StorageSection
     from pipeline.storage import Storage
 
-    bucket = f"hangs-{int(time.time() * 1000) % 10**9}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     write_sample(f"s3://{bucket}/input", Storage(StorageSection(endpoint_url=s3_server)), rows=1293, shards=2,
                  features=16, seed=5)
     t0 = time.monotonic()
     proc = run_job("jobs.train", *job_args(bucket, s3_server, "train.epochs=3", "train.batch_size=64",
                                            "train.num_workers=2"),
                    env=env, timeout=JOB_TIMEOUT_S)
-    return bucket, proc, time.monotonic() - t0
-
-
-def test_two_workers_at_the_default_cpus_finish_on_two_cpus(trained):
-    bucket, proc, seconds = trained
+    seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert ("[resources] train.cpus_per_worker lowered from 1 to 0.5: 2 training workers x 1 CPU would leave "
@@ -78,6 +66,23 @@ def test_two_workers_at_the_default_cpus_finish_on_two_cpus(trained):
     assert "[resources] cluster: 2 CPUs, 0 GPUs on 1 node; 2 training workers x 0.5 CPU" in out
     assert "[train] epoch 3/3" in out and "[train] model hangs@" in out
     print(f"issue-15 config trained in {seconds:.0f}s")
+
+
+def two_cpu_cluster():
+    """A local Ray started with run.num_cpus=2 as `pipeline.resources.read_cluster` sees it: one alive node of
+    2 CPUs, all free, no autoscaler."""
+    from pipeline.resources import Cluster, Node
+
+    return Cluster((Node(2.0, 0.0),), 2.0, 0.0, ())
+
+
+def planned(job: str, *sets: str):
+    """The job's config from its command line, fitted to a 2-CPU local Ray (what `check_job` does there)."""
+    from pipeline.cli import base_parser, config_from_args
+    from pipeline.resources import fit_job
+
+    cfg = config_from_args(base_parser("").parse_args(job_args("b", "http://127.0.0.1:1", *sets)))
+    return fit_job(cfg, two_cpu_cluster(), job, log=lambda line: None)
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -88,35 +93,50 @@ def test_two_workers_at_the_default_cpus_finish_on_two_cpus(trained):
      "error: config train.cpus_per_worker: 4 CPUs per worker, but the largest node has 2 CPUs (2 CPUs, 0 GPUs "
      "on 1 node); set train.cpus_per_worker to at most 2"),
 ], ids=["gpu-on-cpu-cluster", "cpus-above-node"])
-def test_impossible_training_requests_end_in_one_line_before_any_data_is_read(s3_server, bucket, env, sets,
-                                                                              message):
-    from pipeline.config import StorageSection
-    from pipeline.storage import Storage
+def test_impossible_training_requests_end_in_one_line_before_any_data_is_read(sets, message):
+    from pipeline.errors import ConfigError
 
-    storage = Storage(StorageSection(endpoint_url=s3_server))
-    write_sample(f"s3://{bucket}/input", storage, rows=400, shards=1, features=16, seed=1)
-    proc = run_job("jobs.train", *job_args(bucket, s3_server, *sets), env=env, timeout=JOB_TIMEOUT_S)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert error_lines(proc.stderr) == [message]
-    assert "[prepare]" not in proc.stdout  # the normalization pass (the first read of the data) never started
-    assert not storage.exists(f"s3://{bucket}/artifacts/hangs/prepare.json")
+    with pytest.raises(ConfigError) as e:
+        planned("train", *sets)
+    assert f"error: {e.value}" == message
 
 
-def test_scoring_concurrency_above_the_cluster_ends_in_one_line_before_any_data_is_read(trained, s3_server, env):
-    bucket = trained[0]
-    assert trained[1].returncode == 0
+def test_scoring_concurrency_above_the_cluster_ends_in_one_line_before_any_data_is_read():
+    from pipeline.errors import ConfigError
+
     # an actor pool waits for all its actors (plain scoring tasks above the cluster are only capped)
-    proc = run_job("jobs.score", *job_args(bucket, s3_server, "score.concurrency=4", "score.compute=actors",
-                                           "run.name=hangs"),
-                   env=env, timeout=JOB_TIMEOUT_S)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert error_lines(proc.stderr) == [
+    with pytest.raises(ConfigError) as e:
+        planned("score", "score.concurrency=4", "score.compute=actors")
+    assert f"error: {e.value}" == (
         "error: config score.concurrency: 4 scoring workers x score.cpus_per_actor 1 = 4 CPUs, but the cluster "
-        "has 2 CPUs (2 CPUs, 0 GPUs on 1 node); set score.concurrency to at most 2"]
-    from pipeline.config import StorageSection
-    from pipeline.storage import Storage
+        "has 2 CPUs (2 CPUs, 0 GPUs on 1 node); set score.concurrency to at most 2")
+    assert planned("score", "score.concurrency=4").score.concurrency == 2  # tasks: capped, not refused
 
-    assert Storage(StorageSection(endpoint_url=s3_server)).list_files(f"s3://{bucket}/output") == []
+
+@pytest.mark.parametrize("job, sets, message", [
+    ("jobs.train", ["train.use_gpu=true"],
+     "error: config train.use_gpu: true, but the cluster has no GPUs (4 CPUs, 0 GPUs on 1 node) and no GPU node "
+     "type to scale to; set train.use_gpu: false"),
+    ("jobs.train", ["train.cpus_per_worker=8"],
+     "error: config train.cpus_per_worker: 8 CPUs per worker, but the largest node has 4 CPUs (4 CPUs, 0 GPUs on 1 "
+     "node); set train.cpus_per_worker to at most 4"),
+    ("jobs.score", ["score.concurrency=5", "score.compute=actors"],
+     "error: config score.concurrency: 5 scoring workers x score.cpus_per_actor 1 = 5 CPUs, but the cluster has "
+     "4 CPUs (4 CPUs, 0 GPUs on 1 node); set score.concurrency to at most 4"),
+], ids=["gpu-on-cpu-cluster", "cpus-above-node", "actor-pool-above-cluster"])
+def test_a_running_job_refuses_impossible_requests_before_reading_any_data(trained_model, s3_server, capsys, job,
+                                                                          sets, message):
+    """The jobs ask the planner once they have a cluster and before their first read: on the session's Ray
+    (4 CPUs, no GPUs) the same refusals end the job in one line, with nothing read or written."""
+    base = trained_model("s3-vector")  # scoring needs a model to get as far as the cluster check
+    run = "impossible-" + job.split(".")[1]
+    argv = base_args(s3_server, base.bucket, run=run, out=f"out-{run}")
+    argv += [a for s in sets for a in ("--set", s)] + (["--model", "base"] if job == "jobs.score" else [])
+    rc, out, err = in_process(job, argv, capsys)
+    assert_one_line_error(rc, err)
+    assert error_lines(err) == [message]
+    assert "[prepare]" not in out  # the normalization pass (the first read of the data) never started
+    assert keys(s3_server, base.bucket, f"artifacts/{run}/") == keys(s3_server, base.bucket, f"out-{run}/") == []
 
 
 class GoesSilent:

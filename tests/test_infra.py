@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from tests.conftest import ROOT
+from tests.procs import ROOT
 
 INFRA = ROOT / "infra"
 RAY_VERSION = "2.60.0"

@@ -344,7 +344,7 @@ def _recirculation_worker(rank: int, world: int, port: int, x: torch.Tensor, out
 def test_recirculation_on_two_workers_averages_updates_and_matches_one_worker():
     import torch.multiprocessing as mp
 
-    from tests.conftest import free_port
+    from tests.procs import free_port
 
     x = manifold_data(2048, features=8)
     single = recirc_model(8, 3, code_activation="tanh")
@@ -398,8 +398,20 @@ def test_kind_settings_are_validated_with_the_key_named(raw, key):
 
 
 def test_recirculation_config_is_accepted_for_one_hidden_layer():
-    cfg = config_from_dict({**BASE, "train": {"algorithm": "recirculation"}, "model": {"hidden_dims": []}})
-    assert cfg.train.recirculation_lambda == 0.75
+    """The config passes its checks, sizes one model of one hidden layer (what the rule trains: an ensemble
+    or deeper model is refused by make_step_fn), and the rule at the config's rate and lambda learns it."""
+    from pipeline.sizing import resolve_model
+
+    cfg = config_from_dict({**BASE, "train": {"algorithm": "recirculation", "lr": 0.05}, "model": {"hidden_dims": []}})
+    sized = resolve_model(cfg.model, 16, cfg.train.algorithm)
+    assert (sized.ensemble, sized.hidden_dims) == (1, [])
+    torch.manual_seed(0)
+    model = build_model(16, **dataclasses.asdict(sized))
+    step = make_step_fn(model, cfg.train.lr, cfg.train.recirculation_lambda)
+    x = manifold_data(2000)
+    gen = torch.Generator().manual_seed(0)
+    losses = [train_epoch(batches(x, 64, gen), model, optimizer=None, step_fn=step).loss for _ in range(6)]
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_dense_code_must_be_narrower_than_the_input():

@@ -10,12 +10,9 @@ pid, SIGKILL) and a fresh node takes its place for the next test.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -23,7 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, free_port, job_env
+from tests.procs import ROOT, free_port, job_env
+from tests.procs import finish, get_bytes, keys, latest_checkpoint, manifest, s3_client, start_job
+from tests.procs import wait_until as wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -92,14 +91,12 @@ def cluster(s3_server):
 
 @pytest.fixture(scope="module")
 def mbucket(s3_server, cluster):
-    import boto3
-
     from pipeline.config import StorageSection
     from pipeline.sample import write_sample
     from pipeline.storage import Storage
 
     name = f"mn-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    s3_client(s3_server).create_bucket(Bucket=name)
     write_sample(f"s3://{name}/in", Storage(StorageSection(endpoint_url=s3_server)), rows=ROWS, shards=SHARDS,
                  features=FEATURES)
     return name
@@ -125,34 +122,7 @@ def start(module: str, argv: list[str], s3: str, log: Path, address: str | None)
     env = job_env(s3)
     if address:
         env["RAY_ADDRESS"] = address
-    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT)
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"job still running after {timeout}s:\n{log.read_text()[-4000:]}")
-    text = log.read_text()
-    assert proc.returncode == 0, text[-4000:]
-    return text
-
-
-def s3c(s3: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
-
-
-def keys(s3: str, bucket: str, prefix: str) -> list[str]:
-    pages = s3c(s3).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
-def manifest(s3: str, bucket: str, run: str) -> dict:
-    return json.loads(s3c(s3).get_object(Bucket=bucket, Key=f"artifacts/{run}/model/manifest.json")["Body"].read())
+    return start_job(module, argv, env, log)
 
 
 def published_ids(s3: str, bucket: str, run: str) -> np.ndarray:
@@ -160,7 +130,7 @@ def published_ids(s3: str, bucket: str, run: str) -> np.ndarray:
     prefix = f"out-{run}/run_date={RUN_DATE}/"
     ks = keys(s3, bucket, prefix)
     assert prefix + "_SUCCESS" in ks, ks
-    parts = [pq.read_table(io.BytesIO(s3c(s3).get_object(Bucket=bucket, Key=k)["Body"].read()), columns=["id"])
+    parts = [pq.read_table(io.BytesIO(get_bytes(s3, bucket, k)), columns=["id"])
              for k in ks if k.endswith(".parquet") and "/_" not in k[len(prefix) - 1:]]
     return np.concatenate([t.column("id").to_numpy() for t in parts])
 
@@ -168,33 +138,6 @@ def published_ids(s3: str, bucket: str, run: str) -> np.ndarray:
 def assert_exactly_once(s3: str, bucket: str, run: str) -> None:
     ids = published_ids(s3, bucket, run)
     assert len(ids) == ROWS and np.array_equal(np.sort(ids), np.arange(ROWS)), (len(ids), len(np.unique(ids)))
-
-
-def latest_checkpoint(s3: str, bucket: str, run: str) -> dict | None:
-    """The newest checkpoint Ray Train registered for the run (its state file, loaded), or None."""
-    import torch
-
-    key = f"artifacts/{run}/train/{run}/checkpoint_manager_snapshot.json"
-    try:
-        snap = json.loads(s3c(s3).get_object(Bucket=bucket, Key=key)["Body"].read())
-        path = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except Exception:  # noqa: BLE001 - not written yet, or caught mid-write
-        return None
-    body = s3c(s3).get_object(Bucket=bucket, Key=f"artifacts/{run}/train/{run}/{path}/state.pt")["Body"].read()
-    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
-
-
-def wait_for(cond, proc: subprocess.Popen, log: Path, what: str, timeout: float = 600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        if proc.poll() is not None:
-            pytest.fail(f"job exited (rc {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.3)
-    proc.kill()
-    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
 def worker_node_of(ckpt: dict, cluster: LoopbackCluster) -> str:
@@ -215,7 +158,8 @@ def task_nodes(address: str, name_part: str) -> set[str]:
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_training_and_scoring_spread_over_nodes_and_match_one_node(s3_server, mbucket, cluster, tmp_path):
+def test_training_and_scoring_spread_over_nodes_and_match_one_node(s3_server, mbucket, cluster, ray_cluster,
+                                                                   storage, tmp_path):
     # 1 CPU per training worker on 1-CPU nodes: Ray must place the two ranks on two nodes
     log = tmp_path / "spread.log"
     text = finish(start("jobs.run", args(s3_server, mbucket, "spread", **{"train.cpus_per_worker": 1}), s3_server,
@@ -227,12 +171,13 @@ def test_training_and_scoring_spread_over_nodes_and_match_one_node(s3_server, mb
     # scoring: read -> score -> write tasks ran on every node with CPUs (the head has none)
     assert task_nodes(cluster.address, "ScoreBatches") == set(cluster.workers), text[-2000:]
 
-    # the same config on one node (its own local Ray) reaches the same validation loss, within noise
-    # RAY_ADDRESS=local: a new local Ray (2 CPUs), not the cluster above, which a plain ray.init() would find;
+    # the same config on one node (the session's local Ray) reaches the same validation loss, within noise;
     # 0.5 CPU per worker leaves Ray Data a CPU (torch threads are 1 either way)
-    log1 = tmp_path / "one.log"
-    finish(start("jobs.train", args(s3_server, mbucket, "one", **{"train.cpus_per_worker": 0.5}), s3_server, log1,
-                 "local"), log1)
+    from pipeline.cli import base_parser, config_from_args
+    from pipeline.jobs import train_job
+
+    train_job(config_from_args(base_parser("").parse_args(
+        args(s3_server, mbucket, "one", **{"train.cpus_per_worker": 0.5}))), storage)
     one = manifest(s3_server, mbucket, "one")
     assert len(set(one["history"][-1]["worker_nodes"])) == 1
     a, b = m["metrics"]["best_val_loss"], one["metrics"]["best_val_loss"]

@@ -1,15 +1,14 @@
-"""Integration: one small model trained on a real local Ray, then what operations need from it — the
-training and scoring reports, Feast-ready output read back by real Feast, nightly incremental scoring on the
-loopback S3 server with `--model latest`, and the `--dry-run` / flag errors of the entrypoints."""
+"""Integration: one small model trained on a real local Ray (the session's `local-ops` model), then what
+operations need from it — the training and scoring reports, Feast-ready output read back by real Feast,
+nightly incremental scoring on the loopback S3 server with `--model latest`, and the `--dry-run` / flag
+errors of the entrypoints."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import StorageSection, load_config
-from pipeline.jobs import score_job, train_job
+from pipeline.jobs import score_job
 from pipeline.metrics import TRUTH_COLUMN
 from pipeline.sample import write_sample
 from pipeline.schedule import report_uri
 from pipeline.storage import Storage
-from tests.conftest import ROOT, job_env, run_job
+from tests.models import ops_config
+from tests.procs import ROOT, job_env, private_ray_tmpdir, run_job
 
 # The first test waits on the module's training run; on a loaded 2-core CI box that can pass 10 minutes.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -31,27 +30,12 @@ D1 = dt.date(2026, 1, 1)
 FEAST_PYTHON = ROOT / ".venv-feast" / "bin" / "python"
 
 
-def small_config(tmp: Path, **more: str):
-    sets = {
-        "run.name": "ops", "data.input": str(tmp / "data"), "data.timestamp_column": "event_time",
-        "model.hidden_dims": "[32, 16]", "model.latent_dim": "4", "train.epochs": "3", "train.batch_size": "128",
-        "model.score": "recon",  # the checks below read recon_error as the mean of feature_errors
-        "train.lr": "0.003", "train.num_workers": "1", "train.cpus_per_worker": "1",
-        "artifacts.uri": str(tmp / "artifacts"), "output.uri": str(tmp / "output"),
-        "output.flat_latent": "true", "output.feature_errors": "true", "output.top_k_features": "3", **more,
-    }
-    return load_config(None, [f"{k}={v}" for k, v in sets.items()])
-
-
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ops")
-    local = Storage(StorageSection())
-    write_sample(str(tmp / "data"), local, rows=3000, shards=2, features=16, seed=3)
-    cfg = small_config(tmp)
-    t = train_job(cfg, local)
-    s = score_job(cfg, local, run_date=D1)
-    return {"tmp": tmp, "cfg": cfg, "train": t, "score": s, "storage": local}
+def trained(trained_model):
+    """The session's local-ops model (tests/models.py), scored once here for the tests that read its output."""
+    m = trained_model("local-ops")
+    s = score_job(m.cfg, m.storage, run_date=D1)
+    return {"tmp": m.tmp, "cfg": m.cfg, "train": m.summary, "score": s, "storage": m.storage}
 
 
 def test_training_report_is_written_next_to_the_model_and_renders(trained, render_page):
@@ -137,22 +121,18 @@ RAY_NOISE = ["Reporting training result", "Checkpoint successfully created at", 
              "Estimated parquet encoding ratio"]
 
 
-def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained, tmp_path):
+def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained, ray_address, tmp_path):
     cfg = trained["cfg"]
     args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input={cfg.data.input}",
             "--set", f"artifacts.uri={tmp_path / 'artifacts'}", "--set", "run.name=logs", "--set", "run.num_cpus=2",
             "--set", "train.epochs=2", "--set", "train.cpus_per_worker=0.5", "--set", "model.hidden_dims=[16]",
             "--set", "model.latent_dim=4"]
-    # its own Ray temp dir (short: Ray's socket paths must fit in 107 characters): a job's plain ray.init()
-    # would join any cluster recorded under /tmp/ray
-    ray_tmp = tempfile.mkdtemp(prefix="ops-ray-", dir="/tmp")
-    env = {**job_env(), "RAY_TMPDIR": ray_tmp}
-    try:
+    with private_ray_tmpdir("ops-ray-") as ray_tmp:
+        env = job_env(ray_tmpdir=ray_tmp)
         p = run_job("jobs.train", *args, env=env, timeout=900)
-        verbose = run_job("jobs.score", *args, "--set", f"output.uri={tmp_path / 'out'}", "--verbose", env=env,
-                          timeout=900)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        # (scoring joins the session's Ray: what --verbose shows is the driver's)
+        verbose = run_job("jobs.score", *args, "--set", f"output.uri={tmp_path / 'out'}", "--verbose",
+                          env={**env, "RAY_ADDRESS": ray_address}, timeout=900)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     for epoch in (1, 2):
@@ -177,7 +157,7 @@ def test_nightly_incremental_scoring_on_s3_with_latest_model(trained, storage, b
     inp, out = f"s3://{bucket}/events", f"s3://{bucket}/scores"
     write_sample(f"{inp}/date=2026-01-01", storage, rows=600, shards=2, features=16, seed=11)
     write_sample(f"{inp}/date=2026-01-02", storage, rows=500, shards=1, features=16, seed=12)
-    cfg = small_config(trained["tmp"], **{"data.input": inp, "output.uri": out, "score.incremental": "true",
+    cfg = ops_config(trained["tmp"], **{"data.input": inp, "output.uri": out, "score.incremental": "true",
                                           "run.name": "nightly"})
     version = trained["train"].model_version
 

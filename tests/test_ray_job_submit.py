@@ -24,7 +24,7 @@ import pytest
 from pipeline.config import StorageSection
 from pipeline.sample import write_sample
 from pipeline.storage import Storage
-from tests.conftest import ROOT, free_port, wait_for_port
+from tests.procs import ROOT, free_port, wait_for_port
 
 # Each test may wait on a whole training job; on a loaded 2-core CI box that can pass 10 minutes.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -78,14 +78,15 @@ def _pids_under(temp_dir: str) -> set[int]:
 
 
 def stop_head(temp_dir: str) -> None:
-    """Stop this head's processes by pid: `ray stop` would stop every Ray cluster on the machine."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """Stop this head's processes by pid: `ray stop` would stop every Ray cluster on the machine. A few
+    seconds' grace after SIGTERM (some of them wait out their own shutdown timeouts), then SIGKILL."""
+    for sig, grace_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
         for pid in _pids_under(temp_dir):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 15
+        deadline = time.time() + grace_s
         while _pids_under(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
 

@@ -52,9 +52,14 @@ def test_missing_bucket_is_one_line(storage):
 
 
 def test_storage_pickles_without_its_clients(storage, bucket):
+    """What Ray ships to each task is the config alone: the S3 client made here stays here, and the copy
+    makes its own on first use."""
     import pickle
 
-    storage.exists(f"s3://{bucket}/x")
-    clone = pickle.loads(pickle.dumps(storage))
+    storage.exists(f"s3://{bucket}/x")  # makes and keeps this process's S3 client
+    data = pickle.dumps(storage)
+    assert b"pyarrow" not in data and b"S3FileSystem" not in data, "a filesystem client was pickled"
+    clone = pickle.loads(data)
     clone.write_bytes(f"s3://{bucket}/p.txt", b"1")
     assert storage.read_bytes(f"s3://{bucket}/p.txt") == b"1"
+    assert clone.filesystem(f"s3://{bucket}/p.txt") is not storage.filesystem(f"s3://{bucket}/p.txt")
