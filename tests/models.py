@@ -32,7 +32,7 @@ def base_args(s3: str, bucket: str, run: str = "base", data: str = "in", out: st
         "train.cpus_per_worker": 0.5, "train.batch_size": 64, "train.lr": 0.003, "train.checkpoint_every": 1,
         "model.hidden_dims": "[32,16]", "model.latent_dim": 4, "score.batch_size": 256,
     }
-    out_args = ["--config", str(ROOT / "jobs/configs/demo.yaml")]
+    out_args = ["--config", str(ROOT / "jobs/configs/tiny.yaml")]
     for k, v in sets.items():
         out_args += ["--set", f"{k}={v}"]
     return out_args

@@ -118,3 +118,11 @@ def test_moved_keys_still_load_at_their_new_place_with_one_warning(capsys):
                    "loads; rename it)"]
     new = load_config(DEMO, ["score.threshold_quantile=0.95", "train.threshold_quantile=0.9"])
     assert new.train.threshold_quantile == 0.9  # given both, the new key wins
+
+
+def test_the_demo_trains_the_model_a_user_who_sets_only_the_input_gets():
+    """`make run` shows the defaults' model: the demo config sets no model size, epochs, learning rate or batch."""
+    demo, defaults = load_config(DEMO), Config()
+    assert demo.model == defaults.model
+    for key in ("epochs", "steps", "batch_size", "lr", "weight_decay", "trim_fraction", "threshold_quantile"):
+        assert getattr(demo.train, key) == getattr(defaults.train, key), key

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def s3_config(bucket: str, endpoint: str, *extra: str):
-    return load_config("jobs/configs/demo.yaml", [
+    return load_config("jobs/configs/tiny.yaml", [
         f"data.input=s3://{bucket}/input", f"artifacts.uri=s3://{bucket}/artifacts",
         f"output.uri=s3://{bucket}/output", f"storage.endpoint_url={endpoint}", "run.name=e2e",
         "train.epochs=6", "train.num_workers=2", "train.cpus_per_worker=0.5", *extra])
@@ -83,7 +83,7 @@ def test_train_and_score_through_s3(ray_cluster, s3_server, bucket, storage):
 def test_scalar_columns_without_timestamp_locally(ray_cluster, storage, tmp_path):
     """Features as separate numeric columns, local paths, no event-time column: as-of time is used."""
     write_sample(str(tmp_path / "in"), storage, rows=3000, shards=2, features=8, layout="columns", seed=5)
-    cfg = load_config("jobs/configs/demo.yaml", [
+    cfg = load_config("jobs/configs/tiny.yaml", [
         f"data.input={tmp_path / 'in'}", f"data.features=[{', '.join(f'f{j:02d}' for j in range(8))}]",
         "data.timestamp_column=null", f"artifacts.uri={tmp_path / 'art'}", f"output.uri={tmp_path / 'out'}",
         "run.name=cols", "train.epochs=4", "train.num_workers=1", "train.cpus_per_worker=0.5",
@@ -102,7 +102,7 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
     """`python -m jobs.run` as a user runs it: its own local Ray, s3:// everywhere, endpoint from the env."""
     write_sample(f"s3://{bucket}/input", storage, rows=3000, shards=2, features=8, seed=9)
     env = job_env(s3_server)
-    args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input=s3://{bucket}/input",
+    args = ["--config", "jobs/configs/tiny.yaml", "--set", f"data.input=s3://{bucket}/input",
             "--set", f"artifacts.uri=s3://{bucket}/artifacts", "--set", f"output.uri=s3://{bucket}/output",
             "--set", "run.name=cli", "--set", "train.epochs=3", "--set", "train.num_workers=1",
             "--set", "model.latent_dim=4"]  # dense must be undercomplete: 8 features

@@ -40,7 +40,7 @@ def base(trained_model):
     ("storage.endpoint_url=ftp://x", "config storage.endpoint_url"),
 ])
 def test_invalid_config_is_named_by_key(override, needle, capsys):
-    rc, _, err = in_process("jobs.train", ["--config", str(ROOT / "jobs/configs/demo.yaml"), "--set", override],
+    rc, _, err = in_process("jobs.train", ["--config", str(ROOT / "jobs/configs/tiny.yaml"), "--set", override],
                             capsys)
     assert_one_line_error(rc, err, needle)
 

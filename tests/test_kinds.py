@@ -139,12 +139,12 @@ def test_the_config_checks_a_kinds_scores_and_learning_rules_against_its_spec(ki
 def test_old_flat_config_keys_and_shipped_configs_still_load():
     for path in sorted(Path("jobs/configs").glob("*.yaml")):
         load_config(path)
-    cfg = load_config("jobs/configs/demo.yaml", ["model.kind=variational", "model.score=elbo",
+    cfg = load_config("jobs/configs/tiny.yaml", ["model.kind=variational", "model.score=elbo",
                                                  "model.noise_level=0.3", "model.pretrain_epochs=3"])
     assert cfg.model.kind_settings == KINDS["variational"].settings() and cfg.model.score == "elbo"
     assert (cfg.model.noise_level, cfg.model.pretrain_epochs) == (0.3, 3)  # other kinds' keys: kept, unused
     with pytest.raises(ConfigError, match="config model.noise_levl: unknown key"):
-        load_config("jobs/configs/demo.yaml", ["model.noise_levl=0.3"])
+        load_config("jobs/configs/tiny.yaml", ["model.noise_levl=0.3"])
 
 
 # The `model` of a manifest written by main at 6ee9f6b (dataclasses.asdict of its ModelSection).

@@ -246,7 +246,7 @@ def test_loading_a_config_does_not_import_torch():
             cfg.model.check_features(64)
             assert cfg.model.spec.name == "variational"
         from pipeline.sizing import resolve_model, step_budget
-        resolve_model(load_config("jobs/configs/demo.yaml").model, 16)
+        resolve_model(load_config("jobs/configs/tiny.yaml").model, 16)
         step_budget(1024, 5000, "auto", 2000)
     """))
 
@@ -257,7 +257,7 @@ def test_the_cli_reads_its_flags_and_config_without_torch():
     _no_torch(textwrap.dedent("""
         from pipeline.cli import base_parser, config_from_args
         import pipeline.inputs, pipeline.featurizer, pipeline.rows, pipeline.storage
-        args = base_parser("probe").parse_args(["--config", "jobs/configs/demo.yaml", "--set", "train.epochs=2"])
+        args = base_parser("probe").parse_args(["--config", "jobs/configs/tiny.yaml", "--set", "train.epochs=2"])
         assert config_from_args(args).train.epochs == 2
     """))
 

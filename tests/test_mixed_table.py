@@ -37,7 +37,7 @@ RUN_DATE = dt.date(2026, 3, 4)
 
 
 def config(bucket: str, endpoint: str, data: str = "mixed", out: str = "out", *extra: str):
-    return load_config("jobs/configs/demo.yaml", [
+    return load_config("jobs/configs/tiny.yaml", [
         f"data.input=s3://{bucket}/{data}", f"artifacts.uri=s3://{bucket}/artifacts",
         f"output.uri=s3://{bucket}/{out}", f"storage.endpoint_url={endpoint}", "run.name=mixed",
         "train.epochs=10", "train.lr=0.01", "train.patience=10", "train.checkpoint_every=10",

@@ -41,7 +41,7 @@ def sample_input(tmp_path_factory):
 
 
 def config_for(root, name: str, overrides: list[str], workers: int):
-    return load_config("jobs/configs/demo.yaml", [
+    return load_config("jobs/configs/tiny.yaml", [
         f"data.input={root / 'input'}", f"artifacts.uri={root / 'artifacts'}", f"output.uri={root / 'out' / name}",
         f"run.name={name}", "train.epochs=4", "train.batch_size=128", f"train.num_workers={workers}",
         "train.cpus_per_worker=0.5", "train.patience=10", "model.hidden_dims=[32]", *overrides])

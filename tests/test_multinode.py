@@ -110,7 +110,7 @@ def args(s3: str, bucket: str, run: str, **sets) -> list[str]:
             "model.hidden_dims": "[32,16]",
             "model.latent_dim": 4, "score.batch_size": 256, "score.concurrency": 3, "score.cpus_per_actor": 1}
     base.update(sets)
-    out = ["--config", str(ROOT / "jobs/configs/demo.yaml")]
+    out = ["--config", str(ROOT / "jobs/configs/tiny.yaml")]
     for k, v in base.items():
         out += ["--set", f"{k}={'null' if v is None else v}"]
     return out

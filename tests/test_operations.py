@@ -123,7 +123,7 @@ RAY_NOISE = ["Reporting training result", "Checkpoint successfully created at", 
 
 def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained, ray_address, tmp_path):
     cfg = trained["cfg"]
-    args = ["--config", "jobs/configs/demo.yaml", "--set", f"data.input={cfg.data.input}",
+    args = ["--config", "jobs/configs/tiny.yaml", "--set", f"data.input={cfg.data.input}",
             "--set", f"artifacts.uri={tmp_path / 'artifacts'}", "--set", "run.name=logs", "--set", "run.num_cpus=2",
             "--set", "train.epochs=2", "--set", "train.cpus_per_worker=0.5", "--set", "model.hidden_dims=[16]",
             "--set", "model.latent_dim=4"]

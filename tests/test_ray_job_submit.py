@@ -125,7 +125,7 @@ def submitted(ray_head, tmp_path_factory):
             "run.name=submitted", "train.epochs=2", "train.num_workers=1", "model.hidden_dims=[16]",
             "model.latent_dim=3"]
     overrides = [a for s in sets for a in ("--set", s)]
-    sid, p = submit(address, env, "python", "-m", "jobs.run", "--config", "jobs/configs/demo.yaml",
+    sid, p = submit(address, env, "python", "-m", "jobs.run", "--config", "jobs/configs/tiny.yaml",
                     "--run-date", "2026-01-02", *overrides)
     return {"address": address, "env": env, "tmp": tmp, "overrides": overrides, "sid": sid, "proc": p}
 
@@ -147,7 +147,7 @@ def test_nightly_scoring_with_the_latest_model_under_ray_job_submit(submitted):
     """The nightly form: score with the latest stored model, no training."""
     assert submitted["proc"].returncode == 0, "the training job failed (see the test above)"
     address, env = submitted["address"], submitted["env"]
-    sid, p = submit(address, env, "python", "-m", "jobs.run", "--config", "jobs/configs/demo.yaml", "--model",
+    sid, p = submit(address, env, "python", "-m", "jobs.run", "--config", "jobs/configs/tiny.yaml", "--model",
                     "latest", "--run-date", "2026-01-03", *submitted["overrides"])
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]

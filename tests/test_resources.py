@@ -111,7 +111,7 @@ def test_fit_job_returns_the_config_to_run_and_says_what_changed():
 def test_every_shipped_config_fits_a_two_cpu_machine_or_is_refused_in_one_line():
     from pipeline.config import load_config
 
-    demo = load_config("jobs/configs/demo.yaml")
+    demo = load_config("jobs/configs/tiny.yaml")
     assert fit_job(demo, LAPTOP, "train", log=lambda s: None).train.cpus_per_worker == 0.5
     assert fit_job(demo, LAPTOP, "score", log=lambda s: None).score.cpus_per_actor == 1.0
     prod = load_config("jobs/configs/prod.yaml")
