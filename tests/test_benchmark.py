@@ -61,7 +61,7 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
     # training: every epoch of every job a sample, as many of the plain loop's; the ratio inside its band
     for ms in bc.models:
         for r in res["training"]["by_model"][ms.name]["by_batch_size"].values():
-            n = ms.epochs * bc.train_rounds
+            n = ms.epochs * ms.jobs
             assert len(r["pipeline_samples"]) == len(r["baseline_samples"]) == n == len(r["epoch_seconds"])
             assert r["pipeline_rows_per_s"] == pytest.approx(statistics.median(r["pipeline_samples"]))
             assert r["ratio_spread"][0] <= r["ratio"] <= r["ratio_spread"][1]
