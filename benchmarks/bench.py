@@ -738,6 +738,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"| peak MB ({mem['rows_1x']:,} vs {mem[f'rows_{scale}x']:,} rows) | {mem['peak_mb_1x']:,.0f} | "
         f"{mem[f'peak_mb_{scale}x']:,.0f} | {mem['ratio']:.2f} | <= {TARGETS['memory']} |",
     ]
+    loads = env.get("stage_load_after", {})
+    if loads:
+        busy = [k for k, v in loads.items() if v > 2 * env["cpus"]]  # the bench alone keeps ~the cores busy
+        lines += ["", "Load average (1 minute) at the end of each stage: "
+                  + ", ".join(f"{k} {v:g}" for k, v in loads.items()) + "."
+                  + (f" Above twice the {env['cpus']} CPUs after {', '.join(busy)}: other work competed for the CPUs, "
+                     "which costs the pipeline (several processes: driver, Ray workers, raylet, the S3 server) more "
+                     "than the one-process baselines, so those ratios read low; compare them with a run at a "
+                     "similar load." if busy else "")]
     if results["limits"]:
         lines += ["", "Targets not reached: " + "; ".join(f"{k}: {v}" for k, v in results["limits"].items())]
     return "\n".join(lines) + "\n"
