@@ -89,10 +89,10 @@ class BenchConfig:
     memory_scale: int = 4
     """The larger data set for the memory measure is this many times the 1x one."""
     models: list[ModelSize] = field(default_factory=lambda: [
-        # the demo model: a few kFLOP a row, per-batch overhead dominates; ~1 s an epoch on 180,000 rows, so the
+        # the demo model: a few kFLOP a row, per-batch overhead dominates; ~0.5 s an epoch on 180,000 rows, so the
         # job's start-up (~20 s) is most of a run: two of them, to see how much one job differs from the next
         ModelSize("small", [64, 32], 8, epochs=6, jobs=2),
-        ModelSize("large", [512, 256], 32, epochs=2),  # ~0.5 MFLOP a row forward: compute dominates; ~9 s an epoch
+        ModelSize("large", [512, 256], 32, epochs=2),  # ~0.5 MFLOP a row forward: compute dominates; ~5 s an epoch
     ])
     """Model sizes; the last one is the compute-bound one whose ratios are the headline figures."""
     train_batch_sizes: list[int] = field(default_factory=lambda: [1024, 4096])
