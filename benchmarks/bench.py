@@ -6,9 +6,10 @@
 Everything runs against a loopback S3 server (moto), started here and stopped at the end:
   ingest    Ray Data's read of the shards (`read_dataset`, the pipeline's reader) vs `pyarrow.dataset` reading
             the same files from the same server;
-  training  `train_job` (TorchTrainer, Ray Data ingest) per-worker steady-state rows/s, read from the
-            run's history (`worker_rows_per_s`: the first batch timed apart) vs a plain PyTorch loop over
-            in-memory tensors with the same model, batch size, rows and torch threads;
+  training  `train_job` (TorchTrainer; its workers read and cache the rows) per-worker steady-state rows/s,
+            read from the run's history (`worker_rows_per_s`, per epoch: the first batch timed apart) vs a plain
+            PyTorch loop over in-memory tensors with the same model, batch size, optimizer, rows and torch
+            threads, half its epochs right before the job and half right after;
   scoring   `score` (read -> ScoreBatches -> staged Parquet, fused in a task per file -> verify -> publish), end
             to end after one warm-up run, vs a plain loop (pyarrow read -> the same BatchScorer -> pyarrow write)
             on the same server;
@@ -20,7 +21,12 @@ Everything runs against a loopback S3 server (moto), started here and stopped at
   memory    peak memory of `python -m jobs.score` (its whole process tree, Ray's processes included) on
             1x and `memory_scale`x the data.
 Baselines run in the same process right before and after the pipeline runs they are compared with, and each
-figure is the median of its repeats, so a machine shared with other work skews both sides alike.
+figure is the median of its repeats, so a machine shared with other work skews both sides alike. Each ratio
+comes with a spread (`ratio_spread`, [low, high]): where the two sides alternate repeat by repeat (ingest,
+scoring), the lowest and highest of the per-repeat ratios; for training, whose samples are a job's epochs
+against the plain loop's (a job costs ~20 s of Ray Train start-up, so it is not repeated per sample), the
+band between the sides' quartiles, q1(pipeline) / q3(baseline) to q3(pipeline) / q1(baseline). Warm-up runs
+(Ray Data's first execution, scoring's first run, the plain loop's first steps) are timed apart or not at all.
 """
 
 from __future__ import annotations
@@ -66,6 +72,12 @@ class ModelSize:
     """Encoder hidden widths (the decoder mirrors them)."""
     latent_dim: int
     """Code width."""
+    epochs: int = 3
+    """Epochs of each training run, each a sample (pipeline and plain loop alike): enough steady-state
+    seconds that a pause of the machine's other work moves the median of neither side."""
+    jobs: int = 1
+    """Training runs per batch size, in rounds over the model sizes and batch sizes (each: plain loop, job,
+    plain loop); their samples are pooled, so the spread shows what differs from one job to the next."""
 
 
 @dataclass
@@ -79,16 +91,16 @@ class BenchConfig:
     memory_scale: int = 4
     """The larger data set for the memory measure is this many times the 1x one."""
     models: list[ModelSize] = field(default_factory=lambda: [
-        ModelSize("small", [64, 32], 8),  # the demo model: a few kFLOP a row, per-batch overhead dominates
-        ModelSize("large", [512, 256], 32),  # ~0.5 MFLOP a row forward: compute dominates
+        # the demo model: a few kFLOP a row, per-batch overhead dominates; ~0.5 s an epoch on 180,000 rows, so the
+        # job's start-up (~20 s) is most of a run: two of them, to see how much one job differs from the next
+        ModelSize("small", [64, 32], 8, epochs=6, jobs=2),
+        ModelSize("large", [512, 256], 32, epochs=2),  # ~0.5 MFLOP a row forward: compute dominates; ~5 s an epoch
     ])
     """Model sizes; the last one is the compute-bound one whose ratios are the headline figures."""
     train_batch_sizes: list[int] = field(default_factory=lambda: [1024, 4096])
     """Training batch sizes tried for each model (pipeline and baseline alike)."""
     score_batch_sizes: list[int] = field(default_factory=lambda: [4096, 16384])
     """Scoring batch sizes tried for each model."""
-    epochs: int = 3
-    """Epochs per training run; throughput is the median over epochs."""
     repeats: int = 3
     """Repeats of the ingest measure (median taken)."""
     score_repeats: int = 3
@@ -117,9 +129,9 @@ def preset(name: str) -> BenchConfig:
     if name == "full":
         return BenchConfig()
     if name == "tiny":  # the code path on thousands of rows, not the numbers (what the test runs)
-        return BenchConfig(rows=4000, shards=2, epochs=1, repeats=1, score_repeats=1, e2e_epochs=2,
+        return BenchConfig(rows=4000, shards=2, repeats=2, score_repeats=2, e2e_epochs=2,
                            e2e_rows={"small": 2000, "medium": 4000}, large_shard_rows=8000, large_shard_mb=1,
-                           models=[ModelSize("small", [16], 4)],
+                           models=[ModelSize("small", [16], 4, epochs=2)],
                            train_batch_sizes=[256], score_batch_sizes=[1024])
     raise ValueError(f"unknown preset {name!r} (have: full, tiny)")
 
@@ -154,24 +166,51 @@ def pyarrow_read_rows(spec: InputSpec, storage: Storage) -> int:
     return sum(b.num_rows for b in ds.to_batches(columns=spec.columns))
 
 
-def compare(pipeline: list[float], baseline: list[float]) -> dict[str, float]:
-    """Medians of both sides' samples and their ratio."""
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (0.0, 0.0)
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def compare(pipeline: list[float], baseline: list[float], paired: bool = True) -> dict[str, Any]:
+    """Medians of both sides' samples, their ratio, and its spread: with `paired` samples (the sides alternated
+    repeat by repeat) the lowest and highest per-repeat ratio, else the band between the sides' quartiles."""
     p, b = _median(pipeline), _median(baseline)
-    return {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b)}
+    if paired:
+        ratios = [_ratio(x, y) for x, y in zip(pipeline, baseline)]
+        lo, hi = (min(ratios), max(ratios)) if ratios else (0.0, 0.0)
+    else:
+        (p1, p3), (b1, b3) = _quartiles(pipeline), _quartiles(baseline)
+        lo, hi = _ratio(p1, b3), _ratio(p3, b1)
+    return {"pipeline_rows_per_s": p, "baseline_rows_per_s": b, "ratio": _ratio(p, b), "ratio_spread": [lo, hi],
+            "pipeline_samples": list(pipeline), "baseline_samples": list(baseline),
+            "spread": "min-max of per-repeat ratios" if paired else "q1/q3 to q3/q1 of the samples"}
 
 
 def best_of(ms: ModelSize, threads: int, by_bs: dict[str, Any]) -> dict[str, Any]:
     """One model's results: every batch size tried, and the one where the pipeline ran fastest up front."""
     best = max(by_bs, key=lambda k: by_bs[k]["pipeline_rows_per_s"])
     return {"model": dataclasses.asdict(ms), "threads": threads, "best_batch_size": int(best),
-            "by_batch_size": by_bs, **compare([by_bs[best]["pipeline_rows_per_s"]],
-                                              [by_bs[best]["baseline_rows_per_s"]])}
+            "by_batch_size": by_bs, **{k: by_bs[best][k] for k in ("pipeline_rows_per_s", "baseline_rows_per_s",
+                                                                     "ratio", "ratio_spread")}}
 
 
-def _timed(fn: Callable[[], int]) -> tuple[float, int]:
+def _ratio_text(r: dict[str, Any]) -> str:
+    lo, hi = r["ratio_spread"]
+    return f"{r['ratio']:.2f}, spread {lo:.2f}-{hi:.2f}"
+
+
+def _rows_per_s(fn: Callable[[], int]) -> float:
     t0 = time.perf_counter()
     n = fn()
-    return time.perf_counter() - t0, n
+    return n / (time.perf_counter() - t0)
+
+
+def _alternate(i: int, items: list) -> list:
+    """`items` in order on even repeats, reversed on odd ones: a drift in the machine's load over the repeats
+    weighs on every side alike, not on whichever always runs first."""
+    return items if i % 2 == 0 else items[::-1]
 
 
 def ray_floor_seconds(rows: int, blocks: int) -> float:
@@ -189,15 +228,14 @@ def measure_ingest(spec: InputSpec, storage: Storage, repeats: int,
                    big: Optional[InputSpec] = None) -> dict[str, Any]:
     ray_read_rows(spec, storage)  # warm-up: Ray Data's first execution starts its worker processes
     ray_rps, pa_rps, no_paths, floor, stats = [], [], [], [], []
-    for _ in range(repeats):  # interleaved, so load on the machine hits both alike
-        s, n = _timed(lambda: ray_read_rows(spec, storage, stats))
-        ray_rps.append(n / s)
-        s, n = _timed(lambda: ray_read_rows(spec, storage, with_paths=False))
-        no_paths.append(n / s)
-        s, n = _timed(lambda: pyarrow_read_rows(spec, storage))
-        pa_rps.append(n / s)
-        floor.append(ray_floor_seconds(spec.num_rows, len(spec.files)))
-    out = {**compare(ray_rps, pa_rps), "pipeline_samples": ray_rps, "baseline_samples": pa_rps, "rows": spec.num_rows,
+    for i in range(repeats):  # interleaved, so load on the machine hits both alike
+        for measure in _alternate(i, [
+                lambda: ray_rps.append(_rows_per_s(lambda: ray_read_rows(spec, storage, stats))),
+                lambda: no_paths.append(_rows_per_s(lambda: ray_read_rows(spec, storage, with_paths=False))),
+                lambda: pa_rps.append(_rows_per_s(lambda: pyarrow_read_rows(spec, storage))),
+                lambda: floor.append(ray_floor_seconds(spec.num_rows, len(spec.files)))]):
+            measure()
+    out = {**compare(ray_rps, pa_rps), "rows": spec.num_rows,
            "files": len(spec.files), "profile": stats[-1].splitlines(),
            # what the `path` column (file names for error messages) costs the read
            "pipeline_without_paths_rows_per_s": _median(no_paths),
@@ -208,11 +246,10 @@ def measure_ingest(spec: InputSpec, storage: Storage, repeats: int,
            "baseline": "pyarrow.dataset.to_batches, same files, same columns"}
     if big is not None:  # the larger data set: fixed costs weigh less
         ray_big, pa_big = [], []
-        for _ in range(repeats):
-            s, n = _timed(lambda: ray_read_rows(big, storage))
-            ray_big.append(n / s)
-            s, n = _timed(lambda: pyarrow_read_rows(big, storage))
-            pa_big.append(n / s)
+        for i in range(repeats):
+            for measure in _alternate(i, [lambda: ray_big.append(_rows_per_s(lambda: ray_read_rows(big, storage))),
+                                          lambda: pa_big.append(_rows_per_s(lambda: pyarrow_read_rows(big, storage)))]):
+                measure()
         out["larger_data"] = {**compare(ray_big, pa_big), "rows": big.num_rows, "files": len(big.files),
                               "ray_data_floor_seconds": ray_floor_seconds(big.num_rows, len(big.files))}
     return out
@@ -236,13 +273,13 @@ def measure_large_shards(spec: InputSpec, storage: Storage, repeats: int, shard_
     """Ingest at real shard sizes: the pipeline's reader (V1) and the V2 reader, each vs pyarrow.dataset."""
     ray_read_rows(spec, storage)  # warm-up, as in measure_ingest
     v1, v2, base = [], [], []
-    for _ in range(repeats):
-        for samples, fn in ((v1, ray_read_rows), (v2, ray_read_rows_v2), (base, pyarrow_read_rows)):
-            s, n = _timed(lambda: fn(spec, storage))
-            samples.append(n / s)
+    for i in range(repeats):
+        for samples, fn in _alternate(i, [(v1, ray_read_rows), (v2, ray_read_rows_v2), (base, pyarrow_read_rows)]):
+            samples.append(_rows_per_s(lambda: fn(spec, storage)))
+    v2c = compare(v2, base)
     return {**compare(v1, base), "shard_mb": shard_mb, "rows": spec.num_rows, "files": len(spec.files),
-            "pipeline_samples": v1, "baseline_samples": base, "v2_samples": v2,
-            "v2_rows_per_s": _median(v2), "v2_ratio": _ratio(_median(v2), _median(base)),
+            "v2_samples": v2, "v2_rows_per_s": v2c["pipeline_rows_per_s"], "v2_ratio": v2c["ratio"],
+            "v2_ratio_spread": v2c["ratio_spread"],
             "pipeline": "read_dataset (Ray Data V1 ParquetDatasource, a task per file)",
             "v2": "ray.data.read_parquet with DataContext.use_datasource_v2 (row-group splits)"}
 
@@ -263,20 +300,25 @@ def train_tensors(spec: InputSpec, storage: Storage, data: DataSection, mean, sc
 
 
 def plain_train(x: torch.Tensor, model_size: ModelSize, batch_size: int, epochs: int, threads: int,
-                lr: float, seed: int = 0) -> list[float]:
-    """A plain PyTorch loop over in-memory tensors: steady-state rows/s per epoch (first batch timed apart)."""
+                lr: float, seed: int = 0, weight_decay: float = 0.0) -> list[float]:
+    """A plain PyTorch loop over in-memory tensors: steady-state rows/s per epoch (first batch timed apart).
+
+    Each epoch visits the rows in a fresh random order, a batch gathered at a time, as the pipeline's cached
+    epochs do (slicing in file order instead would skip the gather, ~0.3 ms of a 1,024-row batch's ~7 ms on the
+    small model, and train on the same batches every epoch)."""
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
         model = build_model(x.shape[1], hidden_dims=model_size.hidden_dims, latent_dim=model_size.latent_dim)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         model.train()
         out = []
         for _ in range(epochs):
             t_first, rows = None, 0
+            order = torch.randperm(len(x))
             for i in range(0, len(x), batch_size):
-                xb = x[i:i + batch_size]
+                xb = x[order[i:i + batch_size]]
                 loss = torch.mean((model(xb) - xb) ** 2)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -292,17 +334,18 @@ def plain_train(x: torch.Tensor, model_size: ModelSize, batch_size: int, epochs:
 
 
 def bench_config(bc: BenchConfig, run_name: str, data_uri: str, model_size: ModelSize,
-                 batch_size: int = 1024, score_batch_size: int = 4096) -> Config:
-    """The job config the benchmark runs the real jobs with."""
+                 batch_size: int = 1024, score_batch_size: int = 4096, epochs: Optional[int] = None) -> Config:
+    """The job config the benchmark runs the real jobs with (`epochs`: the model size's)."""
     threads = max(1, int(bc.cpus_per_worker))
+    epochs = epochs or model_size.epochs
     return Config(
         run=RunSection(name=run_name, num_cpus=bc.num_cpus),
         data=DataSection(input=data_uri, features="features", id_columns=["id"], timestamp_column="event_time"),
         # one model, the plain loss: what the plain loops train (the defaults' ensemble of 5 and trimmed loss
         # multiply the work per step; `make eval` measures what they buy)
         model=ModelSection(hidden_dims=list(model_size.hidden_dims), latent_dim=model_size.latent_dim, ensemble=1),
-        train=TrainSection(epochs=bc.epochs, batch_size=batch_size, num_workers=1, trim_fraction=0.0,
-                           cpus_per_worker=bc.cpus_per_worker, patience=bc.epochs + 1, max_failures=0),
+        train=TrainSection(epochs=epochs, batch_size=batch_size, num_workers=1, trim_fraction=0.0,
+                           cpus_per_worker=bc.cpus_per_worker, patience=epochs + 1, max_failures=0),
         score=ScoreSection(batch_size=score_batch_size, concurrency=1, cpus_per_actor=float(threads)),
         artifacts=ArtifactsSection(uri=f"s3://{BUCKET}/artifacts"),
         output=OutputSection(uri=f"s3://{BUCKET}/output/{run_name}"),
@@ -310,34 +353,68 @@ def bench_config(bc: BenchConfig, run_name: str, data_uri: str, model_size: Mode
 
 
 def measure_training(bc: BenchConfig, storage: Storage, data_uri: str) -> dict[str, Any]:
-    """Per model and batch size: train_job's steady-state per-worker rows/s vs the plain loop's."""
-    from pipeline.jobs import train_job
+    """Per model and batch size: train_job's steady-state per-worker rows/s vs the plain loop's, per epoch.
 
-    out: dict[str, Any] = {}
-    x: Optional[torch.Tensor] = None  # the plain loop's input, read once (every run has the same split)
+    In rounds over every model and batch size (`ModelSize.jobs` of them); in each, the plain loop runs half its
+    epochs right before the job and half right after, so load that comes or goes during the job weighs on both."""
+    from pipeline.jobs import train_job
+    from pipeline.sizing import step_budget
+
     threads = max(1, int(bc.cpus_per_worker))
+    # The training split as the workers see it; normalized with its own statistics (the step's cost does not
+    # depend on the values), so the plain loop can run before the first job.
+    data = bench_config(bc, "plain", data_uri, bc.models[0]).data
+    spec = inspect_input(data, storage)
+    raw = train_tensors(spec, storage, data, np.zeros(spec.num_features, np.float32),
+                        np.ones(spec.num_features, np.float32))
+    x = (raw - raw.mean(0)) / raw.std(0).clamp_min(1e-6)
+    del raw
+    runs: dict[tuple[str, int], dict[str, list]] = {}
+    for rnd in range(max(ms.jobs for ms in bc.models)):
+        for ms in (m for m in bc.models if rnd < m.jobs):
+            for bs in bc.train_batch_sizes:
+                cfg = bench_config(bc, f"bench-{ms.name}-bs{bs}", data_uri, ms, batch_size=bs)
+                tr = cfg.train
+                batch, _ = step_budget(tr.batch_size, len(x) // tr.num_workers, tr.epochs, tr.steps)
+                r = runs.setdefault((ms.name, bs), {"pipe": [], "base": [], "hist": [], "rounds": []})
+                if rnd == 0:  # warm-up: the first steps of a new model and batch shape in this process
+                    plain_train(x[:batch * 8], ms, batch, 1, threads, tr.lr, weight_decay=tr.weight_decay)
+                before = ms.epochs // 2
+                base = plain_train(x, ms, batch, before, threads, tr.lr, seed=rnd,
+                                   weight_decay=tr.weight_decay) if before else []
+                summary = train_job(cfg, storage, overwrite=True)
+                if summary.manifest["metrics"]["batch_size"] != batch:
+                    raise RuntimeError(f"the job trained with batch size {summary.manifest['metrics']['batch_size']}"
+                                       f", the plain loop with {batch}")
+                base += plain_train(x, ms, batch, ms.epochs - before, threads, tr.lr, seed=rnd,
+                                    weight_decay=tr.weight_decay)
+                hist = summary.manifest["history"]
+                pipe = [float(h["worker_rows_per_s"]) for h in hist]
+                r["pipe"] += pipe
+                r["base"] += base
+                r["hist"] += hist
+                r["rounds"].append(_ratio(_median(pipe), _median(base)))
+                r["run_uri"] = summary.run_uri
+                print(f"[bench] training {ms.name} bs={bs} job {rnd + 1}/{ms.jobs}: pipeline "
+                      f"{_median(pipe):,.0f} rows/s, plain {_median(base):,.0f} rows/s ({r['rounds'][-1]:.2f})",
+                      flush=True)
+    out: dict[str, Any] = {}
     for ms in bc.models:
         by_bs: dict[str, Any] = {}
         for bs in bc.train_batch_sizes:
-            cfg = bench_config(bc, f"bench-{ms.name}-bs{bs}", data_uri, ms, batch_size=bs)
-            summary = train_job(cfg, storage, overwrite=True)
-            hist = summary.manifest["history"]
-            if x is None:
-                norm = summary.manifest["normalization"]
-                x = train_tensors(inspect_input(cfg.data, storage), storage, cfg.data,
-                                  np.asarray(norm["mean"], np.float32), np.asarray(norm["scale"], np.float32))
-            base = plain_train(x, ms, summary.manifest["metrics"]["batch_size"], bc.epochs, threads, cfg.train.lr)
-            pipe = [float(h["worker_rows_per_s"]) for h in hist]
-            by_bs[str(bs)] = r = {
-                **compare(pipe, base), "pipeline_epochs": pipe, "baseline_epochs": base,
+            r = runs[(ms.name, bs)]
+            hist = r["hist"]
+            by_bs[str(bs)] = res = {
+                **compare(r["pipe"], r["base"], paired=False),
+                "job_ratios": r["rounds"], "epochs_per_job": ms.epochs, "jobs": ms.jobs,
                 "first_batch_seconds": [float(h["first_batch_seconds"]) for h in hist],
                 "data_wait_fraction": _median([float(h.get("data_wait_fraction", 0.0)) for h in hist]),
                 "epoch_seconds": [float(h["epoch_seconds"]) for h in hist],
-                "train_rows": int(hist[0]["train_rows"]), "run_uri": summary.run_uri,
+                "train_rows": int(hist[0]["train_rows"]), "run_uri": r["run_uri"],
             }
-            print(f"[bench] training {ms.name} bs={bs}: pipeline {r['pipeline_rows_per_s']:,.0f} rows/s, plain "
-                  f"{r['baseline_rows_per_s']:,.0f} rows/s ({r['ratio']:.2f}), data wait "
-                  f"{r['data_wait_fraction']:.1%}", flush=True)
+            print(f"[bench] training {ms.name} bs={bs}: pipeline {res['pipeline_rows_per_s']:,.0f} rows/s, plain "
+                  f"{res['baseline_rows_per_s']:,.0f} rows/s ({_ratio_text(res)}), data wait "
+                  f"{res['data_wait_fraction']:.1%}", flush=True)
         out[ms.name] = best_of(ms, threads, by_bs)
     return out
 
@@ -441,18 +518,21 @@ def measure_scoring(bc: BenchConfig, storage: Storage, data_uri: str, training: 
             cfg = bench_config(bc, f"score-{ms.name}-bs{bs}", data_uri, ms, score_batch_size=bs)
             spec = inspect_input(cfg.data, storage)
             pipe, base, files, phases = [], [], 0, []
-            for _ in range(bc.score_repeats):
-                res = score(cfg, storage, run_uri, cfg.output.uri)
-                pipe.append(res.input_rows / res.seconds)
-                files = len(res.files)
-                phases.append(res.phases)
-                base.append(plain_score(cfg, storage, spec, run_uri, f"{cfg.output.uri}-plain", threads))
-            by_bs[str(bs)] = r = {**compare(pipe, base), "pipeline_samples": pipe, "baseline_samples": base,
-                                  "rows": spec.num_rows, "output_files": files, "input_files": len(spec.files),
+            for i in range(bc.score_repeats):
+                for side in _alternate(i, ["pipeline", "baseline"]):
+                    if side == "baseline":
+                        base.append(plain_score(cfg, storage, spec, run_uri, f"{cfg.output.uri}-plain", threads))
+                        continue
+                    res = score(cfg, storage, run_uri, cfg.output.uri)
+                    pipe.append(res.input_rows / res.seconds)
+                    files = len(res.files)
+                    phases.append(res.phases)
+            by_bs[str(bs)] = r = {**compare(pipe, base), "rows": spec.num_rows, "output_files": files,
+                                  "input_files": len(spec.files),
                                   # where the pipeline's time went (median per phase over the repeats)
                                   "phases": {k: _median([p[k] for p in phases]) for k in phases[0]}}
             print(f"[bench] scoring {ms.name} bs={bs}: pipeline {r['pipeline_rows_per_s']:,.0f} rows/s, plain "
-                  f"{r['baseline_rows_per_s']:,.0f} rows/s ({r['ratio']:.2f})", flush=True)
+                  f"{r['baseline_rows_per_s']:,.0f} rows/s ({_ratio_text(r)})", flush=True)
         out[ms.name] = best_of(ms, threads, by_bs)
         out[ms.name]["first_run"] = {"seconds": first.seconds, "phases": first.phases,
                                      "rows_per_s": first.input_rows / first.seconds}
@@ -542,7 +622,8 @@ def measure_memory(bc: BenchConfig, endpoint: str, uris: dict[str, str], rows: d
 def headline(section: dict[str, Any], model: str) -> dict[str, Any]:
     s = section[model]
     return {"pipeline_rows_per_s": s["pipeline_rows_per_s"], "baseline_rows_per_s": s["baseline_rows_per_s"],
-            "ratio": s["ratio"], "model": model, "batch_size": s["best_batch_size"], "by_model": section}
+            "ratio": s["ratio"], "ratio_spread": s["ratio_spread"], "model": model, "batch_size": s["best_batch_size"],
+            "by_model": section}
 
 
 def limits(results: dict[str, Any]) -> dict[str, str]:
@@ -600,38 +681,50 @@ def limits(results: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _spread_cell(r: dict[str, Any], key: str = "ratio_spread") -> str:
+    lo, hi = r[key]
+    return f"{lo:.2f}-{hi:.2f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
+    cfg = results["config"]
     lines = [
         f"Measured {env['date']} on {env['cpus']} CPUs ({env['platform']}), load average {env['load_before']} "
-        f"before / {env['load_after']} after, torch {env['torch']} ({env['torch_threads']} thread per worker), "
-        f"ray {env['ray']}; {results['config']['rows']:,} rows x {results['config']['features']} features "
-        "on a loopback S3 server (moto).",
+        f"before / {env['load_after']} after, {env.get('seconds', 0):.0f} s in all, torch {env['torch']} "
+        f"({env['torch_threads']} thread per worker), ray {env['ray']}; {cfg['rows']:,} rows x {cfg['features']} "
+        "features on a loopback S3 server (moto). Ratio: median over median; spread: the lowest and highest "
+        f"per-repeat ratio ({cfg['repeats']} ingest and {cfg['score_repeats']} scoring repeats, the sides "
+        "alternating), for training the band between the quartiles of the job's epochs and the plain loop's ("
+        + ", ".join(f"{m['name']}: {m['jobs']} x {m['epochs']} epochs a side" for m in cfg["models"]) + ").",
         "",
-        "| measure | model | batch | pipeline rows/s | baseline rows/s | ratio | target |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| measure | model | batch | pipeline rows/s | baseline rows/s | ratio | spread | target |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     ing = results["ingest"]
     lines.append(f"| ingest (Ray Data vs pyarrow.dataset) | - | - | {ing['pipeline_rows_per_s']:,.0f} | "
-                 f"{ing['baseline_rows_per_s']:,.0f} | {ing['ratio']:.2f} | >= {TARGETS['ingest']} |")
+                 f"{ing['baseline_rows_per_s']:,.0f} | {ing['ratio']:.2f} | {_spread_cell(ing)} | "
+                 f">= {TARGETS['ingest']} |")
     if "larger_data" in ing:
         lg = ing["larger_data"]
         lines.append(f"| ingest, {lg['rows']:,} rows ({lg['files']} files) | - | - | {lg['pipeline_rows_per_s']:,.0f} | "
-                     f"{lg['baseline_rows_per_s']:,.0f} | {lg['ratio']:.2f} | (not the headline) |")
+                     f"{lg['baseline_rows_per_s']:,.0f} | {lg['ratio']:.2f} | {_spread_cell(lg)} | "
+                     "(not the headline) |")
     lg = results.get("ingest_large_shards")
     if lg:
-        for name, rps, ratio in (("V1, the pipeline's", lg["pipeline_rows_per_s"], lg["ratio"]),
-                                 ("V2", lg["v2_rows_per_s"], lg["v2_ratio"])):
+        for name, rps, ratio, key in (("V1, the pipeline's", lg["pipeline_rows_per_s"], lg["ratio"], "ratio_spread"),
+                                      ("V2", lg["v2_rows_per_s"], lg["v2_ratio"], "v2_ratio_spread")):
             lines.append(f"| ingest, {lg['rows']:,} rows in {lg['files']} shards of ~{lg['shard_mb']:g} MB (Ray Data "
                          f"{name} reader) | - | - | {rps:,.0f} | {lg['baseline_rows_per_s']:,.0f} | {ratio:.2f} | "
-                         f">= {TARGETS['ingest_large_shards']} |")
+                         f"{_spread_cell(lg, key)} | >= {TARGETS['ingest_large_shards']} |")
     for key, label in (("training", "training, per worker (vs plain PyTorch loop)"),
                        ("scoring", "scoring, end to end (vs plain pyarrow+PyTorch loop)")):
         for model, s in results[key]["by_model"].items():
             for bs, r in s["by_batch_size"].items():
                 best = " (best)" if int(bs) == s["best_batch_size"] else ""
                 lines.append(f"| {label} | {model} | {bs}{best} | {r['pipeline_rows_per_s']:,.0f} | "
-                             f"{r['baseline_rows_per_s']:,.0f} | {r['ratio']:.2f} | >= {TARGETS[key]} |")
+                             f"{r['baseline_rows_per_s']:,.0f} | {r['ratio']:.2f} | {_spread_cell(r)} | "
+                             f">= {TARGETS[key]} |")
     e2e = results.get("training_end_to_end")
     if e2e:
         lines += ["", "| training end to end (train_job vs plain script, same epochs) | rows | epochs | pipeline s | "
@@ -649,6 +742,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"| peak MB ({mem['rows_1x']:,} vs {mem[f'rows_{scale}x']:,} rows) | {mem['peak_mb_1x']:,.0f} | "
         f"{mem[f'peak_mb_{scale}x']:,.0f} | {mem['ratio']:.2f} | <= {TARGETS['memory']} |",
     ]
+    loads = env.get("stage_load_after", {})
+    if loads:
+        busy = [k for k, v in loads.items() if v > 2 * env["cpus"]]  # the bench alone keeps ~the cores busy
+        lines += ["", "Load average (1 minute) at the end of each stage: "
+                  + ", ".join(f"{k} {v:g}" for k, v in loads.items()) + "."
+                  + (f" Above twice the {env['cpus']} CPUs after {', '.join(busy)}: other work competed for the CPUs, "
+                     "which costs the pipeline (several processes: driver, Ray workers, raylet, the S3 server) more "
+                     "than the one-process baselines, so those ratios read low; compare them with a run at a "
+                     "similar load." if busy else "")]
     if results["limits"]:
         lines += ["", "Targets not reached: " + "; ".join(f"{k}: {v}" for k, v in results["limits"].items())]
     return "\n".join(lines) + "\n"
@@ -679,7 +781,13 @@ def run_benchmark(bc: BenchConfig) -> dict[str, Any]:
     env = environment()
     env["torch_threads"] = max(1, int(bc.cpus_per_worker))
     stages: dict[str, float] = {}
-    env["stage_seconds"] = stages
+    loads: dict[str, float] = {}
+    env["stage_seconds"], env["stage_load_after"] = stages, loads
+
+    def done(name: str, since: float) -> None:
+        """A stage's seconds, and the 1-minute load average at its end (other work on the machine shows there)."""
+        stages[name] = round(time.perf_counter() - since, 1)
+        loads[name] = round(os.getloadavg()[0], 2)
     results: dict[str, Any] = {"config": dataclasses.asdict(bc), "environment": env, "targets": TARGETS}
     with LoopbackS3(log_dir=str(workdir)) as s3:
         s3.create_bucket(BUCKET)
@@ -698,7 +806,7 @@ def run_benchmark(bc: BenchConfig) -> dict[str, Any]:
         large_uri = f"s3://{BUCKET}/data-large-shards"
         write_sample(large_uri, storage, rows=bc.large_shard_rows, features=bc.features, seed=3,
                      shards=max(1, round(bc.large_shard_rows * bc.features * 4 / (bc.large_shard_mb * 1e6))))
-        stages["data"] = time.perf_counter() - t_start
+        done("data", t_start)
         print(f"[bench] data written: {rows} rows ({stages['data']:.0f}s)", flush=True)
 
         started_ray = not ray.is_initialized()  # a test may share its session's cluster: leave that one up
@@ -709,23 +817,23 @@ def run_benchmark(bc: BenchConfig) -> dict[str, Any]:
             big_spec = inspect_input(dataclasses.replace(data, input=uris[big]), storage)
             stage = time.perf_counter()
             results["ingest"] = measure_ingest(spec, storage, bc.repeats, big_spec)
-            stages["ingest"] = time.perf_counter() - stage
+            done("ingest", stage)
             print(f"[bench] ingest: Ray Data {results['ingest']['pipeline_rows_per_s']:,.0f} rows/s, "
                   f"pyarrow {results['ingest']['baseline_rows_per_s']:,.0f} rows/s "
-                  f"({results['ingest']['ratio']:.2f})", flush=True)
+                  f"({_ratio_text(results['ingest'])})", flush=True)
             stage = time.perf_counter()
             large = inspect_input(dataclasses.replace(data, input=large_uri), storage)
             results["ingest_large_shards"] = measure_large_shards(large, storage, bc.repeats, bc.large_shard_mb)
-            stages["ingest_large_shards"] = time.perf_counter() - stage
+            done("ingest_large_shards", stage)
             stage = time.perf_counter()
             results["training_end_to_end"] = measure_training_end_to_end(bc, storage, e2e_uris)
-            stages["training_end_to_end"] = time.perf_counter() - stage
+            done("training_end_to_end", stage)
             stage = time.perf_counter()
             training = measure_training(bc, storage, uris["1x"])
-            stages["training"] = time.perf_counter() - stage
+            done("training", stage)
             stage = time.perf_counter()
             scoring = measure_scoring(bc, storage, uris["1x"], training)
-            stages["scoring"] = time.perf_counter() - stage
+            done("scoring", stage)
         finally:
             if started_ray:
                 ray.shutdown()
@@ -736,7 +844,7 @@ def run_benchmark(bc: BenchConfig) -> dict[str, Any]:
         mem_run = f"bench-{mem_model.name}-bs{training[mem_model.name]['best_batch_size']}"
         stage = time.perf_counter()
         results["memory"] = measure_memory(bc, s3.endpoint, uris, rows, mem_run, mem_model, workdir)
-        stages["memory"] = time.perf_counter() - stage
+        done("memory", stage)
     env["load_after"] = round(os.getloadavg()[0], 2)
     env["seconds"] = round(time.perf_counter() - t_start, 1)
     results["limits"] = limits(results)

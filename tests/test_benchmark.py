@@ -10,13 +10,24 @@ import statistics
 import psutil
 import pytest
 
-from benchmarks.bench import preset, run_benchmark, tree_memory_mb
+from benchmarks.bench import compare, preset, run_benchmark, tree_memory_mb
 
 
 def test_tree_memory_counts_the_process_and_its_children():
     mb, kind = tree_memory_mb(psutil.Process(os.getpid()))
     assert kind in ("pss", "rss")
     assert mb > 10  # this interpreter alone holds torch and pyarrow
+
+
+def test_compare_gives_the_medians_ratio_and_its_spread():
+    # sides alternating repeat by repeat: the lowest and highest per-repeat ratio
+    r = compare([100.0, 90.0, 120.0], [100.0, 100.0, 80.0])
+    assert (r["pipeline_rows_per_s"], r["baseline_rows_per_s"], r["ratio"]) == (100.0, 100.0, 1.0)
+    assert r["ratio_spread"] == [pytest.approx(0.9), pytest.approx(1.5)]
+    # unpaired samples (a job's epochs against the plain loop's): the band between the sides' quartiles
+    r = compare([8.0, 9.0, 10.0, 11.0, 12.0], [9.0, 10.0, 10.0, 10.0, 11.0], paired=False)
+    assert r["ratio"] == 1.0 and r["ratio_spread"] == [pytest.approx(9 / 10), pytest.approx(11 / 10)]
+    assert r["pipeline_samples"] == [8.0, 9.0, 10.0, 11.0, 12.0]
 
 
 @pytest.mark.integration
@@ -32,6 +43,8 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
     assert ing["pipeline_rows_per_s"] == pytest.approx(statistics.median(ing["pipeline_samples"]))
     assert ing["baseline_rows_per_s"] == pytest.approx(statistics.median(ing["baseline_samples"]))
     assert ing["baseline_seconds"] == pytest.approx(bc.rows / ing["baseline_rows_per_s"])
+    ratios = [p / b for p, b in zip(ing["pipeline_samples"], ing["baseline_samples"])]
+    assert ing["ratio_spread"] == [pytest.approx(min(ratios)), pytest.approx(max(ratios))]
     for measure in ("training", "scoring"):
         r, by_model = res[measure], res[measure]["by_model"]
         assert set(by_model) == {m.name for m in bc.models}
@@ -44,6 +57,14 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
         assert (r["pipeline_rows_per_s"], r["baseline_rows_per_s"]) == (best["pipeline_rows_per_s"],
                                                                         best["baseline_rows_per_s"]), measure
         assert r["ratio"] == pytest.approx(best["pipeline_rows_per_s"] / best["baseline_rows_per_s"])
+        assert r["ratio_spread"] == best["ratio_spread"]
+    # training: every epoch of every job a sample, as many of the plain loop's; the ratio inside its band
+    for ms in bc.models:
+        for r in res["training"]["by_model"][ms.name]["by_batch_size"].values():
+            n = ms.epochs * ms.jobs
+            assert len(r["pipeline_samples"]) == len(r["baseline_samples"]) == n == len(r["epoch_seconds"])
+            assert r["pipeline_rows_per_s"] == pytest.approx(statistics.median(r["pipeline_samples"]))
+            assert r["ratio_spread"][0] <= r["ratio"] <= r["ratio_spread"][1]
     # the scoring ratio of each model at its best batch size, from that batch size's figures
     for m in res["scoring"]["by_model"].values():
         best = m["by_batch_size"][str(m["best_batch_size"])]
@@ -66,7 +87,9 @@ def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
     table = (tmp_path / "bench.md").read_text()
     for measure, mark in (("ingest (", "Ray Data"), ("training", "(best)"), ("scoring", "(best)")):
         row = next(line for line in table.splitlines() if line.startswith(f"| {measure}") and mark in line)
-        assert f"| {res[measure.split()[0]]['ratio']:.2f} |" in row, row
+        r = res[measure.split()[0]]
+        lo, hi = r["ratio_spread"]
+        assert f"| {r['ratio']:.2f} | {lo:.2f}-{hi:.2f} |" in row, row
     assert "peak MB" in table
     assert "Ray Data V2 reader" in table and f"| {lg['v2_ratio']:.2f} |" in table
     assert f"| {e2e['medium']['ratio']:.2f} | >= 0.7 |" in table
