@@ -93,11 +93,14 @@ RAY_idle_worker_killing_time_threshold_ms=600000 in the nodes' environment for t
 (infra/k8s/raycluster.yaml does)."""
 
 
-LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "MIMALLOC_PURGE_DELAY": "0"}
 """Set (unless already set) in a local Ray's environment, which its processes inherit. Ray Train's controller
 polls its workers every 2 s and only then sees that they finished: a job's training pass ended 2-5 s after
 its last step (a bare TorchTrainer.fit here: 21.6 s at 2 s, 17.2-19.4 s at 0.2 s). 0.5 s keeps most of that
-at a quarter of the polls. On a cluster, set it in the nodes' environment (infra/k8s does)."""
+at a quarter of the polls. MIMALLOC_PURGE_DELAY=0: pyarrow's allocator (mimalloc) gives freed pages back to
+the system at once; by default a worker process kept its peak (a read task's decoded batches) for as long as
+it lived, and Ray keeps idle workers for ten minutes (LOCAL_SYSTEM_CONFIG), so every pass left its workers at
+their peak. On a cluster, set both in the nodes' environment (infra/k8s does)."""
 
 
 def local_ray_environment() -> None:

@@ -187,3 +187,18 @@ def test_prepare_key_changes_with_every_data_setting(tmp_path):
         assert prepare_key(spec, dataclasses.replace(spec.data, **{name: value})) != base, name
     other = inspect_input(DataSection(input=str(tmp_path)), LOCAL, files=[write(tmp_path, "b.parquet", vec_table(10, 4))])
     assert prepare_key(other, other.data) != base  # other files, the same settings
+
+
+def test_streamed_epochs_hold_a_few_blocks_per_training_worker_in_the_object_store():
+    import ray.data
+
+    from pipeline.read import BLOCK_BYTES, STREAM_BUFFER_BLOCKS, stream_execution_options
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.resource_limits.object_store_memory
+    opts = stream_execution_options(num_workers=3)
+    assert opts.resource_limits.object_store_memory == 3 * STREAM_BUFFER_BLOCKS * BLOCK_BYTES
+    one = stream_execution_options(num_workers=1)
+    assert one.resource_limits.object_store_memory == STREAM_BUFFER_BLOCKS * BLOCK_BYTES
+    # a copy: the driver's own context (every other dataset's) keeps Ray Data's limit
+    assert ctx.execution_options.resource_limits.object_store_memory == before

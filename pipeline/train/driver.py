@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
-from pipeline.read import read_dataset
+from pipeline.read import read_dataset, stream_execution_options
 from pipeline.rows import SplitFeatures
 from pipeline.sizing import step_budget
 from pipeline.train.batches import DirectSplits
@@ -114,6 +114,7 @@ def _trainer(cfg, storage, worker: WorkerConfig, datasets: Optional[dict[str, An
             logging_config=ray.train.LoggingConfig(log_level=ray_log_level()),
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=stream_execution_options(tr.num_workers)),
     )
 
 
