@@ -13,7 +13,8 @@ from pipeline.schedule import parse_run_date
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__)
-    add_schedule_args(p, model_help="run.name of the model to use, or 'latest' (default: this config's run)")
+    add_schedule_args(p, model_help="run.name of the model to use, 'latest', or a registered version: models:/NAME@ALIAS or "
+                                   "models:/NAME/VERSION (default: this config's run)")
     args = p.parse_args(argv)
 
     def _run() -> None:

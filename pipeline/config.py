@@ -23,6 +23,7 @@ from pipeline.errors import check_config as _check
 from pipeline.kinds import KINDS
 from pipeline.kinds.spec import KindSpec
 from pipeline.models import AUTO
+from pipeline.tracking_section import TrackingSection
 from pipeline.uri import join_uri
 
 
@@ -381,6 +382,7 @@ class Config:
     artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
     output: OutputSection = field(default_factory=OutputSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def __post_init__(self) -> None:
         m, t = self.model, self.train
