@@ -5,6 +5,8 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 FEAST_VENV ?= .venv-feast
 FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed-stamp
 
 # Local Ray binds 127.0.0.1 rather than the machine's interface address.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -12,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: setup feast-env browser run mlflow-ui test test-unit bench bench-gpu scale eval clean
+.PHONY: setup feast-env mlflow-env browser run mlflow-ui test test-unit bench bench-gpu scale eval clean
 
 setup: $(STAMP)
 
@@ -31,6 +33,16 @@ $(FEAST_STAMP): infra/feast/requirements.txt
 	$(FEAST_VENV)/bin/pip install -q -r infra/feast/requirements.txt
 	touch $@
 
+## make mlflow-env: the MLflow server and UI in their own venv (full MLflow pins pyarrow<26; the pipeline's venv
+## has pyarrow 26 and MLflow's client, mlflow-skinny)
+mlflow-env: $(MLFLOW_STAMP)
+
+$(MLFLOW_STAMP): infra/mlflow/requirements.txt
+	python3 -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q -U pip
+	$(MLFLOW_VENV)/bin/pip install -q -r infra/mlflow/requirements.txt
+	touch $@
+
 ## make browser: headless Chromium for the report-rendering test (Debian's package; needs root or sudo)
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
@@ -44,11 +56,11 @@ run: setup
 	  --set tracking.uri=$(MLFLOW_DB) --set tracking.registered_model=demo
 
 ## make mlflow-ui: MLflow's UI on http://127.0.0.1:5000 over the runs and models `make run` tracked
-mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
+mlflow-ui: mlflow-env
+	$(MLFLOW_VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
 ## make test: every test (unit, then integration on a local Ray and a loopback S3 server)
-test: setup feast-env browser
+test: setup feast-env mlflow-env browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## make test-unit: the fast tier (no Ray, no S3 server, no browser; well under a minute); a test in it that

@@ -107,8 +107,11 @@ def register(client: Any, run_id: str, name: str, storage: Storage, run_uri: str
 
 
 def client_for(uri: str) -> Any:
-    from mlflow import MlflowClient
-
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise PipelineError(f"MLflow at {redact_uri(uri)}: the mlflow package is not installed; "
+                            "pip install -e '.[tracking]' (or unset tracking.uri and MLFLOW_TRACKING_URI)") from None
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

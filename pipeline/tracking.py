@@ -89,8 +89,8 @@ def start(cfg: Config, job: str, run_name: str, tags: dict[str, str]) -> Optiona
     for k, v in HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
     experiment = cfg.tracking.experiment or cfg.run.name
+    client = client_for(uri)
     try:
-        client = client_for(uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
         run = client.create_run(exp_id, run_name=run_name, tags={"job": job, **tags})
