@@ -161,19 +161,22 @@ def artifact_of(storage: Storage, mv: Any) -> str:
     return run_uri
 
 
-def registered_run_uri(tracking_uri: Optional[str], storage: Storage, text: str) -> str:
-    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> the run URI whose model/ batch scoring loads."""
-    ref = parse_models_uri(text)
+def lookup(tracking_uri: Optional[str], ref: ModelRef, client: Any = None) -> Any:
+    """The ModelVersion `ref` names, asked of the registry at `tracking_uri`; any failure in one line."""
     if tracking_uri is None:
-        raise ConfigError(f"--model {text}: a registry needs tracking.uri or MLFLOW_TRACKING_URI")
+        raise ConfigError(f"--model {ref.uri}: a registry needs tracking.uri or MLFLOW_TRACKING_URI")
     try:
-        mv = get_version(client_for(tracking_uri), ref)
+        return get_version(client or client_for(tracking_uri), ref)
     except PipelineError:
         raise
     except Exception as e:  # noqa: BLE001 - the server's failure, said in one line
-        raise PipelineError(f"--model {text}: MLflow at {redact_uri(tracking_uri)} did not answer "
+        raise PipelineError(f"--model {ref.uri}: MLflow at {redact_uri(tracking_uri)} did not answer "
                             f"({e.__class__.__name__})") from None
-    return artifact_of(storage, mv)
+
+
+def registered_run_uri(tracking_uri: Optional[str], storage: Storage, text: str) -> str:
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> the run URI whose model/ batch scoring loads."""
+    return artifact_of(storage, lookup(tracking_uri, parse_models_uri(text)))
 
 
 # ------------------------------------------------------------------------------------------ promotion

@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.artifacts import MANIFEST, model_dir, read_manifest
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.registry import client_for, get_version, register, registered_version_of
+from pipeline.registry import client_for, lookup, register, registered_version_of
 from pipeline.storage import Storage
 from pipeline.tracking_section import ModelRef, is_models_uri, parse_models_uri, redact_uri
 from pipeline.uri import join_uri
@@ -265,10 +265,8 @@ def tracked_scoring(score_job: Callable) -> Callable:
                          "output_uri": cfg.output.uri})
         mv = None
         if ref is not None:
-            if tracker is None and cfg.tracking.resolved_uri()[0] is None:
-                raise PipelineError(f"--model {model_run}: a registry needs tracking.uri or MLFLOW_TRACKING_URI")
-            client = tracker.client if tracker is not None else client_for(cfg.tracking.resolved_uri()[0])
-            mv = get_version(client, ref)  # an alias is read once: the whole run scores this version
+            # an alias is read once: the whole run scores this version
+            mv = lookup(cfg.tracking.resolved_uri()[0], ref, tracker.client if tracker is not None else None)
             pinned = ModelRef(ref.name, version=int(mv.version))
             if ref.alias is not None:
                 print(f"[score] {model_run} is version {mv.version} ({(mv.tags or {}).get('model_version')})",

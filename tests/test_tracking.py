@@ -244,6 +244,46 @@ def test_pyfunc_model_returns_the_batch_jobs_numbers(lifecycle):
     assert pred["is_anomaly"].tolist() == want.column("is_anomaly").to_pylist()
 
 
+def test_mlflow_models_serve_answers_with_the_batch_jobs_numbers(lifecycle, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    man = lifecycle.good.manifest
+    rows = pq.read_table(sorted((lifecycle.root / "input").glob("*.parquet"))[0]).drop_null().slice(0, 20)
+    feats = rows.select(man["feature_names"]).to_pandas()
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": lifecycle.uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                             f"models:/{MODEL}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        body = json.dumps({"dataframe_split": feats.to_dict(orient="split")}, default=str).encode()
+        deadline, answer = time.time() + 180, None
+        while time.time() < deadline and answer is None and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    answer = json.loads(r.read())["predictions"]
+            except OSError:
+                time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    assert answer is not None, (tmp_path / "serve.log").read_text()[-3000:]
+    batch = read_parquet_dir(lifecycle.alias_output)
+    by_id = {i: k for k, i in enumerate(batch.column("id").to_pylist())}
+    want = batch.take(pa.array([by_id[i] for i in rows.column("id").to_pylist()]))
+    np.testing.assert_allclose([a["recon_error"] for a in answer], want.column("recon_error").to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose([a["latent"] for a in answer], want.column("latent").to_pylist(), rtol=1e-5, atol=1e-6)
+    assert [a["is_anomaly"] for a in answer] == want.column("is_anomaly").to_pylist()
+
+
 def test_unreachable_server_at_start_is_one_line_and_nothing_is_trained(tmp_path, sample, mlflow_credentials):
     from jobs.train import main
 
