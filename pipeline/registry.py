@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -83,8 +84,11 @@ def save_pyfunc(storage: Storage, run_uri: str, dest: Path) -> Path:
     for name in (WEIGHTS, MANIFEST):
         (copy / "model" / name).write_bytes(storage.read_bytes(join_uri(model_dir(run_uri), name)))
     path = dest / MODEL_PATH
-    mlflow.pyfunc.save_model(str(path), python_model=str(PYFUNC_CODE), artifacts={PYFUNC_ARTIFACT: str(copy)},
-                             pip_requirements=pip_requirements())
+    with warnings.catch_warnings():
+        # no signature on purpose: the input is whatever columns the model's featurizer reads (its manifest)
+        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+        mlflow.pyfunc.save_model(str(path), python_model=str(PYFUNC_CODE), artifacts={PYFUNC_ARTIFACT: str(copy)},
+                                 pip_requirements=pip_requirements())
     return path
 
 

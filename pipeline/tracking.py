@@ -72,6 +72,16 @@ class Tracker:
             self.missed.append(what)
             return None
 
+    def guard(self, what: str, fn: Callable, *args: Any) -> Any:
+        """`fn(*args)`, which logs through `call`; an error of its own (reading the artifact back, say) is
+        reported like a failed call: a finished job never fails for its tracking."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self.failed = self.failed or f"{what}: {_why(e)}"
+            self.missed.append(what)
+            return None
+
     def end(self, status: str, job: str, kept: str) -> None:
         self.call("run status", self.client.set_terminated, self.run_id, status)
         if self.missed:
@@ -218,7 +228,7 @@ def tracked_training(train_job: Callable) -> Callable:
             tracker.call("run status", tracker.client.set_terminated, tracker.run_id,
                          "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
-        log_training(tracker, cfg, Storage(cfg.storage), summary)
+        tracker.guard("the training record", log_training, tracker, cfg, Storage(cfg.storage), summary)
         tracker.end("FINISHED", "training", f"the model is at {model_dir(summary.run_uri)}")
         return summary
 
@@ -288,23 +298,30 @@ def tracked_scoring(score_job: Callable) -> Callable:
             tracker.call("tags", tracker.client.set_tag, tracker.run_id, "nothing_to_score", "true")
             tracker.end("FINISHED", "scoring", "nothing was left to score")
             return res
-        from mlflow.entities import Metric, RunTag
-
-        storage = bound.arguments.get("storage") or Storage(cfg.storage)
-        now = int(time.time() * 1000)
-        metrics = scoring_metrics(cfg, storage, res)
-        _log_batch(tracker, "metrics", metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-        tags = {"model_version": res.model_version, "output_uri": res.output_uri}
-        if mv is None and cfg.tracking.registered_model:  # a model trained and registered by this config
-            mv = tracker.call("tags", registered_version_of, tracker.client, cfg.tracking.registered_model,
-                              res.model_version)
-            if mv is not None:
-                tags.update({"registered_model_version": f"{mv.name}/{mv.version}", "model_run_id": mv.run_id or ""})
-        _log_batch(tracker, "tags", tags=[RunTag(k, v) for k, v in tags.items()])
+        tracker.guard("the scoring record", log_scoring, tracker, cfg, bound.arguments.get("storage"), res,
+                      mv is None)
         tracker.end("FINISHED", "scoring", f"the output is published at {res.output_uri}")
         return res
 
     return run
+
+
+def log_scoring(tracker: Tracker, cfg: Config, storage: Optional[Storage], res: Any, find_version: bool) -> None:
+    """A finished scoring run's figures and tags; with `find_version`, the registered version of its model
+    (one this config trained and registered) is looked up to link the run to it."""
+    from mlflow.entities import Metric, RunTag
+
+    storage = storage or Storage(cfg.storage)
+    now = int(time.time() * 1000)
+    metrics = scoring_metrics(cfg, storage, res)
+    _log_batch(tracker, "metrics", metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    tags = {"model_version": res.model_version, "output_uri": res.output_uri}
+    if find_version and cfg.tracking.registered_model:
+        mv = tracker.call("tags", registered_version_of, tracker.client, cfg.tracking.registered_model,
+                          res.model_version)
+        if mv is not None:
+            tags.update({"registered_model_version": f"{mv.name}/{mv.version}", "model_run_id": mv.run_id or ""})
+    _log_batch(tracker, "tags", tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def tracking_uri(cfg: Config) -> Optional[str]:

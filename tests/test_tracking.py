@@ -208,6 +208,11 @@ def test_scoring_by_version_number(lifecycle):
         res = score_job(cfg, model_run=f"models:/{MODEL}/1")
     assert res.model_version == lifecycle.poor.model_version
     assert set(read_parquet_dir(res.output_uri).column("model_version").to_pylist()) == {res.model_version}
+    from pipeline.jobs import dry_run
+
+    with recorded():
+        lines = dry_run(cfg, model_run=f"models:/{MODEL}@champion", train=False)
+    assert any(line.startswith(f"model ok: {lifecycle.good.model_version} ") for line in lines), lines
 
 
 def test_promotion_of_a_worse_model_is_refused_in_one_line_unless_forced(lifecycle):
