@@ -43,7 +43,7 @@ class AutoencoderModel(mlflow.pyfunc.PythonModel):
         loaded = load_artifact(Storage(StorageSection()), context.artifacts[PYFUNC_ARTIFACT])
         self.predictor = Predictor(loaded, data_section(loaded.manifest), as_of=dt.datetime.now(dt.timezone.utc))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         table = pa.Table.from_pandas(pd.DataFrame(model_input), preserve_index=False)
         out = self.predictor(table)
         return pd.DataFrame({"latent": out.column("latent").to_pylist(),

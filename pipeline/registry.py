@@ -21,9 +21,9 @@ import datetime as dt
 import getpass
 import hashlib
 import json
+import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -84,11 +84,16 @@ def save_pyfunc(storage: Storage, run_uri: str, dest: Path) -> Path:
     for name in (WEIGHTS, MANIFEST):
         (copy / "model" / name).write_bytes(storage.read_bytes(join_uri(model_dir(run_uri), name)))
     path = dest / MODEL_PATH
-    with warnings.catch_warnings():
-        # no signature on purpose: the input is whatever columns the model's featurizer reads (its manifest)
-        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+    # No signature on purpose: the input is whatever columns the model's featurizer reads (its manifest), and
+    # MLflow would say at every save that a DataFrame type hint gives none.
+    log = logging.getLogger("mlflow.pyfunc")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
         mlflow.pyfunc.save_model(str(path), python_model=str(PYFUNC_CODE), artifacts={PYFUNC_ARTIFACT: str(copy)},
                                  pip_requirements=pip_requirements())
+    finally:
+        log.setLevel(level)
     return path
 
 
