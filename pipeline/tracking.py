@@ -270,24 +270,20 @@ def tracked_scoring(score_job: Callable) -> Callable:
         model_run = bound.arguments.get("model_run")
         ref = parse_models_uri(model_run) if is_models_uri(model_run) else None
         run_date = bound.arguments.get("run_date")
-        tracker = start(cfg, "score", f"score-{cfg.run.name}" + (f"-{run_date}" if run_date else ""),
-                        {"model_reference": model_run or cfg.run.name, "input_uri": cfg.data.input,
-                         "output_uri": cfg.output.uri})
+        tags = {"model_reference": model_run or cfg.run.name, "input_uri": cfg.data.input,
+                "output_uri": cfg.output.uri}
         mv = None
         if ref is not None:
-            # an alias is read once: the whole run scores this version
-            mv = lookup(cfg.tracking.resolved_uri()[0], ref, tracker.client if tracker is not None else None)
-            pinned = ModelRef(ref.name, version=int(mv.version))
+            # an alias is read once, before the run starts: the whole run scores this version
+            mv = lookup(cfg.tracking.resolved_uri()[0], ref)
             if ref.alias is not None:
                 print(f"[score] {model_run} is version {mv.version} ({(mv.tags or {}).get('model_version')})",
                       flush=True)
-            bound.arguments["model_run"] = pinned.uri
+            bound.arguments["model_run"] = ModelRef(ref.name, version=int(mv.version)).uri
+            tags.update({"registered_model_version": f"{mv.name}/{mv.version}", "model_run_id": mv.run_id or ""})
+        tracker = start(cfg, "score", f"score-{cfg.run.name}" + (f"-{run_date}" if run_date else ""), tags)
         if tracker is None:
             return score_job(*bound.args, **bound.kwargs)
-        if mv is not None:
-            tracker.call("tags", tracker.client.set_tag, tracker.run_id, "registered_model_version",
-                         f"{mv.name}/{mv.version}")
-            tracker.call("tags", tracker.client.set_tag, tracker.run_id, "model_run_id", mv.run_id or "")
         try:
             res = score_job(*bound.args, **bound.kwargs)
         except BaseException as e:
@@ -322,9 +318,3 @@ def log_scoring(tracker: Tracker, cfg: Config, storage: Optional[Storage], res: 
         if mv is not None:
             tags.update({"registered_model_version": f"{mv.name}/{mv.version}", "model_run_id": mv.run_id or ""})
     _log_batch(tracker, "tags", tags=[RunTag(k, v) for k, v in tags.items()])
-
-
-def tracking_uri(cfg: Config) -> Optional[str]:
-    """The tracking URI the config resolves to (tracking.uri, else MLFLOW_TRACKING_URI), or None."""
-    return cfg.tracking.resolved_uri()[0]
-

@@ -208,7 +208,11 @@ def test_scoring_by_version_number(lifecycle):
         res = score_job(cfg, model_run=f"models:/{MODEL}/1")
     assert res.model_version == lifecycle.poor.model_version
     assert set(read_parquet_dir(res.output_uri).column("model_version").to_pylist()) == {res.model_version}
+    from pipeline.errors import ArtifactError
     from pipeline.jobs import dry_run
+
+    with pytest.raises(ArtifactError, match=f"^--model models:/{MODEL}@nope: no alias 'nope' on registered model"):
+        score_job(cfg, model_run=f"models:/{MODEL}@nope")
 
     with recorded():
         lines = dry_run(cfg, model_run=f"models:/{MODEL}@champion", train=False)
