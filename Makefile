@@ -5,19 +5,23 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 FEAST_VENV ?= .venv-feast
 FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed-stamp
 
 # Local Ray binds 127.0.0.1 rather than the machine's interface address.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup feast-env browser run test test-unit bench bench-gpu scale eval clean
+MLFLOW_DB ?= sqlite:///mlflow.db
+
+.PHONY: setup feast-env mlflow-env browser run mlflow-ui test test-unit bench bench-gpu scale eval clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,eval]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,eval,tracking]'
 	touch $@
 
 ## make feast-env: the Feast SDK in its own venv (Feast pins pandas<3; the pipeline's venv has pandas 3)
@@ -29,6 +33,16 @@ $(FEAST_STAMP): infra/feast/requirements.txt
 	$(FEAST_VENV)/bin/pip install -q -r infra/feast/requirements.txt
 	touch $@
 
+## make mlflow-env: the MLflow server and UI in their own venv (full MLflow pins pyarrow<26; the pipeline's venv
+## has pyarrow 26 and MLflow's client, mlflow-skinny)
+mlflow-env: $(MLFLOW_STAMP)
+
+$(MLFLOW_STAMP): infra/mlflow/requirements.txt
+	python3 -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q -U pip
+	$(MLFLOW_VENV)/bin/pip install -q -r infra/mlflow/requirements.txt
+	touch $@
+
 ## make browser: headless Chromium for the report-rendering test (Debian's package; needs root or sudo)
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
@@ -38,10 +52,15 @@ browser:
 ## make run: sample data -> train -> score -> summary, on a local Ray with local storage
 run: setup
 	$(PY) -m jobs.make_sample_data --out data/sample --rows 20000 --shards 4
-	$(PY) -m jobs.run --config jobs/configs/demo.yaml --overwrite
+	$(PY) -m jobs.run --config jobs/configs/demo.yaml --overwrite \
+	  --set tracking.uri=$(MLFLOW_DB) --set tracking.registered_model=demo
+
+## make mlflow-ui: MLflow's UI on http://127.0.0.1:5000 over the runs and models `make run` tracked
+mlflow-ui: mlflow-env
+	$(MLFLOW_VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
 ## make test: every test (unit, then integration on a local Ray and a loopback S3 server)
-test: setup feast-env browser
+test: setup feast-env mlflow-env browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## make test-unit: the fast tier (no Ray, no S3 server, no browser; well under a minute); a test in it that
@@ -68,4 +87,4 @@ eval: setup
 	$(PY) -m jobs.evaluate --num-cpus 4 $(EVAL_ARGS)
 
 clean:
-	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work eval-results.json eval-results.md .pytest_cache
+	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work eval-results.json eval-results.md .pytest_cache mlflow.db mlruns

@@ -18,7 +18,8 @@ from pipeline.storage import Storage
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--overwrite", action="store_true", help="replace a finished run of the same run.name")
-    add_schedule_args(p, model_help="score with this stored model (a run.name, or 'latest') instead of training")
+    add_schedule_args(p, model_help="score with this stored model (a run.name, 'latest', or models:/NAME@ALIAS) "
+                                      "instead of training")
     args = p.parse_args(argv)
 
     def _run() -> None:

@@ -1,6 +1,7 @@
 """Score Parquet shards with a trained model; publish Parquet under `output.uri/run_date=YYYY-MM-DD/`.
 
     python -m jobs.score --config jobs/configs/demo.yaml [--model RUN_NAME|latest] [--run-date 2026-01-02]
+    python -m jobs.score --config jobs/configs/prod.yaml --model models:/NAME@champion   # follows the alias
     python -m jobs.score --config jobs/configs/demo.yaml --dry-run
 """
 
@@ -13,7 +14,8 @@ from pipeline.schedule import parse_run_date
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__)
-    add_schedule_args(p, model_help="run.name of the model to use, or 'latest' (default: this config's run)")
+    add_schedule_args(p, model_help="run.name of the model to use, 'latest', or a registered version "
+                                   "(models:/NAME@ALIAS, models:/NAME/VERSION); default: this config's run")
     args = p.parse_args(argv)
 
     def _run() -> None:

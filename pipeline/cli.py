@@ -32,7 +32,7 @@ def add_schedule_args(p: argparse.ArgumentParser, model_help: str) -> None:
     """The flags a scheduled run uses: which day it is, which stored model, and a check-only mode."""
     p.add_argument("--run-date", default=None, metavar="YYYY-MM-DD",
                    help="the output partition (output.uri/run_date=YYYY-MM-DD/); default: today in UTC")
-    p.add_argument("--model", default=None, metavar="RUN_NAME|latest", help=model_help)
+    p.add_argument("--model", default=None, metavar="RUN_NAME|latest|models:/NAME@ALIAS", help=model_help)
     p.add_argument("--dry-run", action="store_true",
                    help="check config, storage access, input schema (and the model), then exit; no Ray")
 

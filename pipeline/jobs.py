@@ -32,7 +32,10 @@ from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, 
 from pipeline.score import ScoreResult, score
 from pipeline.sizing import still_improving
 from pipeline.sketch import ScoreSketch, error_histogram_of
+from pipeline.registry import registered_run_uri
 from pipeline.storage import Storage
+from pipeline.tracking import tracked_scoring, tracked_training
+from pipeline.tracking_section import is_models_uri
 from pipeline.uri import join_uri
 from pipeline.train import fit
 from pipeline.validation import validation_errors, validation_projection
@@ -119,6 +122,7 @@ def _save_model(cfg: Config, requested: Config, storage: Storage, spec: InputSpe
     return manifest, model
 
 
+@tracked_training
 def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
               check_output: bool = False) -> TrainSummary:
     """`check_output`: also check that `output.uri` is writable before training (for train-then-score)."""
@@ -170,6 +174,15 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
                         still_improving=manifest["metrics"]["still_improving"], phases=phases)
 
 
+def model_run_uri(cfg: Config, storage: Storage, model_run: Optional[str]) -> str:
+    """The run whose model/ scoring loads: this config's run, a run.name or "latest" under artifacts.uri, or a
+    registered version (`models:/NAME/VERSION`, `models:/NAME@ALIAS`: the artifact it was registered from)."""
+    if is_models_uri(model_run):
+        return registered_run_uri(cfg.tracking.resolved_uri()[0], storage, model_run)
+    return resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
+
+
+@tracked_scoring
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,
               as_of: Optional[dt.datetime] = None, run_date: Optional[dt.date] = None) -> Optional[ScoreResult]:
     """Score `data.input` into `output.uri/run_date=<run_date>/` with the model of run `model_run`.
@@ -182,7 +195,7 @@ def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optiona
     run_date = run_date or parse_run_date(None)
     for uri in (cfg.artifacts.uri, cfg.data.input, cfg.output.uri):
         storage.check_bucket(uri)  # a missing bucket must not read as "no trained model here"
-    run_uri = resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
+    run_uri = model_run_uri(cfg, storage, model_run)
     manifest = read_manifest(storage, run_uri)
     cfg = for_model(cfg, manifest)
     n_features = len(manifest["feature_names"])
@@ -234,7 +247,7 @@ def dry_run(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[
     lines.append(f"input ok: {spec.uri}: {spec.num_rows} rows in {len(spec.files)} files, "
                  f"{spec.num_features} features")
     if model_run or not train:
-        run_uri = resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
+        run_uri = model_run_uri(cfg, storage, model_run)
         manifest = read_manifest(storage, run_uri)
         spec = inspect_input(for_model(cfg, manifest).data, storage)
         check_features_match(manifest, spec)

@@ -28,13 +28,14 @@ FLOORS: dict[str, list[str]] = {
     # the three jobs as library calls: train, score, dry run
     "orchestration": ["jobs"],
     # the Ray phases of a job
-    "stages": ["train", "score", "scorer", "validation", "sketch", "schedule", "prepare", "preflight"],
+    "stages": ["train", "score", "scorer", "validation", "sketch", "schedule", "prepare", "preflight", "tracking",
+               "pyfunc_model"],
     # data in, models, storage, the cluster: what the stages are built from
     "core": ["artifacts", "inputs", "read", "rows", "shards", "roles", "stats", "featurizer", "predictor", "output",
-             "publish", "metrics", "report", "models", "recirculation", "calibration", "tensors", "storage",
+             "publish", "registry", "metrics", "report", "models", "recirculation", "calibration", "tensors", "storage",
              "resources", "multinode", "cluster", "watchdog", "sample", "phases"],
     # typed settings and the rules on them; none of it imports torch
-    "settings": ["config", "kinds", "sizing", "layout"],
+    "settings": ["config", "kinds", "sizing", "layout", "tracking_section"],
     "leaves": ["errors", "uri", "__init__"],
 }
 """Floor -> module names relative to pipeline/ (a package name covers its submodules; `__init__` is the package

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError
 from pipeline.errors import check_config as _check
 from pipeline.kinds import kinds_with
 from pipeline.sizing import AUTO
+from pipeline.tracking_section import TrackingSection
 from pipeline.uri import join_uri
 
 __all__ = ["AUTO", "ArtifactsSection", "Config", "DataSection", "ModelSection", "OutputSection", "RunSection",
@@ -48,6 +49,7 @@ class Config:
     artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
     output: OutputSection = field(default_factory=OutputSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def __post_init__(self) -> None:
         m, t = self.model, self.train
