@@ -12,7 +12,7 @@ which training path it took, the bytes Ray spilled to disk, and memory (sum of P
 tree, sampled every 0.2 s, as `make bench` does): the peak over the job and, per stage, the peak of each part
 (driver, Ray workers, Ray's own processes, object store pages). Writes `<out>.json` and `<out>.md`.
 
-Targets (issue 12): time per stage at 50x <= 55x the 1x time on the same path; the streamed epoch's time per
+Targets: time per stage at 50x <= 55x the 1x time on the same path; the streamed epoch's time per
 row at 50x <= 1.5x that at 1x; peak memory at 50x <= 1.3x that at 1x.
 """
 

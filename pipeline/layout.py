@@ -1,5 +1,5 @@
 """`SlotLayout`: which input slots make which input column, for inputs with categorical columns or missing
-indicators. pipeline/features.py builds it from the data; the models read it (pipeline/models/base.py).
+indicators. pipeline/featurizer.py builds it from the data; the models read it (pipeline/models/base.py).
 
 A plain dataclass, importable without torch (the features and the config load without it); only `errors`,
 which the models call on tensors, uses torch.

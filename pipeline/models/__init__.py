@@ -43,7 +43,7 @@ def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayou
     manifest's `model`); with `ensemble` > 1, that many of them in one `Ensemble`, member i with code width
     `member_latent_dims[i]` when given. Another kind's settings are skipped; a name no kind declares is an
     error, so no setting is ever dropped silently. Sizes left `auto` (or not given) get pipeline/sizing.py's
-    rules. `layout`: the input's columns (pipeline/features.py; None: numeric)."""
+    rules. `layout`: the input's columns (pipeline/featurizer.py; None: numeric)."""
     if ensemble == AUTO:  # a section no job resolved (sizing.resolve_model picks the count): one model
         ensemble = 1
     members = settings.pop("member_latent_dims", AUTO)  # each member's code width; none given: all alike

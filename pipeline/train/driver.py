@@ -78,17 +78,16 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
 def _inputs(data, storage, spec, featurizer, cache: bool) -> tuple[Optional[DirectSplits], Optional[dict[str, Any]]]:
     """(DirectSplits, None) when the workers read their cached rows themselves, else (None, the Ray Data
     train and validation datasets)."""
-    fz = None if featurizer.vector else featurizer  # a vector column: the float matrix as it is
     # Cached: the workers read their rows themselves (DirectSplits), unless a column read is not in the files
     # (e.g. a hive partition key, which only Ray Data's reader adds).
     if cache and spec.schema is not None and set(spec.columns) <= set(spec.schema.names):
-        return DirectSplits(list(spec.files), list(spec.columns), data, spec.num_features, fz), None
+        return DirectSplits(list(spec.files), list(spec.columns), data, spec.num_features, featurizer), None
     # Streamed epochs read the files in a new order each time; cached ones shuffle every row in the worker.
     return None, {
         "train": read_dataset(spec, storage, shuffle_files=not cache).map_batches(
-            SplitFeatures(data, spec.num_features, "train", fz), batch_format="pyarrow", batch_size=None),
+            SplitFeatures(data, spec.num_features, "train", featurizer), batch_format="pyarrow", batch_size=None),
         "validation": read_dataset(spec, storage).map_batches(
-            SplitFeatures(data, spec.num_features, "validation", fz), batch_format="pyarrow", batch_size=None)}
+            SplitFeatures(data, spec.num_features, "validation", featurizer), batch_format="pyarrow", batch_size=None)}
 
 
 def _trainer(cfg, storage, worker: WorkerConfig, datasets: Optional[dict[str, Any]]):
