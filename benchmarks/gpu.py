@@ -64,7 +64,7 @@ def _timed_rows_per_s(fn: Callable[[], int], device: torch.device, repeats: int)
 
 def measure(args: argparse.Namespace, device: torch.device) -> dict:
     """Per model size, train and score: pipeline and plain rows/s and their ratio (any device; main: CUDA)."""
-    from pipeline.artifacts import featurizer_of
+    from pipeline.manifest import featurizer_of
     from pipeline.config import DataSection
     from pipeline.models import build_model
     from pipeline.predictor import Predictor

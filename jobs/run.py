@@ -9,7 +9,7 @@ input has planted truth).
 from __future__ import annotations
 
 from pipeline.cli import add_schedule_args, base_parser, config_from_args, run_main
-from pipeline.jobs import dry_run, score_job, train_job
+from pipeline.dryrun import dry_run
 from pipeline.metrics import evaluate_against_truth
 from pipeline.schedule import parse_run_date
 from pipeline.storage import Storage
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg, storage, model_run=args.model, train=args.model is None, run_date=run_date)
             return
+        from pipeline.jobs import score_job, train_job  # torch and Ray: only past the dry run
+
         lines = ["", "== summary =="]
         if args.model is None:
             t = train_job(cfg, storage, overwrite=args.overwrite, check_output=True)

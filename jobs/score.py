@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pipeline.cli import add_schedule_args, base_parser, config_from_args, run_main
-from pipeline.jobs import dry_run, score_job
+from pipeline.dryrun import dry_run
 from pipeline.schedule import parse_run_date
 
 
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg, model_run=args.model, train=False, run_date=run_date)
             return
+        from pipeline.jobs import score_job  # torch and Ray: only past the dry run
+
         score_job(cfg, model_run=args.model, run_date=run_date)
 
     return run_main(_run)

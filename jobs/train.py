@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pipeline.cli import base_parser, config_from_args, run_main
-from pipeline.jobs import dry_run, train_job
+from pipeline.dryrun import dry_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return
+        from pipeline.jobs import train_job  # torch and Ray: only past the dry run
+
         train_job(cfg, overwrite=args.overwrite)
 
     return run_main(_run)

@@ -23,19 +23,11 @@ from safetensors.torch import save as st_save
 
 from pipeline.errors import ArtifactError, StorageError
 from pipeline.featurizer import Featurizer
+from pipeline.manifest import FORMAT, MANIFEST, WEIGHTS, featurizer_of, model_dir, read_manifest
 from pipeline.models import build_model
 from pipeline.models import Autoencoder
 from pipeline.storage import Storage
 from pipeline.uri import join_uri
-
-FORMAT = "tabular-autoencoder/v1"
-WEIGHTS = "weights.safetensors"
-MANIFEST = "manifest.json"
-
-
-def model_dir(run_uri: str) -> str:
-    return join_uri(run_uri, "model")
-
 
 def library_versions() -> dict[str, str]:
     import pyarrow
@@ -100,29 +92,6 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return str(self.manifest["model_version"])
-
-
-def featurizer_of(manifest: dict[str, Any]) -> Featurizer:
-    """The manifest's typed `features` section (every reader goes through this, not through its keys)."""
-    if "features" in manifest:
-        return Featurizer.from_dict(manifest["features"])
-    names = list(manifest["feature_names"])
-    norm = manifest.get("normalization") or {"mean": [0.0] * len(names), "scale": [1.0] * len(names)}
-    vector = names[0].rsplit("[", 1)[0] if names and names[0].endswith("]") else None
-    return Featurizer.numeric(names, norm["mean"], norm["scale"], vector=vector)
-
-
-def read_manifest(storage: Storage, run_uri: str) -> dict[str, Any]:
-    uri = join_uri(model_dir(run_uri), MANIFEST)
-    try:
-        manifest = storage.read_json(uri)
-    except FileNotFoundError:
-        raise ArtifactError(f"model {run_uri}: no trained model here ({MANIFEST} not found)") from None
-    except ValueError:
-        raise ArtifactError(f"model {uri}: manifest is not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"model {uri}: not a {FORMAT} manifest")
-    return manifest
 
 
 def load_artifact(storage: Storage, run_uri: str, device: str | torch.device = "cpu") -> LoadedModel:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pipeline.artifacts import model_dir, read_manifest, save_artifact
+from pipeline.artifacts import save_artifact
+from pipeline.manifest import model_dir, read_manifest
 from pipeline.cluster import connect
 from pipeline.config import AUTO, Config
 from pipeline.errors import ConfigError, InputError
@@ -24,18 +25,16 @@ from pipeline.metrics import output_error_counts
 from pipeline.multinode import check_shared_storage
 from pipeline.phases import Lap
 from pipeline.prepare import prepare
-from pipeline.preflight import check_features_match, check_train, for_model, table_model
+from pipeline.preflight import check_train, for_model, table_model
 from pipeline.report import scoring_report, training_report
 from pipeline.resources import check_job, data_phase, training_phase
-from pipeline.schedule import (parse_run_date, plan_incremental, record_scored, report_uri, resolve_model_run,
+from pipeline.schedule import (model_run_uri, parse_run_date, plan_incremental, record_scored, report_uri,
                                run_date_uri)
 from pipeline.score import ScoreResult, score
 from pipeline.sizing import still_improving
 from pipeline.sketch import ScoreSketch, error_histogram_of
-from pipeline.registry import registered_run_uri
 from pipeline.storage import Storage
 from pipeline.tracking import tracked_scoring, tracked_training
-from pipeline.tracking_section import is_models_uri
 from pipeline.uri import join_uri
 from pipeline.train import fit
 from pipeline.validation import validation_errors, validation_projection
@@ -174,14 +173,6 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
                         still_improving=manifest["metrics"]["still_improving"], phases=phases)
 
 
-def model_run_uri(cfg: Config, storage: Storage, model_run: Optional[str]) -> str:
-    """The run whose model/ scoring loads: this config's run, a run.name or "latest" under artifacts.uri, or a
-    registered version (`models:/NAME/VERSION`, `models:/NAME@ALIAS`: the artifact it was registered from)."""
-    if is_models_uri(model_run):
-        return registered_run_uri(cfg.tracking.resolved_uri()[0], storage, model_run)
-    return resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri
-
-
 @tracked_scoring
 def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,
               as_of: Optional[dt.datetime] = None, run_date: Optional[dt.date] = None) -> Optional[ScoreResult]:
@@ -228,37 +219,3 @@ def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optiona
                                                   res.rejected_rows, res.output_uri).encode())
         print(f"[score] report: {r_uri}", flush=True)
     return res
-
-
-def dry_run(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[str] = None,
-            train: bool = True, run_date: Optional[dt.date] = None) -> list[str]:
-    """Check what a run would touch, without Ray and without writing anything but probe files.
-
-    Config (already validated on load), write access to artifacts.uri and output.uri, every input footer,
-    and with `model_run` (or `train=False`) the model and its feature list. Returns the lines it printed.
-    """
-    storage = storage or Storage(cfg.storage)
-    run_date = run_date or parse_run_date(None)
-    lines = [f"config ok: run {cfg.run.name}, model {cfg.model.kind}"]
-    for uri in (cfg.run_uri, cfg.output.uri):
-        storage.check_writable(uri)
-        lines.append(f"storage ok: {uri} is writable")
-    spec = inspect_input(cfg.data, storage)
-    lines.append(f"input ok: {spec.uri}: {spec.num_rows} rows in {len(spec.files)} files, "
-                 f"{spec.num_features} features")
-    if model_run or not train:
-        run_uri = model_run_uri(cfg, storage, model_run)
-        manifest = read_manifest(storage, run_uri)
-        spec = inspect_input(for_model(cfg, manifest).data, storage)
-        check_features_match(manifest, spec)
-        lines.append(f"model ok: {manifest['model_version']} ({run_uri}) matches the input's features")
-        if cfg.score.incremental:
-            plan = plan_incremental(storage, spec.uri, spec.files, cfg.output.uri, manifest["model_version"],
-                                    run_date)
-            lines.append(f"incremental: {len(plan.partitions)} partitions to score, {len(plan.skipped)} done")
-    lines.append(f"output: {run_date_uri(cfg.output.uri, run_date)}")
-    for line in lines:
-        print(f"[dry-run] {line}", flush=True)
-    return lines
-
-

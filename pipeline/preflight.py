@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pipeline.artifacts import MANIFEST, featurizer_of, load_artifact, model_dir
+from pipeline.manifest import MANIFEST, featurizer_of, model_dir
 from pipeline.config import Config
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.inputs import InputSpec, inspect_input
@@ -92,6 +92,8 @@ def check_score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: s
     input's schema against the model's features, and that the output location is writable."""
     for uri in (model_run_uri, cfg.data.input, output_uri):
         storage.check_bucket(uri)
+    from pipeline.artifacts import load_artifact  # torch: loaded only where the weights are checked
+
     manifest = load_artifact(storage, model_run_uri).manifest
     spec = inspect_input(cfg.data, storage)
     check_features_match(manifest, spec)

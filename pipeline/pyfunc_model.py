@@ -20,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 from mlflow.models import set_model
 
-from pipeline.artifacts import featurizer_of, load_artifact
+from pipeline.artifacts import load_artifact
+from pipeline.manifest import featurizer_of
 from pipeline.config import DataSection, StorageSection
 from pipeline.registry import PYFUNC_ARTIFACT
 from pipeline.predictor import Predictor

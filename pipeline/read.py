@@ -48,7 +48,6 @@ def stream_execution_options(num_workers: int):
     dataset's own options by these)."""
     import copy
 
-    import pyarrow.dataset as pds
     import ray.data
 
     opts = copy.deepcopy(ray.data.DataContext.get_current().execution_options)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.artifacts import MANIFEST, WEIGHTS, featurizer_of, model_dir, read_manifest
+from pipeline.manifest import MANIFEST, WEIGHTS, featurizer_of, model_dir, read_manifest
 from pipeline.errors import ArtifactError, ConfigError, PipelineError
 from pipeline.storage import Storage
 from pipeline.tracking_section import ModelRef, parse_models_uri, redact_uri

@@ -24,9 +24,11 @@ from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
-from pipeline.artifacts import MANIFEST, model_dir
+from pipeline.manifest import MANIFEST, model_dir
 from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.registry import registered_run_uri
 from pipeline.storage import Storage
+from pipeline.tracking_section import is_models_uri
 from pipeline.uri import join_uri, normalize_uri
 
 LATEST = "latest"
@@ -161,3 +163,11 @@ def record_scored(storage: Storage, plan: IncrementalPlan, run_date: dt.date, fi
     state["partitions"] = dict(sorted(parts.items()))
     state["updated_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
     storage.write_json(plan.state_uri, state)
+
+
+def model_run_uri(cfg, storage: Storage, model_run: Optional[str]) -> str:
+    """The run whose model/ scoring loads: this config's run, a run.name or "latest" under artifacts.uri, or a
+    registered version (`models:/NAME/VERSION`, `models:/NAME@ALIAS`: the artifact it was registered from)."""
+    if is_models_uri(model_run):
+        return registered_run_uri(cfg.tracking.resolved_uri()[0], storage, model_run)
+    return resolve_model_run(storage, cfg.artifacts.uri, model_run) if model_run else cfg.run_uri

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline.artifacts import read_manifest
+from pipeline.manifest import read_manifest
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.inputs import InputSpec

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from pipeline.artifacts import MANIFEST, model_dir, read_manifest
+from pipeline.manifest import MANIFEST, model_dir, read_manifest
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.registry import client_for, lookup, register, registered_version_of

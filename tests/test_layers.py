@@ -26,13 +26,13 @@ FLOORS: dict[str, list[str]] = {
     # what the jobs/*.py entrypoints call, and the benchmark evaluation, which runs whole jobs per table
     "entrypoints": ["cli", "evaluation"],
     # the three jobs as library calls: train, score, dry run
-    "orchestration": ["jobs"],
+    "orchestration": ["jobs", "dryrun"],
     # the Ray phases of a job
     "stages": ["train", "score", "scorer", "validation", "sketch", "schedule", "prepare", "preflight", "tracking",
                "pyfunc_model"],
     # data in, models, storage, the cluster: what the stages are built from
     "core": ["artifacts", "inputs", "read", "rows", "shards", "roles", "stats", "featurizer", "predictor", "output",
-             "publish", "registry", "metrics", "report", "models", "recirculation", "calibration", "tensors", "storage",
+             "publish", "registry", "manifest", "metrics", "report", "models", "recirculation", "calibration", "tensors", "storage",
              "resources", "multinode", "cluster", "watchdog", "sample", "phases"],
     # typed settings and the rules on them; none of it imports torch
     "settings": ["config", "kinds", "sizing", "layout", "tracking_section"],
@@ -260,6 +260,29 @@ def test_the_cli_reads_its_flags_and_config_without_torch():
         import pipeline.inputs, pipeline.featurizer, pipeline.rows, pipeline.storage
         args = base_parser("probe").parse_args(["--config", "jobs/configs/tiny.yaml", "--set", "train.epochs=2"])
         assert config_from_args(args).train.epochs == 2
+    """))
+
+
+def test_a_dry_run_of_each_job_imports_neither_torch_nor_ray(tmp_path):
+    """`--dry-run` checks config, storage and the input's footers (and for scoring, a stored model's manifest)
+    in a fresh interpreter without loading torch or Ray."""
+    _no_torch(textwrap.dedent(f"""
+        import json, os
+        import pyarrow as pa, pyarrow.parquet as pq
+        root = {str(tmp_path)!r}
+        os.makedirs(root + "/in")
+        pq.write_table(pa.table({{"id": [1, 2, 3], "a": [1.0, 2.0, 3.0], "b": [0.5, 0.1, 0.2]}}), root + "/in/p.parquet")
+        os.makedirs(root + "/art/m/model")
+        json.dump({{"format": "tabular-autoencoder/v1", "model_version": "m@1", "feature_names": ["a", "b"],
+                   "config": {{"data": {{"input": root + "/in", "features": ["a", "b"], "id_columns": ["id"]}}}}}},
+                  open(root + "/art/m/model/manifest.json", "w"))
+        sets = ["--set", "data.input=" + root + "/in", "--set", "data.id_columns=[id]", "--set", "data.features=auto",
+                "--set", "artifacts.uri=" + root + "/art", "--set", "output.uri=" + root + "/out", "--set",
+                "data.exclude_columns=[]", "--set", "data.timestamp_column=null"]
+        from jobs import run, score, train
+        assert train.main(["--config", "jobs/configs/tiny.yaml", *sets, "--dry-run"]) == 0
+        assert score.main(["--config", "jobs/configs/tiny.yaml", *sets, "--model", "m", "--dry-run"]) == 0
+        assert run.main(["--config", "jobs/configs/tiny.yaml", *sets, "--dry-run"]) == 0
     """))
 
 

@@ -209,7 +209,7 @@ def test_scoring_by_version_number(lifecycle):
     assert res.model_version == lifecycle.poor.model_version
     assert set(read_parquet_dir(res.output_uri).column("model_version").to_pylist()) == {res.model_version}
     from pipeline.errors import ArtifactError
-    from pipeline.jobs import dry_run
+    from pipeline.dryrun import dry_run
 
     with pytest.raises(ArtifactError, match=f"^--model models:/{MODEL}@nope: no alias 'nope' on registered model"):
         score_job(cfg, model_run=f"models:/{MODEL}@nope")
