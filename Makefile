@@ -59,9 +59,11 @@ run: setup
 mlflow-ui: mlflow-env
 	$(MLFLOW_VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
-## make test: every test (unit, then integration on a local Ray and a loopback S3 server)
+## make test: every test (unit and integration on a local Ray and a loopback S3 server), in TEST_PROCS pytest
+## processes (one per core; each has its own session Ray and S3 server, and runs whole test files)
+TEST_PROCS ?= 2
 test: setup feast-env mlflow-env browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCS) --dist loadfile $(PYTEST_ARGS)
 
 ## make test-unit: the fast tier (no Ray, no S3 server, no browser; well under a minute); a test in it that
 ## starts any of them fails
