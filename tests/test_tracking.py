@@ -98,7 +98,7 @@ def cli_sets(sets: list[str]) -> list[str]:
 
 
 def config(root: Path, uri: str, name: str, *extra: str):
-    return load_config("jobs/configs/demo.yaml", overrides(root, uri, name, *extra))
+    return load_config("jobs/configs/tiny.yaml", overrides(root, uri, name, *extra))
 
 
 def promote(*args: str) -> tuple[int, str, str]:
@@ -129,7 +129,7 @@ def lifecycle(ray_cluster, mlflow_server, sample):
     from jobs.score import main as score_main
 
     with recorded() as printed:
-        rc = score_main(["--config", "jobs/configs/demo.yaml", *cli_sets(overrides(sample, uri, "by-alias")),
+        rc = score_main(["--config", "jobs/configs/tiny.yaml", *cli_sets(overrides(sample, uri, "by-alias")),
                          "--model", f"models:/{MODEL}@champion", "--run-date", "2026-02-01"])
     assert rc == 0, printed.getvalue()[-2000:]
     return SimpleNamespace(uri=uri, client=client, poor=poor, good=good, first=first, second=second,
@@ -297,7 +297,7 @@ def test_unreachable_server_at_start_is_one_line_and_nothing_is_trained(tmp_path
     from jobs.train import main
 
     dead = f"http://127.0.0.1:{free_port()}"
-    args = ["--config", "jobs/configs/demo.yaml",
+    args = ["--config", "jobs/configs/tiny.yaml",
             *cli_sets(overrides(sample, dead, "never", f"artifacts.uri={tmp_path / 'artifacts'}"))]
     out, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
@@ -315,7 +315,7 @@ def test_unreachable_server_from_the_environment_is_a_warning(monkeypatch, capsy
     from pipeline.tracking import start
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    assert start(load_config("jobs/configs/demo.yaml"), "train", "demo", {}) is None
+    assert start(load_config("jobs/configs/tiny.yaml"), "train", "demo", {}) is None
     out = capsys.readouterr().out
     PRINTED.append(out)
     assert out.count("[tracking] warning:") == 1 and "not tracked" in out
