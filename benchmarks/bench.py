@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -563,32 +562,16 @@ def tree_memory_mb(proc) -> tuple[float, str]:
 def peak_tree_memory(cmd: list[str], env: dict[str, str], log_path: Path, interval: float = 0.2,
                      timeout: float = 600) -> dict[str, Any]:
     """Run `cmd`, sampling its process tree's memory until it exits. Raises if it fails."""
-    import psutil
+    from benchmarks.sampling import sample_while_running
 
-    with open(log_path, "w") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        ps = psutil.Process(proc.pid)
-        peak, kind, samples = 0.0, "pss", 0
-        try:
-            while proc.poll() is None:
-                if time.perf_counter() - t0 > timeout:
-                    raise TimeoutError(f"{' '.join(cmd)} still running after {timeout}s")
-                try:
-                    mb, kind = tree_memory_mb(ps)
-                except psutil.NoSuchProcess:
-                    break
-                peak = max(peak, mb)
-                samples += 1
-                time.sleep(interval)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-2000:]
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; log {log_path}:\n{tail}")
-    return {"peak_mb": peak, "measure": kind, "samples": samples, "seconds": time.perf_counter() - t0}
+    seen = {"peak": 0.0, "kind": "pss", "samples": 0}
+
+    def sample(ps) -> None:
+        mb, seen["kind"] = tree_memory_mb(ps)
+        seen["peak"], seen["samples"] = max(seen["peak"], mb), seen["samples"] + 1
+
+    seconds = sample_while_running(cmd, env, log_path, sample, interval, timeout)
+    return {"peak_mb": seen["peak"], "measure": seen["kind"], "samples": seen["samples"], "seconds": seconds}
 
 
 def measure_memory(bc: BenchConfig, endpoint: str, uris: dict[str, str], rows: dict[str, int], run_name: str,

@@ -160,37 +160,20 @@ def run_sampled(cmd: list[str], env: dict[str, str], log_path: Path, stage_file:
                 timeout: float = 7200) -> dict[str, Any]:
     """Run `cmd`, sampling its process tree's memory by part until it exits, each sample filed under the
     stage the job wrote to `stage_file` last. Raises if it fails."""
-    import subprocess
-
-    import psutil
+    from benchmarks.sampling import sample_while_running
 
     stage_file.write_text("start")
     samples = []
-    with open(log_path, "w") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        ps = psutil.Process(proc.pid)
-        try:
-            while proc.poll() is None:
-                if time.perf_counter() - t0 > timeout:
-                    raise TimeoutError(f"{' '.join(cmd)} still running after {timeout}s")
-                stage = stage_file.read_text().strip() or "start"
-                try:
-                    mb, procs = tree_parts(ps)
-                except psutil.NoSuchProcess:
-                    break
-                samples.append((stage, mb, procs))
-                time.sleep(interval)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-2000:]
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; log {log_path}:\n{tail}")
+
+    def sample(ps) -> None:
+        stage = stage_file.read_text().strip() or "start"
+        mb, procs = tree_parts(ps)
+        samples.append((stage, mb, procs))
+
+    seconds = sample_while_running(cmd, env, log_path, sample, interval, timeout)
     stages = stage_peaks(samples)
     return {"peak_mb": max((s["peak_mb"] for s in stages.values()), default=0.0), "measure": "pss",
-            "stages": stages, "samples": len(samples), "seconds": time.perf_counter() - t0}
+            "stages": stages, "samples": len(samples), "seconds": seconds}
 
 
 # ------------------------------------------------------------------------------------------ the job process
