@@ -65,7 +65,19 @@ def unit_tier_refuses(what: str) -> None:
                     "(or use the s3_server/ray_cluster fixtures, which mark it)", pytrace=False)
 
 
+LONGEST_FILES = ["test_tracking.py", "test_multinode.py", "test_faults.py", "test_hangs.py", "test_benchmark.py",
+                 "test_operations.py", "test_ray_job_submit.py"]
+"""Test files of a minute or more, longest first: they start first, so that `make test`'s processes (whole
+files each) do not end with one of them running alone (measured with --durations on the 2-core box)."""
+
+
+def _longest_first(item) -> int:
+    name = item.path.name
+    return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_longest_first)  # stable: each file keeps its own order
     for item in items:
         names = set(item.fixturenames)
         if names & INTEGRATION_FIXTURES:
