@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.loopback_s3 import FAKE_KEY_ID, FAKE_SECRET, LoopbackS3, free_port, wait_for_port  # noqa: F401
-from tests.procs import ROOT, job_env, run_job  # noqa: F401 - also importable from here
+from tests.loopback_s3 import LoopbackS3
 
 # Local Ray binds 127.0.0.1; no usage stats leave the machine.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

@@ -27,7 +27,8 @@ from pipeline.config import StorageSection, load_config
 from pipeline.jobs import score_job, train_job
 from pipeline.sample import write_mixed_sample
 from pipeline.storage import Storage
-from tests.conftest import FAKE_SECRET, free_port, unit_tier_refuses
+from tests.conftest import unit_tier_refuses
+from tests.loopback_s3 import FAKE_SECRET, free_port
 from mlflow import MlflowClient
 from tests.loopback_mlflow import LoopbackMlflow
 
