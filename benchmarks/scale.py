@@ -201,14 +201,11 @@ def run_stages(config_path: str, result_path: str, num_cpus: int, object_store_m
 
     from pipeline import jobs
     from pipeline.train import driver
-    from pipeline.cluster import LOCAL_SYSTEM_CONFIG, local_ray_environment
+    from pipeline.cluster import start_local
     from pipeline.config import config_from_dict
 
     cfg = config_from_dict(yaml.safe_load(Path(config_path).read_text()))
-    # address="local": a new Ray of its own, never a cluster that happens to run on the machine
-    local_ray_environment()
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
-             logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
+    start_local(num_cpus, object_store_memory=object_store_mb * 2**20, logging_level=logging.WARNING)
     times: dict[str, float] = {}
 
     def mark(stage: str) -> None:

@@ -111,6 +111,41 @@ def local_ray_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local(num_cpus: Optional[int] = None, **init_kwargs) -> None:
+    """Start a new local Ray of this process's own (never join one another process started), on loopback.
+
+    Its GCS port is chosen here and handed to the cluster's processes as RAY_ADDRESS: Ray Train's placement
+    group cleaner (an actor of every TorchTrainer run) looks its controller up through the state API with no
+    address, which otherwise raises "Found multiple active Ray instances" (and prints a traceback) whenever
+    a second Ray runs on the machine. The driver's own environment is left as it was, so that processes it
+    starts later do not join this cluster by accident."""
+    import ray
+
+    local_ray_environment()
+    port = _free_loopback_port()
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in pinned}
+    os.environ.update(pinned)  # the raylet and the GCS copy the environment when they start
+    try:
+        # address="local": always a new cluster; RAY_ADDRESS is read only for address=None or "auto"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 _system_config=LOCAL_SYSTEM_CONFIG, **init_kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def connect(num_cpus: Optional[int] = None) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local one of its own.
 
@@ -125,8 +160,4 @@ def connect(num_cpus: Optional[int] = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=level)
         return
-    local_ray_environment()
-    # address="local": always a new cluster of our own; a bare ray.init() would join any cluster another
-    # process started on this machine with `ray start` (and then refuse num_cpus)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level,
-             _system_config=LOCAL_SYSTEM_CONFIG)
+    start_local(num_cpus, logging_level=level)

@@ -118,13 +118,10 @@ def ray_cluster(s3_server):
     faster health check), in a temp dir of its own so that no other Ray on the machine shares its files."""
     import ray
 
-    from pipeline.cluster import LOCAL_SYSTEM_CONFIG, local_ray_environment
+    from pipeline.cluster import start_local
 
     temp_dir = tempfile.mkdtemp(prefix="sess-ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    local_ray_environment()
-    # address="local": a new cluster of its own, never one another process started on the machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True, _temp_dir=temp_dir,
-             _system_config=LOCAL_SYSTEM_CONFIG)
+    start_local(4, log_to_driver=True, _temp_dir=temp_dir)
     yield temp_dir
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -139,6 +139,9 @@ def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained,
         assert len(re.findall(rf"\[train\] epoch {epoch}/2 ", out)) == 1, out[-4000:]
     noise = [line for line in out.splitlines() if any(n in line for n in RAY_NOISE)]
     assert noise == [], noise[:5]
+    # the job trained beside the session's Ray (a second Ray on the machine): Ray Train's placement group
+    # cleaner must still find its own cluster, not die on "Found multiple active Ray instances"
+    assert "Traceback" not in out and "multiple active Ray instances" not in out, out[-4000:]
     assert "[train] model logs@" in out
     # where the run's time went, in one line
     assert re.search(r"\[train\] done in [\d.]+s \(checks [\d.]+s, ray_start [\d.]+s, prepare [\d.]+s, training "
