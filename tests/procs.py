@@ -80,6 +80,7 @@ def in_process(module: str, argv: list[str], capsys) -> tuple[int, str, str]:
     need no cluster; past them the job joins the session's Ray (`connect` keeps a running one)."""
     import importlib
 
+    capsys.readouterr()  # only the job's own output: a session model the test just trained printed too
     rc = importlib.import_module(module).main(argv)
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
