@@ -152,7 +152,7 @@ def stage_peaks(samples: list[tuple[str, dict[str, float], list[tuple[str, float
             s[p] = max(s[p], round(mb[p], 1))
         if total > s["peak_mb"]:
             s["peak_mb"] = round(total, 1)
-            s["top"] = [[t, round(m, 1)] for t, m in sorted(procs, key=lambda x: -x[1])[:4]]
+            s["top"] = [[t, round(m, 1)] for t, m in sorted(procs, key=lambda x: -x[1])[:12]]
     return out
 
 

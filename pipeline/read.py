@@ -8,11 +8,12 @@ from typing import Optional
 from pipeline.inputs import InputSpec
 from pipeline.storage import Storage
 
-BLOCK_BYTES = 32 * 2**20
+BLOCK_BYTES = 8 * 2**20
 """Largest block a read (and the maps fused with it) makes. A task holds a few copies of its block at once
-(Arrow, the feature matrix, the model's outputs), so this, not the shard size, bounds a task's memory:
-with Ray Data's default of 128 MB, `make scale`'s 155 MB shards took the job's peak memory to 1.44x that on
-13 MB shards; real shards are 128-512 MB."""
+(Arrow, the feature matrix, the model's outputs) and a streamed epoch keeps STREAM_BUFFER_BLOCKS of them per
+training worker in the object store, so this, not the shard size, bounds a task's memory. `make scale` (155 MB
+shards, 50x the rows of the 1x run): peak 3,475 MB with 32 MB blocks, 3,176 with 16, 2,892 with 8 (with the
+scoring write apart and one validation task per CPU); Ray Data's default is 128 MB."""
 
 READ_AHEAD_BATCHES = 1
 """Batches of a file pyarrow decodes ahead of the one a read task is using. Ray's defaults (8 batches ahead,
@@ -21,9 +22,11 @@ grew with the shard, not the block: reading one 128 MB shard peaked 454 MB above
 MB with one batch ahead and no pre-buffering (a 13 MB shard: 83 MB either way). The file is read in 8 MB
 pieces; on local disk a 155 MB shard read no slower for it (best of four: 0.38 s against 0.76 s)."""
 
-STREAM_BUFFER_BLOCKS = 8
+STREAM_BUFFER_BLOCKS = 4
 """Blocks per training worker that a streamed epoch's dataset may hold in the object store ahead of the
-workers (Ray Data's own limit: half the object store, whatever the consumer needs)."""
+workers (Ray Data's own limit: half the object store, whatever the consumer needs). 8 held 226 MB of object
+store pages at `make scale`'s 50x (16 MB blocks); 4 of 8 MB blocks hold ~130 MB, and the streamed epoch ran
+as fast (170,965 rows/s against 170,116)."""
 
 SAMPLING_SETTLE_S = 2.0
 """Longest wait for read_parquet's sampling tasks to hand their CPUs back (it takes ~0.1 s; bounded so a

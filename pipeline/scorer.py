@@ -1,7 +1,7 @@
 """Scoring one batch: input rows -> output rows, and the two Ray Data forms that run it.
 
     BatchScorer     featurize (rejects written), predict, build the output columns (pipeline/output.py)
-    ScoreBatches    CPU scoring (`score.compute: tasks`): plain tasks, read -> score -> write fused per file
+    ScoreBatches    CPU scoring (`score.compute: tasks`): plain tasks, read -> score fused per file
     ScoringActor    GPU scoring (`score.compute: actors`): an actor pool that keeps the model on the device
 
 Both load the model once per worker process (predictor.cached_predictor / the actor's constructor).
@@ -74,8 +74,9 @@ class ScoringActor:
 @dataclass(frozen=True)
 class ScoreBatches:
     """Ray Data function (CPU scoring, `score.compute: tasks`): scores in plain tasks, so Ray fuses
-    read -> score -> write into one task per file (no actor start to wait for, no block handed between
-    processes). Each worker process loads and verifies the model once per run and keeps it."""
+    read -> score into one task per file (no actor start to wait for, no input block handed between
+    processes; only the scored rows go on to the write). Each worker process loads and verifies the model
+    once per run and keeps it."""
 
     storage: Storage
     model_uri: str

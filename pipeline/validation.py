@@ -70,7 +70,9 @@ def validation_errors(cfg: Config, storage: Storage, spec: InputSpec, state, fea
     does not grow with the validation rows."""
     fn = ValidationSketch(dataclasses.asdict(cfg.model), state, featurizer, cfg.train.validation_batch_size,
                          uuid.uuid4().hex)
-    cpus = {"num_cpus": cfg.train.cpus_per_worker}  # the CPUs the training workers held and released
+    # the CPUs the training workers held and released, at least one per task: more tasks than cores score no
+    # faster, and each holds a block and the model
+    cpus = {"num_cpus": max(1.0, cfg.train.cpus_per_worker)}
     summaries = read_dataset(spec, storage, **cpus).map_batches(
         SplitFeatures(cfg.data, spec.num_features, "validation", featurizer), batch_format="pyarrow",
         batch_size=None, **cpus).map_batches(fn, batch_format="pyarrow", batch_size=None, **cpus)
