@@ -3,10 +3,11 @@
 
     alignment_target(cfg, storage) -> run URI or None     before training: the previous model to align to
     align_codes(cfg, storage, spec, featurizer, state,    after training: the map, fitted on validation rows
-                target) -> manifest section                encoded by both models, or why not (one line)
+                target) -> manifest section                (topped up with training rows on a small table)
+                                                           encoded by both models, or why not (one line)
 
 The manifest gets `code_alignment` ({aligned_to, map or None, r2, line}) and `code_space`: the previous
-model's code space when aligned, else none (the model's own version). Only the emitted code is mapped: the
+model's code space when aligned, else none (save_artifact then sets the model's own version). Only the emitted code is mapped: the
 anomaly score, `recon_error` and `is_anomaly` use the model's own code.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Optional
+
+import numpy as np
 
 from pipeline.alignment import fit_alignment
 from pipeline.artifacts import load_artifact
@@ -29,6 +32,8 @@ from pipeline.storage import Storage
 from pipeline.validation import validation_slots
 
 NONE = "none"
+FIT_ROWS = 1000  # fewer validation rows than this: training rows fill up the fit (a 16-wide affine map has 272
+                 # parameters; a small table's few dozen validation rows cannot judge it)
 
 
 def alignment_target(cfg: Config, storage: Storage) -> Optional[str]:
@@ -45,6 +50,16 @@ def alignment_target(cfg: Config, storage: Storage) -> Optional[str]:
         raise ConfigError(f"config model.align_to: no finished run {to!r} under {cfg.artifacts.uri} "
                           "(`latest`, `none` or a run name)") from None
     return None if run_uri.rstrip("/") == cfg.run_uri.rstrip("/") else run_uri
+
+
+def _fit_rows(cfg: Config, storage: Storage, spec: InputSpec, featurizers: list[Featurizer]) -> list[Any]:
+    """The rows the map is fitted on, as each model's input: the run's validation rows, then training rows up to
+    FIT_ROWS when there are fewer (the map sees no labels; both models encode any row alike)."""
+    val = validation_slots(cfg, storage, spec, featurizers)
+    if len(val[0]) >= FIT_ROWS:
+        return val
+    more = validation_slots(cfg, storage, spec, featurizers, max_rows=FIT_ROWS - len(val[0]), validation=False)
+    return [np.concatenate([a, b]) for a, b in zip(val, more)]
 
 
 def _own(line: str, target: Optional[str] = None, r2: Optional[float] = None) -> dict[str, Any]:
@@ -64,7 +79,7 @@ def align_codes(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Feat
     if int(old.manifest["latent_dim"]) != int(cfg.model.latent_dim):
         return _own(f"new code space: {old.version}'s code is {old.manifest['latent_dim']} wide, this model's "
                     f"{cfg.model.latent_dim}", target)
-    x_new, x_old = validation_slots(cfg, storage, spec, [featurizer, old.featurizer])
+    x_new, x_old = _fit_rows(cfg, storage, spec, [featurizer, old.featurizer])
     new = Predictor.from_state(dataclasses.asdict(cfg.model), state, featurizer)(x_new).latent
     previous = Predictor(old.model, old.featurizer, manifest=old.manifest)(x_old).latent  # its emitted coordinates
     space = code_space_of(old.manifest)
@@ -74,9 +89,9 @@ def align_codes(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Feat
         return _own(f"new code space: no alignment to {old.version} ({e})", target)
     if fitted.r2 < cfg.model.align_min_r2:
         return _own(f"new code space: mapped onto {old.version}'s codes, R^2 {fitted.r2:.3f} on held-out "
-                    f"validation rows is below model.align_min_r2 {cfg.model.align_min_r2:g}", target, fitted.r2)
+                    f"rows is below model.align_min_r2 {cfg.model.align_min_r2:g}", target, fitted.r2)
     line = (f"aligned to {old.version} (code space {space}): {fitted.kind} map, R^2 {fitted.r2:.3f} on held-out "
-            f"validation rows ({fitted.rows} rows)")
+            f"rows ({fitted.rows} rows: validation first, training rows when there are fewer than {FIT_ROWS})")
     print(f"[train] code space: {line}", flush=True)
     return {"code_space": space, "code_alignment": {"aligned_to": target, "map": fitted.to_dict(),
                                                     "r2": fitted.r2, "line": line}}

@@ -109,9 +109,10 @@ def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer
 
 
 def validation_slots(cfg: Config, storage: Storage, spec: InputSpec, featurizers: list[Featurizer],
-                     max_rows: int = PROJECTION_ROWS) -> list[np.ndarray]:
-    """Up to `max_rows` validation rows read on the driver, as each featurizer's input slots (the same rows, in
-    the same order: those every featurizer keeps). The first featurizer is the run's (it decides the split)."""
+                     max_rows: int = PROJECTION_ROWS, validation: bool = True) -> list[np.ndarray]:
+    """Up to `max_rows` validation rows (`validation=False`: training rows) read on the driver, as each
+    featurizer's input slots (the same rows, in the same order: those every featurizer keeps). The first
+    featurizer is the run's (it decides the split)."""
     xs: list[list[np.ndarray]] = [[] for _ in featurizers]
     n = 0
     for f in spec.files:
@@ -119,7 +120,7 @@ def validation_slots(cfg: Config, storage: Storage, spec: InputSpec, featurizers
             for batch in pf.iter_batches(batch_size=8192, columns=spec.columns):
                 t = pa.Table.from_batches([batch])
                 rows = [batch_rows(t, cfg.data, fz) for fz in featurizers]
-                keep = validation_mask(t, cfg.data, rows[0].split_key)
+                keep = validation_mask(t, cfg.data, rows[0].split_key) == validation
                 for r in rows:
                     keep &= r.keep
                 for x, r in zip(xs, rows):
