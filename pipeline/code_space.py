@@ -73,8 +73,12 @@ def align_codes(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Feat
     if target is None:
         why = "model.align_to: none" if cfg.model.align_to == NONE else f"no finished run under {cfg.artifacts.uri}"
         return _own(f"new code space ({why})")
-    old = load_artifact(storage, target)
-    if input_layout(old.manifest) != input_layout({"features": featurizer.to_dict()}):
+    try:
+        old = load_artifact(storage, target)
+        same_layout = input_layout(old.manifest) == input_layout({"features": featurizer.to_dict()})
+    except (ArtifactError, KeyError, TypeError, ValueError) as e:  # a broken or foreign model: never this run's end
+        return _own(f"new code space: the model at {target} does not load ({str(e) or e.__class__.__name__})", target)
+    if not same_layout:
         return _own(f"new code space: {old.version} reads another input layout (columns, order or roles)", target)
     if int(old.manifest["latent_dim"]) != int(cfg.model.latent_dim):
         return _own(f"new code space: {old.version}'s code is {old.manifest['latent_dim']} wide, this model's "

@@ -106,3 +106,23 @@ def test_a_model_saved_before_alignment_loads_unaligned_in_its_own_code_space(tm
     x = np.random.default_rng(5).normal(size=(16, 6)).astype(np.float32)
     np.testing.assert_array_equal(p(x).latent, Predictor(loaded.model, loaded.featurizer)(x).latent)
     assert isinstance(loaded.featurizer, Featurizer)
+
+
+def test_align_to_picks_the_latest_finished_run_and_a_named_run_must_exist(tmp_path):
+    from pipeline.code_space import alignment_target
+    from pipeline.config import load_config
+
+    storage = Storage(StorageSection())
+
+    def cfg(*sets: str):
+        return load_config(None, [f"artifacts.uri={tmp_path}", "run.name=v3", *sets])
+
+    assert alignment_target(cfg(), storage) is None  # nothing to align to: the model starts the code space
+    _save(tmp_path, None, "v1")
+    _save(tmp_path, None, "v2")
+    assert alignment_target(cfg(), storage).endswith("/v2")
+    assert alignment_target(cfg("model.align_to=v1"), storage).endswith("/v1")
+    assert alignment_target(cfg("model.align_to=none"), storage) is None
+    assert alignment_target(cfg("run.name=v2"), storage) is None  # never the run being trained
+    with pytest.raises(ConfigError, match="model.align_to: no finished run 'v0'"):
+        alignment_target(cfg("model.align_to=v0"), storage)
