@@ -149,11 +149,11 @@ def _own_codes(run_uri: str, all_uri: str, ids: np.ndarray) -> dict[str, np.ndar
     xn = Normalizer(fz.offset, fz.scale)(torch.as_tensor(x))
     member = loaded.model.members[0] if hasattr(loaded.model, "members") else loaded.model
     with torch.inference_mode():
-        recon = member(xn)
+        recon = member(xn).numpy().copy()
     layout = fz.layout()
-    for a, b, _ in (layout.groups if layout is not None else ()):
-        recon[:, a:b] = torch.softmax(recon[:, a:b], dim=1)
-    return {"latent": pred.latent, "score": pred.score, "x": xn.numpy(), "recon": recon.numpy()}
+    for a, b, _ in (layout.groups if layout is not None else ()):  # a categorical column: its levels' softmax
+        recon[:, a:b] = torch.softmax(torch.as_tensor(recon[:, a:b]), dim=1).numpy()
+    return {"latent": pred.latent, "score": pred.score, "x": xn.numpy(), "recon": recon}
 
 
 def probe(train: np.ndarray, y_train: np.ndarray):
@@ -245,6 +245,7 @@ def evaluate_table(t: LabelledTable, workdir: Path, overrides: list[str] = (),
         row[v] = {"aligned": bacc(v1, out[v]["latent"][test], y[test]) / codes,
                   "unaligned": bacc(v1, own[v]["latent"][test], y[test]) / codes,
                   "code_space_r2": s.alignment_r2, "line": s.manifest["code_alignment"]["line"],
+                  "aligned_by_pipeline": s.manifest["code_alignment"]["map"] is not None,
                   "same_code_space": out[v]["code_space"] == {s.manifest["code_space"]} == out["v1"]["code_space"],
                   "recon_error_max_abs_diff": float(np.abs(out[v]["recon_error"] - own[v]["score"]).max())}
     print(f"[eval codes] {t.name}: codes {codes:.3f} PCA {row['pca']:.3f} input {row['input']:.3f} | R^2 code "
@@ -262,8 +263,12 @@ def summarize(per: dict[str, Any]) -> dict[str, Any]:
     mixed = [n for n in per if per[n]["mixed"]]
     out = {scope: {k: mean(k, names) for k in ("codes", "pca", "input", "code_r2", "pca_r2")}
            for scope, names in (("all", list(per)), ("mixed", mixed))}
+    cases = [per[n][v] for n in per for v in ("v2", "v3")]
     for how in ("aligned", "unaligned"):
-        out["retention_" + how] = float(np.mean([per[n][v][how] for n in per for v in ("v2", "v3")]))
+        out["retention_" + how] = float(np.mean([c[how] for c in cases]))
+    kept = [c["aligned"] for c in cases if c["aligned_by_pipeline"]]
+    out["retention_where_aligned"] = float(np.mean(kept)) if kept else float("nan")
+    out["cases"], out["cases_aligned"] = len(cases), len(kept)
     return out
 
 
@@ -296,14 +301,15 @@ def markdown(results: dict[str, Any]) -> str:
              "| v2 aligned | v2 unaligned | v2 map R^2 | v3 aligned | v3 unaligned | v3 map R^2 |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def r2(x: Optional[float]) -> str:
-        return "-" if x is None else f"{x:.3f}"
+    def r2(c: dict[str, Any]) -> str:
+        x = c["code_space_r2"]
+        return "-" if x is None else f"{x:.3f}" + ("" if c["aligned_by_pipeline"] else " (new space)")
 
     for name, r in results["tables"].items():
         lines.append(f"| {name} | {r['rows']} | {r['classes']} | {'yes' if r['mixed'] else 'no'} | "
                      f"{r['code_width']} | {r['codes']:.3f} | {r['pca']:.3f} | {r['input']:.3f} | "
                      f"{r['code_r2']:.3f} | {r['pca_r2']:.3f} | "
-                     + " | ".join(f"{r[v]['aligned']:.3f} | {r[v]['unaligned']:.3f} | {r2(r[v]['code_space_r2'])}"
+                     + " | ".join(f"{r[v]['aligned']:.3f} | {r[v]['unaligned']:.3f} | {r2(r[v])}"
                                   for v in ("v2", "v3")) + " |")
     m = results["mean"]
     for scope in ("all", "mixed"):
@@ -311,6 +317,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| **mean ({scope})** | | | | | **{a['codes']:.3f}** | {a['pca']:.3f} | {a['input']:.3f} | "
                      f"{a['code_r2']:.3f} | {a['pca_r2']:.3f} | | | | | | |")
     lines += ["", f"Retention (v1's probe on the retrained codes over its accuracy on v1's, mean of v2 and v3 over "
-                  f"the tables): **{m['retention_aligned']:.3f} aligned**, {m['retention_unaligned']:.3f} unaligned.",
+                  f"the tables): **{m['retention_aligned']:.3f} as emitted** (aligned where the pipeline aligned), "
+                  f"{m['retention_unaligned']:.3f} unaligned; {m['retention_where_aligned']:.3f} over the "
+                  f"{m['cases_aligned']} of {m['cases']} retrains the pipeline aligned (the others started a new "
+                  "code space: `(new space)`, their downstream model must be retrained).",
               "", f"Wall time {results['wall_seconds']:.0f} s. {results['protocol']}."]
     return "\n".join(lines) + "\n"
