@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: setup feast-env mlflow-env browser run mlflow-ui test test-unit bench bench-gpu scale eval clean
+.PHONY: setup feast-env mlflow-env browser run mlflow-ui test test-unit bench bench-gpu scale eval eval-codes clean
 
 setup: $(STAMP)
 
@@ -84,11 +84,20 @@ bench-gpu: setup
 scale: setup
 	$(PY) -m benchmarks.scale
 
-## make eval: anomaly ranking of the defaults vs IsolationForest and PCA on benchmarks/adbench/; writes
-## eval-results.json and eval-results.md (EVAL_ARGS: e.g. --tables 6_cardio,40_vowels)
+## make eval: anomaly ranking of the defaults vs IsolationForest and PCA on benchmarks/adbench/ (writes
+## eval-results.json and eval-results.md; EVAL_ARGS: e.g. --tables 6_cardio,40_vowels), then the latent codes
+## (make eval-codes)
 EVAL_ARGS ?=
 eval: setup
 	$(PY) -m jobs.evaluate --num-cpus 4 $(EVAL_ARGS)
+	$(PY) -m jobs.evaluate --suite codes --num-cpus 4 $(CODES_ARGS)
+
+## make eval-codes: the latent codes vs PCA and the raw input on six labelled tables, and a downstream model's
+## accuracy across retrains with and without code alignment; writes codes-results.json and codes-results.md
+## (CODES_ARGS: e.g. --tables wine,penguins)
+CODES_ARGS ?=
+eval-codes: setup
+	$(PY) -m jobs.evaluate --suite codes --num-cpus 4 $(CODES_ARGS)
 
 clean:
-	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work eval-results.json eval-results.md .pytest_cache mlflow.db mlruns
+	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work eval-results.json eval-results.md codes-results.json codes-results.md .pytest_cache mlflow.db mlruns

@@ -4,8 +4,10 @@
     python -m jobs.evaluate --tables 6_cardio,40_vowels       # some of them
     python -m jobs.evaluate --input my.parquet --label-column is_fraud   # your own labelled table
     python -m jobs.evaluate --set train.epochs=50             # the pipeline with settings other than defaults
+    python -m jobs.evaluate --suite codes                     # the latent codes: vs PCA, across retrains
 
-Writes eval-results.json and eval-results.md (see pipeline/evaluation.py for the protocol).
+Writes eval-results.json and eval-results.md (see pipeline/evaluation.py for the protocol); `--suite codes`
+writes codes-results.json and codes-results.md (pipeline/codes_evaluation.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pipeline.evaluation import BENCHMARK_DIR, evaluate_tables, load_labelled, l
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("anomaly", "codes"), default="anomaly",
+                   help="anomaly: ranking on benchmarks/adbench/; codes: latent codes on labelled tables")
     p.add_argument("--tables", default=None, help="comma-separated names from benchmarks/adbench/ (default: all)")
     p.add_argument("--input", default=None, help="your own labelled table (Parquet file/folder, CSV or .npz)")
     p.add_argument("--label-column", default=None, help="with --input: the 0/1 column (1 = anomaly)")
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="scratch directory for splits, models and scores")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     args = p.parse_args(argv)
+    if args.suite == "codes":
+        return run_main(lambda: codes_suite(args))
 
     def _run() -> None:
         if args.input:
@@ -52,6 +58,26 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results), flush=True)
 
     return run_main(_run)
+
+
+def codes_suite(args: argparse.Namespace) -> None:
+    """`--suite codes`: the latent codes against PCA and the input, and across retrains (--tables from TABLES)."""
+    from pipeline.codes_evaluation import TABLES, evaluate_codes, markdown as codes_markdown
+
+    names = args.tables.split(",") if args.tables else list(TABLES)
+    unknown = [n for n in names if n not in TABLES]
+    if unknown:
+        raise InputError(f"--tables: {', '.join(unknown)} not among {', '.join(TABLES)}")
+    out = "codes-results.json" if args.out == "eval-results.json" else args.out
+
+    def write(results: dict) -> None:
+        Path(out).write_text(json.dumps({"codes": results}, indent=2) + "\n")
+        Path(out.removesuffix(".json") + ".md").write_text("## Latent codes\n\n" + codes_markdown(results))
+
+    with tempfile.TemporaryDirectory(prefix="eval-codes-") as tmp:
+        results = evaluate_codes([TABLES[n]() for n in names], Path(args.workdir or tmp), args.overrides,
+                                 args.num_cpus, on_table=write)
+    print(codes_markdown(results), flush=True)
 
 
 if __name__ == "__main__":

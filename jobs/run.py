@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"\n                 warning: {t.still_improving}" if t.still_improving else ""),
                 f"validation loss  {t.first_val_loss:.5f} -> {t.best_val_loss:.5f} (train {t.final_train_loss:.5f})",
                 f"threshold        {t.threshold:.5f} (q{cfg.train.threshold_quantile} of validation error)",
+                f"code space       {t.manifest['code_alignment']['line']}",
                 f"report           {t.run_uri}/report.html",
             ]
         s = score_job(cfg, storage, model_run=args.model, run_date=run_date)

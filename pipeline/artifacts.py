@@ -59,6 +59,7 @@ def save_artifact(storage: Storage, run_uri: str, model: Autoencoder, manifest: 
         **manifest,
     }
     full["model_version"] = f"{manifest['run_name']}@{digest[:12]}"
+    full["code_space"] = manifest.get("code_space") or full["model_version"]  # aligned: the previous model's
     storage.write_json(join_uri(d, MANIFEST), full)
     return full
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from pipeline.artifacts import save_artifact
 from pipeline.manifest import model_dir, read_manifest
 from pipeline.cluster import connect
+from pipeline.code_space import align_codes, alignment_target
 from pipeline.config import AUTO, Config
 from pipeline.errors import ConfigError, InputError
 from pipeline.featurizer import Featurizer
@@ -56,6 +57,10 @@ class TrainSummary:
     threshold: float
     seconds: float
     manifest: dict[str, Any]
+    code_space: str = ""
+    """The model version whose coordinates the emitted `latent` uses (this model's own unless aligned)."""
+    alignment_r2: Optional[float] = None
+    """Held-out R^2 of the map onto the previous model's codes (None: no previous model to align to)."""
     still_improving: Optional[str] = None
     """Set when the run hit its epoch limit with the validation loss still falling (what to raise)."""
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -93,7 +98,7 @@ def _metrics(cfg: Config, result, sketch: ScoreSketch) -> dict[str, Any]:
 
 
 def _save_model(cfg: Config, requested: Config, storage: Storage, spec: InputSpec, featurizer: Featurizer,
-                prep: dict[str, Any], result, sketch: ScoreSketch, auto: list[str]):
+                prep: dict[str, Any], result, sketch: ScoreSketch, auto: list[str], codes: dict[str, Any]):
     """The best epoch's model and its manifest, written to the run's model directory: (manifest, model)."""
     q = cfg.train.threshold_quantile
     model = build_model(featurizer.width, layout=featurizer.layout(), **dataclasses.asdict(cfg.model))
@@ -117,6 +122,7 @@ def _save_model(cfg: Config, requested: Config, storage: Storage, spec: InputSpe
         "history": result.history,
         "per_feature_error": (sketch.sq_sum / sketch.rows).tolist(),
         "validation_error_histogram": error_histogram_of(sketch),
+        **codes,  # code_alignment, and code_space when aligned to a previous model (pipeline/code_space.py)
     })
     return manifest, model
 
@@ -130,6 +136,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     lap = Lap(phases)
     storage = storage or Storage(cfg.storage)
     spec = check_train(cfg, storage, overwrite, output=check_output)
+    target = alignment_target(cfg, storage)  # before training: a model.align_to run that is not there ends here
     requested, cfg = cfg, dataclasses.replace(cfg, data=spec.data or cfg.data)
     lap("checks")
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
@@ -150,7 +157,8 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     lap("threshold")
     if sketch.rows == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
-    manifest, model = _save_model(cfg, requested, storage, spec, featurizer, prep, result, sketch, auto)
+    codes = align_codes(cfg, storage, spec, featurizer, result.best_state, target)
+    manifest, model = _save_model(cfg, requested, storage, spec, featurizer, prep, result, sketch, auto, codes)
     report = join_uri(cfg.run_uri, "report.html")
     storage.write_bytes(report, training_report(manifest, sketch.sample, *validation_projection(
         cfg, storage, spec, featurizer, manifest, model), val_rows=sketch.rows).encode())
@@ -170,7 +178,8 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],
                         best_val_loss=result.best_val_loss, final_train_loss=hist[-1]["train_loss"],
                         threshold=manifest["threshold"], seconds=time.perf_counter() - start, manifest=manifest,
-                        still_improving=manifest["metrics"]["still_improving"], phases=phases)
+                        still_improving=manifest["metrics"]["still_improving"], phases=phases,
+                        code_space=manifest["code_space"], alignment_r2=manifest["code_alignment"]["r2"])
 
 
 @tracked_scoring

@@ -29,6 +29,12 @@ def featurizer_of(manifest: dict[str, Any]) -> Featurizer:
     return Featurizer.numeric(names, norm["mean"], norm["scale"], vector=vector)
 
 
+def code_space_of(manifest: dict[str, Any]) -> str:
+    """The model version whose coordinates the model's `latent` is in: its own unless it was aligned to a
+    previous model's (pipeline/alignment.py); a model saved before alignment existed is its own."""
+    return str(manifest.get("code_space") or manifest["model_version"])
+
+
 def read_manifest(storage: Storage, run_uri: str) -> dict[str, Any]:
     uri = join_uri(model_dir(run_uri), MANIFEST)
     try:

@@ -7,7 +7,7 @@ tests/test_docs.py.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,8 @@ def output_schema(id_fields: Sequence[pa.Field], latent_dim: int, output: Output
                        output.feature_errors): squared normalized error, cross-entropy for a categorical
     top_features       list<string>, the output.top_k_features columns with the largest error, largest first
     model_version      string, `<run.name>@<weights sha256 prefix>`
+    code_space         string, the model version whose coordinates `latent` uses (model_version itself unless
+                       the model was aligned to a previous one: pipeline/alignment.py)
     event_timestamp    timestamp[us, UTC]: `data.timestamp_column`, else the run's as-of time
     scored_at          timestamp[us, UTC]
     """
@@ -43,7 +45,8 @@ def output_schema(id_fields: Sequence[pa.Field], latent_dim: int, output: Output
         fields.append(pa.field("feature_errors", pa.list_(pa.float32())))
     if output.top_k_features:
         fields.append(pa.field("top_features", pa.list_(pa.string())))
-    fields += [pa.field("model_version", pa.string()), pa.field("event_timestamp", UTC_US),
+    fields += [pa.field("model_version", pa.string()), pa.field("code_space", pa.string()),
+               pa.field("event_timestamp", UTC_US),
                pa.field("scored_at", UTC_US)]
     return pa.schema(fields)
 
@@ -96,8 +99,9 @@ def timestamp_us(t: dt.datetime) -> int:
 
 def scored_table(table: pa.Table, score: np.ndarray, latent: np.ndarray, errors: np.ndarray, feature_names: list[str],
                  threshold: np.float32, version: str, data: DataSection, output: OutputSection, as_of: dt.datetime,
-                 scored_at: dt.datetime) -> pa.Table:
-    """The output rows of the scored input rows `table`, in `output_schema`'s order."""
+                 scored_at: dt.datetime, code_space: Optional[str] = None) -> pa.Table:
+    """The output rows of the scored input rows `table`, in `output_schema`'s order (`code_space`: the
+    version whose coordinates `latent` uses; None: `version`'s own)."""
     n = len(score)
     cols: dict[str, Any] = {c: table.column(c) for c in data.id_columns}
     cols["latent"] = latent_list(latent)
@@ -105,6 +109,7 @@ def scored_table(table: pa.Table, score: np.ndarray, latent: np.ndarray, errors:
     cols["recon_error"] = pa.array(score, pa.float32())
     cols["is_anomaly"] = pa.array(score > threshold)
     cols["model_version"] = pa.array([version] * n, pa.string())
+    cols["code_space"] = pa.array([code_space or version] * n, pa.string())
     if data.timestamp_column:
         cols["event_timestamp"] = to_utc(table.column(data.timestamp_column))
     else:

@@ -17,8 +17,10 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
+from pipeline.alignment import CodeMap
 from pipeline.artifacts import load_artifact
 from pipeline.featurizer import Featurizer
+from pipeline.manifest import code_space_of
 from pipeline.models import build_model
 from pipeline.storage import Storage
 from pipeline.tensors import Normalizer, autocast_for
@@ -29,7 +31,7 @@ class Prediction:
     score: np.ndarray
     """(rows,) float32: the anomaly score."""
     latent: np.ndarray
-    """(rows, latent_dim) float32: the code."""
+    """(rows, latent_dim) float32: the code, in the model's code space (aligned when the model stores a map)."""
     errors: np.ndarray
     """(rows, columns) float32: each input column's error."""
 
@@ -46,6 +48,8 @@ class Predictor:
         self.normalizer = Normalizer(featurizer.offset, featurizer.scale, self.device)
         self.manifest = manifest or {}
         """The stored model's manifest (threshold, version); empty before there is an artifact."""
+        self.alignment = CodeMap.from_manifest(self.manifest)
+        """The map of the emitted code into a previous version's coordinates (None: the model's own code)."""
 
     @classmethod
     def from_artifact(cls, storage: Storage, model_uri: str, device: str = "cpu") -> "Predictor":
@@ -67,6 +71,11 @@ class Predictor:
     def version(self) -> str:
         return str(self.manifest["model_version"])
 
+    @property
+    def code_space(self) -> str:
+        """The model version whose coordinates `latent` is in."""
+        return code_space_of(self.manifest)
+
     @torch.inference_mode()
     def __call__(self, x: Union[np.ndarray, torch.Tensor]) -> Prediction:
         xt = torch.as_tensor(x)
@@ -74,7 +83,10 @@ class Predictor:
             xt = xt.pin_memory().to(self.device, non_blocking=True)
         with autocast_for(self.device):
             score, h, sq = self.model.score_and_latent(self.normalizer(xt))
-        return Prediction(score.float().cpu().numpy().astype(np.float32, copy=False), h.float().cpu().numpy(),
+        latent = h.float().cpu().numpy()
+        if self.alignment is not None:  # the emitted code only: the score above used the model's own
+            latent = self.alignment.apply(latent)
+        return Prediction(score.float().cpu().numpy().astype(np.float32, copy=False), latent,
                           sq.float().cpu().numpy())
 
 

@@ -1,7 +1,8 @@
 """The MLflow pyfunc model of a registered version, logged as code (MLflow's models-from-code: no pickle).
 
     model = mlflow.pyfunc.load_model("models:/NAME@champion")
-    model.predict(df)   # -> DataFrame: latent (list of floats), recon_error (float32), is_anomaly (bool)
+    model.predict(df)   # -> DataFrame: latent (list of floats), recon_error (float32), is_anomaly (bool),
+                        #    code_space (the version whose coordinates latent uses, as in the batch output)
 
 `df` holds the model's feature columns as the input Parquet has them (others are ignored). The numbers are the
 batch job's: the same checksum-verified artifact (`load_artifact`) and the same `Predictor` score the rows.
@@ -28,7 +29,7 @@ from pipeline.predictor import Predictor
 from pipeline.scorer import BatchScorer
 from pipeline.storage import Storage
 
-OUTPUT_COLUMNS = ["latent", "recon_error", "is_anomaly"]
+OUTPUT_COLUMNS = ["latent", "recon_error", "is_anomaly", "code_space"]
 
 
 def data_section(manifest: dict) -> DataSection:
@@ -51,7 +52,8 @@ class AutoencoderModel(mlflow.pyfunc.PythonModel):
         out = self.predictor(table)
         return pd.DataFrame({"latent": out.column("latent").to_pylist(),
                              "recon_error": out.column("recon_error").to_numpy(),
-                             "is_anomaly": out.column("is_anomaly").to_numpy(zero_copy_only=False)})
+                             "is_anomaly": out.column("is_anomaly").to_numpy(zero_copy_only=False),
+                             "code_space": out.column("code_space").to_pylist()})
 
 
 set_model(AutoencoderModel())

@@ -218,6 +218,7 @@ def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.
                    + (f"; {m['still_improving']}" if m.get("still_improving") else "")),
         ("best validation loss", f"{m.get('best_val_loss', float('nan')):.6g}"),
         ("threshold", f"{thr:.6g} (q{manifest.get('threshold_quantile')} of {val_rows or len(val_scores)} validation errors)"),
+        ("code space", (manifest.get("code_alignment") or {}).get("line", manifest.get("code_space"))),
         ("created", manifest.get("created_at")),
     ]
     sections = [

@@ -45,7 +45,8 @@ class BatchScorer:
             table, x = table.filter(pa.array(rows.keep)), x[rows.keep]
         pred = p(x)
         return scored_table(table, pred.score, pred.latent, pred.errors, p.featurizer.names, p.threshold, p.version,
-                            self.data, self.output, self.as_of, self.scored_at or dt.datetime.now(dt.timezone.utc))
+                            self.data, self.output, self.as_of, self.scored_at or dt.datetime.now(dt.timezone.utc),
+                            p.code_space)
 
 
 def batch_scorer(predictor: Predictor, storage: Storage, data: DataSection, as_of: dt.datetime,

@@ -152,6 +152,8 @@ def final_metrics(summary: Any) -> dict[str, float]:
            "seconds": summary.seconds}
     out.update({f"validation_score_q{q}": v for q, v in m["validation_score_quantiles"].items()})
     out.update({f"phase_{k}_s": v for k, v in summary.phases.items()})
+    if getattr(summary, "alignment_r2", None) is not None:  # the map onto the previous model's codes
+        out["code_space_r2"] = float(summary.alignment_r2)
     for key in ("code_alignment", "alignment_r2", "auroc"):  # figures a model kind or input may add
         if isinstance(m.get(key), (int, float)):
             out[key] = m[key]
@@ -189,7 +191,7 @@ def log_training(tracker: Tracker, cfg: Config, storage: Storage, summary: Any) 
     d = man["data"]
     tags = {"model_version": man["model_version"], "input_uri": d["input"], "input_rows": d["input_rows"],
             "train_rows": d["train_rows"], "validation_rows": d["validation_rows"],
-            "rejected_rows": d["rejected_rows"], "artifact_uri": summary.run_uri}
+            "rejected_rows": d["rejected_rows"], "artifact_uri": summary.run_uri, "code_space": summary.code_space}
     commit = git_commit()
     tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
     if summary.still_improving:

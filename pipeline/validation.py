@@ -3,6 +3,8 @@
     validation_errors(cfg, storage, spec, state, featurizer)   a bounded-memory sketch of the per-row scores
                                                                (for the anomaly threshold) and per-column
                                                                error, on Ray Data
+    validation_slots(cfg, storage, spec, featurizers)          a sample of validation rows as each featurizer's
+                                                               input (the code alignment's rows)
     validation_projection(cfg, storage, spec, featurizer,      a sample of validation rows read on the driver,
                           manifest, model)                     their codes, flags and planted truth (for the
                                                                training report's charts)
@@ -106,6 +108,32 @@ def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer
     x = np.concatenate(xs)[:max_rows] if xs else np.zeros((0, featurizer.width), np.float32)
     truth = np.concatenate(truths)[:max_rows] if has_truth and truths else None
     return x, truth
+
+
+def validation_slots(cfg: Config, storage: Storage, spec: InputSpec, featurizers: list[Featurizer],
+                     max_rows: int = PROJECTION_ROWS, validation: bool = True) -> list[np.ndarray]:
+    """Up to `max_rows` validation rows (`validation=False`: training rows) read on the driver, as each
+    featurizer's input slots (the same rows, in the same order: those every featurizer keeps). The first
+    featurizer is the run's (it decides the split)."""
+    xs: list[list[np.ndarray]] = [[] for _ in featurizers]
+    n = 0
+    for f in spec.files:
+        with storage.open_parquet(f) as pf:
+            for batch in pf.iter_batches(batch_size=8192, columns=spec.columns):
+                t = pa.Table.from_batches([batch])
+                rows = [batch_rows(t, cfg.data, fz) for fz in featurizers]
+                keep = validation_mask(t, cfg.data, rows[0].split_key) == validation
+                for r in rows:
+                    keep &= r.keep
+                for x, r in zip(xs, rows):
+                    x.append(r.x[keep])
+                n += int(keep.sum())
+                if n >= max_rows:
+                    break
+        if n >= max_rows:
+            break
+    return [np.concatenate(x)[:max_rows] if x else np.zeros((0, fz.width), np.float32)
+            for x, fz in zip(xs, featurizers)]
 
 
 def validation_projection(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Featurizer,

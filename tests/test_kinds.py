@@ -23,7 +23,7 @@ import pipeline.config as config_module
 from pipeline.config import ModelSection, TrainSection, config_from_dict, load_config
 from pipeline.errors import ConfigError, check_config
 from pipeline.kinds import KINDS, kind_setting_names, register
-from pipeline.kinds.spec import MLP_SETTINGS, KindSpec
+from pipeline.kinds.spec import CODE_SPACE_SETTINGS, MLP_SETTINGS, KindSpec
 from pipeline.models import MODELS, Autoencoder, build_model
 from pipeline.train import ALGORITHMS, TrainState, WorkerConfig, build_trainee, evaluate, run_training
 
@@ -108,7 +108,7 @@ def test_a_kind_setting_name_cannot_be_taken_twice():
 def test_model_section_is_the_shared_settings_plus_each_kinds_own():
     names = [f.name for f in dataclasses.fields(ModelSection)]
     kind_names = [n for spec in KINDS.values() for n in spec.setting_names]
-    assert names == ["kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *kind_names]
+    assert names == ["kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *CODE_SPACE_SETTINGS, *kind_names]
 
 
 def test_every_kind_has_a_model_class():
@@ -163,7 +163,9 @@ def test_manifests_written_by_main_still_build_and_new_ones_keep_the_format(kind
     assert dataclasses.asdict(model.settings) == {k: old[k] for k in own}
     assert type(model).__name__ != "Ensemble"  # a manifest from before model.ensemble: one model
     keys = set(dataclasses.asdict(ModelSection()))
-    assert keys == {"kind", *MLP_SETTINGS, "ensemble", "member_latent_dims"} | kind_setting_names()
+    assert keys == {"kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *CODE_SPACE_SETTINGS} | kind_setting_names()
+    assert type(build_model(6, **dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=3)))).__name__ \
+        == "Autoencoder"  # the code-space settings reach build_model in every manifest and are not the network's
     assert set(MAIN_MANIFEST_MODEL) <= keys  # an old manifest's keys all still exist
 
 

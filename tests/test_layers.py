@@ -24,14 +24,14 @@ PACKAGE = ROOT / "pipeline"
 
 FLOORS: dict[str, list[str]] = {
     # what the jobs/*.py entrypoints call, and the benchmark evaluation, which runs whole jobs per table
-    "entrypoints": ["cli", "evaluation"],
+    "entrypoints": ["cli", "evaluation", "codes_evaluation"],
     # the three jobs as library calls: train, score, dry run
     "orchestration": ["jobs", "dryrun"],
     # the Ray phases of a job
     "stages": ["train", "score", "scorer", "validation", "sketch", "schedule", "prepare", "preflight", "tracking",
-               "pyfunc_model"],
+               "pyfunc_model", "code_space"],
     # data in, models, storage, the cluster: what the stages are built from
-    "core": ["artifacts", "inputs", "read", "rows", "shards", "roles", "stats", "featurizer", "predictor", "output",
+    "core": ["artifacts", "inputs", "read", "rows", "shards", "roles", "stats", "featurizer", "predictor", "alignment", "output",
              "publish", "registry", "manifest", "metrics", "report", "models", "recirculation", "calibration", "tensors", "storage",
              "resources", "multinode", "cluster", "watchdog", "sample", "phases"],
     # typed settings and the rules on them; none of it imports torch

@@ -112,6 +112,7 @@ def test_feast_reads_back_what_the_pipeline_wrote(trained, tmp_path):
             assert g["recon_error"] == pytest.approx(r["recon_error"], rel=1e-6), kind
             assert g["is_anomaly"] == r["is_anomaly"] and g["top_features"] == r["top_features"], kind
             assert g["model_version"] == trained["train"].model_version, kind
+            assert g["code_space"] == r["code_space"] == trained["train"].code_space, kind
 
 
 # What Ray prints that a person running a job should not have to read: per-report and per-checkpoint lines

@@ -242,7 +242,7 @@ def test_pyfunc_model_returns_the_batch_jobs_numbers(lifecycle):
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     rows = pq.read_table(sorted((lifecycle.root / "input").glob("*.parquet"))[0]).slice(0, 400)
     pred = model.predict(rows.to_pandas())
-    assert list(pred.columns) == ["latent", "recon_error", "is_anomaly"] and len(pred) == 400
+    assert list(pred.columns) == ["latent", "recon_error", "is_anomaly", "code_space"] and len(pred) == 400
     batch = read_parquet_dir(lifecycle.alias_output)
     by_id = {i: k for k, i in enumerate(batch.column("id").to_pylist())}
     idx = [by_id[i] for i in rows.column("id").to_pylist()]
@@ -252,6 +252,7 @@ def test_pyfunc_model_returns_the_batch_jobs_numbers(lifecycle):
     np.testing.assert_allclose(np.stack(pred["latent"].to_list()), np.stack(want.column("latent").to_pylist()),
                                rtol=1e-5, atol=1e-6)
     assert pred["is_anomaly"].tolist() == want.column("is_anomaly").to_pylist()
+    assert pred["code_space"].tolist() == want.column("code_space").to_pylist()  # the same map, the same space
 
 
 def test_mlflow_models_serve_answers_with_the_batch_jobs_numbers(lifecycle, tmp_path):

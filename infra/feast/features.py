@@ -3,6 +3,10 @@
 One row per scored input row: the entity is the input's `id` column (data.id_columns), `event_timestamp` is
 the event time, `scored_at` the created timestamp (so a rescored row supersedes the older score for the same
 event). `SCORES_URI` names the output prefix; on S3, FileSource also takes `s3_endpoint_override`.
+
+`latent` is in the coordinates of the row's `code_space` (a retrained model aligned to the previous one keeps
+its code space; one that could not be aligned starts its own): a model trained on `latent` must record the
+code space it was trained on and take `latent` only from rows in that code space.
 """
 
 import os
@@ -35,6 +39,9 @@ anomaly_scores = FeatureView(
         Field(name="is_anomaly", dtype=Bool, description="recon_error above the model's threshold"),
         Field(name="top_features", dtype=Array(String), description="features with the largest error"),
         Field(name="model_version", dtype=String, description="<run.name>@<weights sha256 prefix>"),
+        Field(name="code_space", dtype=String,
+              description="the model version whose coordinates latent uses; a downstream model must record the "
+                          "code space it was trained on and use latent only from rows in that code space"),
     ],
     online=True,
     source=anomaly_scores_source,

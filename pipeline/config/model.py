@@ -51,6 +51,13 @@ class SharedModelSection:
     """Each ensemble member's code width, member 0 (whose code is `latent`) first. `auto`: with `latent_dim:
     auto`, the members' codes spread from an eighth to half of the input width around member 0's quarter
     (pipeline/sizing.py); with an explicit `latent_dim`, every member that width. Recorded in the manifest."""
+    align_to: str = "latest"
+    """Whose coordinates the emitted `latent` uses (pipeline/alignment.py). `latest`: the finished run that
+    `--model latest` would pick under artifacts.uri, when its input layout and code width match; a run name
+    under artifacts.uri; `none`: the model starts its own code space. The anomaly score never uses the map."""
+    align_min_r2: float = 0.8
+    """The fit (held-out R^2 of mapped codes against the previous model's) below which the model starts its own
+    code space rather than emit codes that only roughly mean the old ones."""
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, "model.kind", f"{self.kind!r} is not one of {', '.join(KINDS)}")
@@ -67,6 +74,9 @@ class SharedModelSection:
         _check(AUTO in (self.member_latent_dims, self.latent_dim) or self.member_latent_dims[0] == self.latent_dim,
                "model.member_latent_dims", f"{self.member_latent_dims}: the first is member 0's code, "
                f"model.latent_dim {self.latent_dim}")
+        _check(bool(self.align_to.strip()) and "/" not in self.align_to, "model.align_to",
+               f"{self.align_to!r}: `latest`, `none` or a run name under artifacts.uri")
+        _check(0.0 <= self.align_min_r2 <= 1.0, "model.align_min_r2", f"{self.align_min_r2} must be in [0, 1]")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
         _check(self.score in self.spec.scores, "model.score",
                f"{self.score} is the {' or '.join(kinds_with('scores', self.score))} kind's score, not "

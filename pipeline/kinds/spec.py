@@ -19,6 +19,10 @@ MLP_SETTINGS = ("hidden_dims", "latent_dim", "activation", "dropout", "code_acti
 """The settings every kind shares: the model classes' keyword arguments (typed and documented in the config's
 model section)."""
 
+CODE_SPACE_SETTINGS = ("align_to", "align_min_r2")
+"""Model settings that say which coordinates the emitted code is in (pipeline/alignment.py), not how the
+network is built: no model class takes them."""
+
 SCORES = ("calibrated", "recon")
 """The anomaly scores every kind supports (pipeline/calibration.py; mean squared reconstruction error)."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from pipeline.kinds import KINDS, kind_setting_names, spec_of
-from pipeline.kinds.spec import MLP_SETTINGS
+from pipeline.kinds.spec import CODE_SPACE_SETTINGS, MLP_SETTINGS
 from pipeline.layout import SlotLayout
 from pipeline.models.base import (ACTIVATIONS, Autoencoder, Ensemble, activation_and_slope, blocks, linear_layers,
                                   mlp)
@@ -44,6 +44,8 @@ def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayou
     `member_latent_dims[i]` when given. Another kind's settings are skipped; a name no kind declares is an
     error, so no setting is ever dropped silently. Sizes left `auto` (or not given) get pipeline/sizing.py's
     rules. `layout`: the input's columns (pipeline/featurizer.py; None: numeric)."""
+    for k in CODE_SPACE_SETTINGS:  # how the emitted code is aligned (pipeline/alignment.py), not the network
+        settings.pop(k, None)
     if ensemble == AUTO:  # a section no job resolved (sizing.resolve_model picks the count): one model
         ensemble = 1
     members = settings.pop("member_latent_dims", AUTO)  # each member's code width; none given: all alike
