@@ -23,7 +23,7 @@ def test_protocol_split_is_stratified_and_fixed():
 
 def test_every_shipped_table_loads():
     names = sorted(p.stem for p in BENCHMARK_DIR.glob("*.npz"))
-    assert len(names) == 8 and (BENCHMARK_DIR / "README.md").exists()
+    assert len(names) == 31 and (BENCHMARK_DIR / "README.md").exists()
     for n in names:
         t = load_npz(BENCHMARK_DIR / f"{n}.npz")
         assert t.X.shape[0] == len(t.y) and set(np.unique(t.y)) == {0, 1}
