@@ -160,14 +160,18 @@ def pipeline_scores(table: Table, test: np.ndarray, workdir: Path, overrides: li
     t = train_job(train_cfg, storage, overwrite=True)
     score_cfg = load_config(None, [f"data.input={base / 'test'}", *common])
     res = score_job(score_cfg, storage)
-    out = pa.concat_tables([pq.read_table(f, columns=[ID, "recon_error"]) for f in res.files])
-    by_id = dict(zip(out.column(ID).to_pylist(), out.column("recon_error").to_pylist()))
-    scores = np.array([by_id[i] for i in ids[test]], np.float64)
+    out = pa.concat_tables([pq.read_table(f, columns=[ID, "anomaly_score", "recon_error"]) for f in res.files])
+    order = {i: k for k, i in enumerate(out.column(ID).to_pylist())}
+    take = np.array([order[i] for i in ids[test]])
+    scores = out.column("anomaly_score").to_numpy()[take].astype(np.float64)
+    # the reconstruction error alone: how much of the ranking the codes' terms carry
+    recon = ranking_metrics(out.column("recon_error").to_numpy()[take].astype(np.float64), table.y[test])
     m = t.manifest
     info = {"epochs_run": t.epochs_run, "best_epoch": t.best_epoch + 1,
             "model": {k: m["model"].get(k)
                       for k in ("kind", "hidden_dims", "latent_dim", "ensemble", "member_latent_dims")},
-            "still_improving": bool(m["metrics"].get("still_improving", False))}
+            "still_improving": bool(m["metrics"].get("still_improving", False)),
+            "recon_error": recon}
     return scores, info
 
 
@@ -237,8 +241,8 @@ def versus(per: dict[str, Any]) -> dict[str, Any]:
         for k in ("auroc", "ap"):
             diff = {n: r["pipeline"][k] - r[base][k] for n, r in per.items()}
             worst = min(diff, key=diff.get)
-            out[f"{base}_{k}"] = {"wins": sum(d > 0 for d in diff.values()), "losses": sum(d < 0 for d in diff.values()),
-                                  "worst": [worst, diff[worst]]}
+            out[f"{base}_{k}"] = {"wins": sum(d > 0 for d in diff.values()),
+                                  "losses": sum(d < 0 for d in diff.values()), "worst": [worst, diff[worst]]}
     out["below_pca_by_over_margin"] = sorted(n for n, r in per.items()
                                              if r["pipeline"]["auroc"] < r["pca"]["auroc"] - PCA_MARGIN)
     return out
@@ -246,26 +250,29 @@ def versus(per: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     head = ("| table | rows | features | anomalies | pipeline AUROC | pipeline AP | IForest AUROC | IForest AP "
-            "| PCA AUROC | PCA AP | - IForest | pipeline s | table s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| PCA AUROC | PCA AP | - IForest | recon_error AUROC | pipeline s | table s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for name, r in results["tables"].items():
         lines.append(f"| {name} | {r['rows']} | {r['features']} | {r['anomaly_share']:.1%} | "
                      f"{r['pipeline']['auroc']:.3f} | {r['pipeline']['ap']:.3f} | {r['iforest']['auroc']:.3f} | "
                      f"{r['iforest']['ap']:.3f} | {r['pca']['auroc']:.3f} | {r['pca']['ap']:.3f} | "
-                     f"{r['pipeline']['auroc'] - r['iforest']['auroc']:+.3f} | {r['pipeline']['seconds']:.0f} | "
+                     f"{r['pipeline']['auroc'] - r['iforest']['auroc']:+.3f} | "
+                     f"{r['pipeline'].get('recon_error', {}).get('auroc', float('nan')):.3f} | "
+                     f"{r['pipeline']['seconds']:.0f} | "
                      f"{r.get('wall_seconds', r['pipeline']['seconds']):.0f} |")
     m = results["mean"]
     lines.append(f"| **mean** ({len(results['tables'])} tables) | | | | **{m['pipeline']['auroc']:.3f}** | "
                  f"**{m['pipeline']['ap']:.3f}** | {m['iforest']['auroc']:.3f} | {m['iforest']['ap']:.3f} | "
                  f"{m['pca']['auroc']:.3f} | {m['pca']['ap']:.3f} | "
-                 f"{m['pipeline']['auroc'] - m['iforest']['auroc']:+.3f} | | |")
+                 f"{m['pipeline']['auroc'] - m['iforest']['auroc']:+.3f} | | | |")
     lines.append("")
     v = results.get("versus") or versus(results["tables"])
     for base, label in (("iforest", "IsolationForest"), ("pca", "PCA")):
+        parts = [(k.upper(), v[f"{base}_{k}"]) for k in ("auroc", "ap")]
         lines.append(f"Against {label}: " + "; ".join(
-            f"{k.upper()} wins {v[f'{base}_{k}']['wins']}, loses {v[f'{base}_{k}']['losses']} "
-            f"(worst {v[f'{base}_{k}']['worst'][0]} {v[f'{base}_{k}']['worst'][1]:+.3f})" for k in ("auroc", "ap")) + ".")
+            f"{k} wins {c['wins']}, loses {c['losses']} (worst {c['worst'][0]} {c['worst'][1]:+.3f})"
+            for k, c in parts) + ".")
     below = v["below_pca_by_over_margin"]
     lines.append(f"Below PCA's AUROC by more than {PCA_MARGIN}: {', '.join(below) if below else 'none'}.")
     done = "" if results.get("complete", True) else f" Incomplete: {len(results['tables'])} tables so far."

@@ -151,8 +151,8 @@ def test_output_tables_match_the_declared_schema(page, heading):
 def test_output_schema_follows_the_output_settings():
     ids = [pa.field("user", pa.string()), pa.field("n", pa.int32())]
     plain = output_schema(ids, 4, OutputSection())
-    assert plain.names == ["user", "n", "latent", "recon_error", "is_anomaly", "model_version", "event_timestamp",
-                           "scored_at"]
+    assert plain.names == ["user", "n", "latent", "recon_error", "anomaly_score", "is_anomaly", "model_version",
+                           "event_timestamp", "scored_at"]
     assert plain.field("user").type == pa.string() and plain.field("n").type == pa.int32()
     full = output_schema(ids, 4, EVERY_OPTION)
     assert full.names[3:7] == ["z_0", "z_1", "z_2", "z_3"]
