@@ -209,6 +209,13 @@ def variants(r):
     for w in (0.25, 0.5):  # the default score with the kNN term weighted w
         out[f"cal4w{w}"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + w * m["knn_ref"] for m in side], 0)
                                  for side in (tv, tt))
+    # weights of the four terms (feat fixed at 1): w:CODE,MSE,KNN[,EXTRA=weight]
+    for wc, wm, wk in ((1, 1, 0.5), (0.5, 1, 0.5), (1, 2, 0.5), (1, 1, 0), (1, 1, 1), (0.5, 2, 0.5), (1, 2, 0),
+                       (2, 1, 0.5), (1, 0, 0.5), (0.5, 1, 0)):
+        for extra, we in (("", 0), ("fmax", 0.5), ("fmax", 1), ("ftop3", 1), ("xmax", 0.5)):
+            name = f"w:{wc},{wm},{wk}" + (f",{extra}={we}" if extra else "")
+            out[name] = tuple(np.mean([m["feat"] + wc * m["code"] + wm * m["mse"] + wk * m["knn_ref"]
+                                       + (we * m[extra] if extra else 0) for m in side], 0) for side in (tv, tt))
     for extra in ("fmax", "ftop3", "xmax"):  # the default score (kNN at 0.5) plus one extremeness term
         out[f"def+{extra}"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] + m[extra]
                                              for m in side], 0) for side in (tv, tt))

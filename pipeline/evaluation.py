@@ -254,7 +254,7 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for name, r in results["tables"].items():
-        lines.append(f"| {name} | {r['rows']} | {r['features']} | {r['anomaly_share']:.1%} | "
+        lines.append(f"| {name} | {r['rows']} | {r['features']} | {r['anomaly_share']:.{1 if r['anomaly_share'] >= 0.001 else 2}%} | "
                      f"{r['pipeline']['auroc']:.3f} | {r['pipeline']['ap']:.3f} | {r['iforest']['auroc']:.3f} | "
                      f"{r['iforest']['ap']:.3f} | {r['pca']['auroc']:.3f} | {r['pca']['ap']:.3f} | "
                      f"{r['pipeline']['auroc'] - r['iforest']['auroc']:+.3f} | "
