@@ -84,9 +84,9 @@ bench-gpu: setup
 scale: setup
 	$(PY) -m benchmarks.scale
 
-## make eval: anomaly ranking of the defaults vs IsolationForest and PCA on benchmarks/adbench/ (writes
-## eval-results.json and eval-results.md; EVAL_ARGS: e.g. --tables 6_cardio,40_vowels), then the latent codes
-## (make eval-codes)
+## make eval: anomaly ranking of the defaults vs IsolationForest and PCA on the 31 tables of benchmarks/adbench/;
+## writes eval-results.json and eval-results.md (EVAL_ARGS: e.g. --suite small (all but the five large tables),
+## --suite large, --suite dev8 (the first eight), --tables 6_cardio,40_vowels), then the latent codes (make eval-codes)
 EVAL_ARGS ?=
 eval: setup
 	$(PY) -m jobs.evaluate --num-cpus 4 $(EVAL_ARGS)

@@ -14,6 +14,7 @@ with different code widths).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -26,7 +27,7 @@ from pipeline.calibration import REFERENCE_ROWS, knn_distance
 from pipeline.config import load_config
 from pipeline.rows import validation_mask
 from pipeline.stats import ColumnMoments, normalization_stats
-from pipeline.evaluation import BENCHMARK_DIR, load_npz, protocol_split, ranking_metrics
+from pipeline.evaluation import BENCHMARK_DIR, load_npz, protocol_split, ranking_metrics, suite_tables
 from pipeline.tensors import Normalizer
 from pipeline.sizing import resolve_model, step_budget
 from pipeline.train import WorkerConfig, build_trainee, run_training
@@ -147,6 +148,10 @@ def terms(val, part):
     same = part is val
     kin = knn(val["x"], part["x"], same)
     kin = kin / knn(val["x"], val["x"], True).mean()
+    # extreme values on a few features (what averaging over the features dilutes): the largest squared
+    # normalized input value over the validation rows' mean of the same, and its top-3 mean
+    xmax_v = (val["x"] ** 2).max(1).mean()
+    xmax = (part["x"] ** 2).max(1) / (xmax_v + 1e-12)
     out = []
     pick = np.random.default_rng(0).permutation(len(val["x"]))[:REFERENCE_ROWS]  # the pipeline's code sample
     for mv, mp in zip(val["members"], part["members"]):
@@ -156,7 +161,12 @@ def terms(val, part):
         feat = np.maximum(feat, 1e-3 * feat.mean() + 1e-12)
         mu, var = mv["h"].mean(0), mv["h"].var(0)
         var = np.maximum(var, 1e-3 * var.mean() + 1e-12)
+        ratio_v = mv["sq"] / feat
+        fmax_v = ratio_v.max(1).mean() + 1e-12
+        top3_v = np.sort(ratio_v, 1)[:, -3:].mean(1).mean() + 1e-12
+        ratio = mp["sq"] / feat
         out.append({"feat": (mp["sq"] / feat).mean(1), "mse": mp["sq"].mean(1) / feat.mean(),
+                    "fmax": ratio.max(1) / fmax_v, "ftop3": np.sort(ratio, 1)[:, -3:].mean(1) / top3_v, "xmax": xmax,
                     "code": ((mp["h"] - mu) ** 2 / var).mean(1), "codefull": mahalanobis(mv["h"], mp["h"]),
                     "in": inp, "knn_in": kin, "zin": zin, "knn_ref": knn_ref,
                     "knn_code": knn(mv["h"], mp["h"], same) / knn(mv["h"], mv["h"], True).mean()})
@@ -174,7 +184,10 @@ SUMS = {"cal4": ("feat", "code", "mse", "knn_ref"), "cal": ("feat", "code", "mse
         "cal+2zin": ("feat", "code", "mse", "zin", "zin"), "cal+zin+knn_code": ("feat", "code", "mse", "zin", "knn_code"),
         "f+m+zin": ("feat", "mse", "zin"), "cal+knn_code+knn_in": ("feat", "code", "mse", "knn_code", "knn_in"),
         "cal+2knn_code": ("feat", "code", "mse", "knn_code", "knn_code"), "cal+zin+knn_in": ("feat", "code", "mse", "zin", "knn_in"),
-        "cal+zin+knn_code+knn_in": ("feat", "code", "mse", "zin", "knn_code", "knn_in"), "cal2+zin": ("feat", "code", "zin")}
+        "cal+zin+knn_code+knn_in": ("feat", "code", "mse", "zin", "knn_code", "knn_in"), "cal2+zin": ("feat", "code", "zin"),
+        "cal4+fmax": ("feat", "code", "mse", "knn_ref", "fmax"), "cal4+ftop3": ("feat", "code", "mse", "knn_ref", "ftop3"),
+        "cal4+xmax": ("feat", "code", "mse", "knn_ref", "xmax"), "fmax": ("fmax",), "xmax": ("xmax",),
+        "ftop3": ("ftop3",)}
 # each term on its validation z scale (mean / std), then summed
 ZSUMS = {"z:cal": ("feat", "code", "mse"), "z:cal+zin": ("feat", "code", "mse", "zin"), "z:cal_full": ("feat", "codefull", "mse"),
          "z:cal_full+in": ("feat", "codefull", "mse", "in")}
@@ -196,6 +209,16 @@ def variants(r):
     for w in (0.25, 0.5):  # the default score with the kNN term weighted w
         out[f"cal4w{w}"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + w * m["knn_ref"] for m in side], 0)
                                  for side in (tv, tt))
+    # weights of the four terms (feat fixed at 1): w:CODE,MSE,KNN[,EXTRA=weight]
+    for wc, wm, wk in ((1, 1, 0.5), (0.5, 1, 0.5), (1, 2, 0.5), (1, 1, 0), (1, 1, 1), (0.5, 2, 0.5), (1, 2, 0),
+                       (2, 1, 0.5), (1, 0, 0.5), (0.5, 1, 0)):
+        for extra, we in (("", 0), ("fmax", 0.5), ("fmax", 1), ("ftop3", 1), ("xmax", 0.5)):
+            name = f"w:{wc},{wm},{wk}" + (f",{extra}={we}" if extra else "")
+            out[name] = tuple(np.mean([m["feat"] + wc * m["code"] + wm * m["mse"] + wk * m["knn_ref"]
+                                       + (we * m[extra] if extra else 0) for m in side], 0) for side in (tv, tt))
+    for extra in ("fmax", "ftop3", "xmax"):  # the default score (kNN at 0.5) plus one extremeness term
+        out[f"def+{extra}"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] + m[extra]
+                                             for m in side], 0) for side in (tv, tt))
     for name, keys in LOGSUMS.items():
         out[name] = tuple(np.mean([sum(np.log(m[k] + 1e-3) for k in keys) for m in side], 0) for side in (tv, tt))
     for name, keys in ZSUMS.items():
@@ -209,8 +232,7 @@ def auc(s, y):
     return ranking_metrics(s, y)["auroc"]
 
 
-TABLES = ["6_cardio", "38_thyroid", "28_pendigits", "30_satellite", "32_shuttle", "40_vowels",
-          "22_magic.gamma", "24_mnist"]
+TABLES = suite_tables("small")  # the 26 development tables under 200,000 rows
 
 
 def main():
@@ -247,10 +269,14 @@ def main():
         per = {k: [auc(x[k][1], y) for x in vs] for k in vs[0]}
         # ensemble of the seeds: average of their scores, each on its validation rows' scale
         ens = {k: auc(np.mean([zval(*x[k]) for x in vs], 0), y) for k in vs[0]}
-        res[name] = {**{k: float(np.mean(x)) for k, x in per.items()}, **{f"ens_{k}": x for k, x in ens.items()}}
+        aps = {f"ap:{k}": float(np.mean([ranking_metrics(x[k][1], y)["ap"] for x in vs])) for k in vs[0]}
+        res[name] = {**{k: float(np.mean(x)) for k, x in per.items()}, **{f"ens_{k}": x for k, x in ens.items()},
+                     **aps}
         if not (a.load or a.mix):
             os.makedirs(a.out, exist_ok=True)
             np.save(saved, np.array(rows, dtype=object), allow_pickle=True)
+        with open(os.path.join(a.out, f"{a.tag}_results.json"), "w") as f:  # every table so far, per variant
+            json.dump(res, f)
         print(f"{name:16s} " + " ".join(f"{k}={np.mean(x):.3f}" for k, x in per.items())
               + " | ens " + " ".join(f"{k}={x:.3f}" for k, x in ens.items())
               + f" | ep {rows[0]['epochs']}/{rows[0]['limit']} best {rows[0]['best']} batch {rows[0]['batch']} "

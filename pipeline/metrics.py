@@ -1,6 +1,6 @@
 """Numbers computed over a run's published output (the report's drift counts, the planted-truth evaluation).
 
-    output_error_counts(storage, files, hist)       `recon_error` counted on the training histogram's bins
+    output_error_counts(storage, files, hist)       `anomaly_score` counted on the training histogram's bins
     evaluate_against_truth(cfg, storage, out_uri)   precision, recall and AUROC against a planted-truth column
     auroc(scores, labels)                           area under the ROC curve
 """
@@ -22,13 +22,13 @@ TRUTH_COLUMN = "is_anomaly_truth"  # a planted-truth column some inputs carry (t
 
 
 def output_error_counts(storage: Storage, files: list[str], hist: dict[str, Any]) -> dict[str, np.ndarray]:
-    """`recon_error` of published files counted on the histogram's edges and on its deciles, streamed one
+    """`anomaly_score` of published files counted on the histogram's edges and on its deciles, streamed one
     column of one file at a time (the driver never holds more than one file's errors)."""
     counts = np.zeros(len(hist["edges"]) - 1, np.int64)
     deciles = np.zeros(len(hist["deciles"]) + 1, np.int64)
     for f in files:
         with storage.open_parquet(f) as pf:
-            err = pf.read(columns=["recon_error"]).column("recon_error").to_numpy()
+            err = pf.read(columns=["anomaly_score"]).column("anomaly_score").to_numpy()
         counts += histogram_counts(err, hist["edges"])
         deciles += decile_counts(err, hist["deciles"])
     return {"counts": counts, "deciles": deciles}
@@ -68,10 +68,10 @@ def evaluate_against_truth(cfg: Config, storage: Storage, output_uri: str,
     out_parts = []
     for f in storage.list_files(output_uri, suffix=".parquet"):
         with storage.open_parquet(f) as pf:
-            out_parts.append(pf.read(columns=id_cols + ["recon_error", "is_anomaly"]))
+            out_parts.append(pf.read(columns=id_cols + ["anomaly_score", "is_anomaly"]))
     joined = pa.concat_tables(out_parts).join(truth, keys=id_cols)
     y = joined.column(truth_column).to_numpy(zero_copy_only=False).astype(bool)
-    s = joined.column("recon_error").to_numpy(zero_copy_only=False)
+    s = joined.column("anomaly_score").to_numpy(zero_copy_only=False)
     flag = joined.column("is_anomaly").to_numpy(zero_copy_only=False).astype(bool)
     tp = int((flag & y).sum())
     out = {"auroc": auroc(s, y), "precision": tp / max(int(flag.sum()), 1), "recall": tp / max(int(y.sum()), 1),

@@ -24,9 +24,10 @@ def output_schema(id_fields: Sequence[pa.Field], latent_dim: int, output: Output
     <id columns>       as in the input, unchanged
     latent             list<float32> of length latent_dim (a plain list: feature stores read it)
     z_0 … z_{k-1}      float32, the latent code as scalar columns (only with output.flat_latent)
-    recon_error        float32, the model's anomaly score (README, "recon_error"): per-column errors combined,
-                       each input column counted once
-    is_anomaly         bool, recon_error > the threshold stored in the model manifest
+    recon_error        float32, the row's reconstruction error: the mean of its per-column errors (each input
+                       column counted once; an ensemble: its models' mean)
+    anomaly_score      float32, the model's anomaly score (`model.score`), which ranks the rows
+    is_anomaly         bool, anomaly_score > the threshold stored in the model manifest
     feature_errors     list<float32>, the error of each input column, in data.features order (only with
                        output.feature_errors): squared normalized error, cross-entropy for a categorical
     top_features       list<string>, the output.top_k_features columns with the largest error, largest first
@@ -40,7 +41,8 @@ def output_schema(id_fields: Sequence[pa.Field], latent_dim: int, output: Output
     fields.append(pa.field("latent", pa.list_(pa.float32())))
     if output.flat_latent:
         fields += [pa.field(f"z_{i}", pa.float32()) for i in range(latent_dim)]
-    fields += [pa.field("recon_error", pa.float32()), pa.field("is_anomaly", pa.bool_())]
+    fields += [pa.field("recon_error", pa.float32()), pa.field("anomaly_score", pa.float32()),
+               pa.field("is_anomaly", pa.bool_())]
     if output.feature_errors:
         fields.append(pa.field("feature_errors", pa.list_(pa.float32())))
     if output.top_k_features:
@@ -106,7 +108,8 @@ def scored_table(table: pa.Table, score: np.ndarray, latent: np.ndarray, errors:
     cols: dict[str, Any] = {c: table.column(c) for c in data.id_columns}
     cols["latent"] = latent_list(latent)
     cols.update(explanation_columns(latent, errors, feature_names, output))
-    cols["recon_error"] = pa.array(score, pa.float32())
+    cols["recon_error"] = pa.array(errors.mean(axis=1, dtype=np.float64), pa.float32())
+    cols["anomaly_score"] = pa.array(score, pa.float32())
     cols["is_anomaly"] = pa.array(score > threshold)
     cols["model_version"] = pa.array([version] * n, pa.string())
     cols["code_space"] = pa.array([code_space or version] * n, pa.string())

@@ -1,7 +1,7 @@
 """The MLflow pyfunc model of a registered version, logged as code (MLflow's models-from-code: no pickle).
 
     model = mlflow.pyfunc.load_model("models:/NAME@champion")
-    model.predict(df)   # -> DataFrame: latent (list of floats), recon_error (float32), is_anomaly (bool),
+    model.predict(df)   # -> DataFrame: latent (list of floats), recon_error, anomaly_score (float32), is_anomaly,
                         #    code_space (the version whose coordinates latent uses, as in the batch output)
 
 `df` holds the model's feature columns as the input Parquet has them (others are ignored). The numbers are the
@@ -29,7 +29,7 @@ from pipeline.predictor import Predictor
 from pipeline.scorer import BatchScorer
 from pipeline.storage import Storage
 
-OUTPUT_COLUMNS = ["latent", "recon_error", "is_anomaly", "code_space"]
+OUTPUT_COLUMNS = ["latent", "recon_error", "anomaly_score", "is_anomaly", "code_space"]
 
 
 def data_section(manifest: dict) -> DataSection:
@@ -52,6 +52,7 @@ class AutoencoderModel(mlflow.pyfunc.PythonModel):
         out = self.predictor(table)
         return pd.DataFrame({"latent": out.column("latent").to_pylist(),
                              "recon_error": out.column("recon_error").to_numpy(),
+                             "anomaly_score": out.column("anomaly_score").to_numpy(),
                              "is_anomaly": out.column("is_anomaly").to_numpy(zero_copy_only=False),
                              "code_space": out.column("code_space").to_pylist()})
 

@@ -50,7 +50,7 @@ def ops_config(tmp: Path, **more: str):
     sets = {
         "run.name": "ops", "data.input": str(tmp / "data"), "data.timestamp_column": "event_time",
         "model.hidden_dims": "[32, 16]", "model.latent_dim": "4", "train.epochs": "3", "train.batch_size": "128",
-        "model.score": "recon",  # the checks read recon_error as the mean of feature_errors
+        "model.score": "recon",  # the checks read anomaly_score as recon_error, the mean of feature_errors
         "train.lr": "0.003", "train.num_workers": "1", "train.cpus_per_worker": "1",
         "artifacts.uri": str(tmp / "artifacts"), "output.uri": str(tmp / "output"),
         "output.flat_latent": "true", "output.feature_errors": "true", "output.top_k_features": "3", **more,

@@ -54,7 +54,7 @@ def test_train_and_score_through_s3(ray_cluster, s3_server, bucket, storage):
     out = read_output(storage, f"s3://{bucket}/output")
     assert out.num_rows == 6000
     assert out.schema.field("latent").type == pa.list_(pa.float32())
-    assert out.schema.field("recon_error").type == pa.float32()
+    assert out.schema.field("recon_error").type == out.schema.field("anomaly_score").type == pa.float32()
     assert out.schema.field("is_anomaly").type == pa.bool_()
     assert out.schema.field("model_version").type == pa.string()
     assert out.schema.field("event_timestamp").type == pa.timestamp("us", tz="UTC")
@@ -94,8 +94,8 @@ def test_scalar_columns_without_timestamp_locally(ray_cluster, storage, tmp_path
     assert out.num_rows == s.scored_rows == 3000
     assert len(set(out.column("event_timestamp").to_pylist())) == 1
     truth = pq.read_table(tmp_path / "in", columns=["id", "is_anomaly_truth"]).join(
-        out.select(["id", "recon_error"]), keys="id")
-    assert auroc(truth.column("recon_error").to_numpy(), truth.column("is_anomaly_truth").to_numpy()) >= 0.85
+        out.select(["id", "anomaly_score"]), keys="id")
+    assert auroc(truth.column("anomaly_score").to_numpy(), truth.column("is_anomaly_truth").to_numpy()) >= 0.85
 
 
 def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):

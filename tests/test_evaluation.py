@@ -11,7 +11,8 @@ import pytest
 
 from jobs.evaluate import main as evaluate_main
 from pipeline.errors import InputError
-from pipeline.evaluation import BENCHMARK_DIR, load_labelled, load_npz, protocol_split
+from pipeline.evaluation import (BENCHMARK_DIR, DEV8, LARGE, load_labelled, load_npz, markdown, merge, protocol_split,
+                                 suite_tables, summarize)
 
 
 def test_protocol_split_is_stratified_and_fixed():
@@ -23,10 +24,40 @@ def test_protocol_split_is_stratified_and_fixed():
 
 def test_every_shipped_table_loads():
     names = sorted(p.stem for p in BENCHMARK_DIR.glob("*.npz"))
-    assert len(names) == 8 and (BENCHMARK_DIR / "README.md").exists()
+    assert len(names) == 31 and (BENCHMARK_DIR / "README.md").exists()
     for n in names:
         t = load_npz(BENCHMARK_DIR / f"{n}.npz")
         assert t.X.shape[0] == len(t.y) and set(np.unique(t.y)) == {0, 1}
+
+
+def test_suites_split_the_shipped_tables():
+    every = suite_tables("all")
+    assert sorted(suite_tables("small") + suite_tables("large")) == every
+    assert set(suite_tables("large")) == set(LARGE) and set(suite_tables("dev8")) == set(DEV8)
+    with pytest.raises(InputError, match="--suite nope"):
+        suite_tables("nope")
+
+
+def _row(pipeline: float, iforest: float, pca: float) -> dict:
+    return {"rows": 100, "features": 4, "anomaly_share": 0.1, "wall_seconds": 2.0,
+            "pipeline": {"auroc": pipeline, "ap": pipeline / 2, "seconds": 1.0},
+            "iforest": {"auroc": iforest, "ap": iforest / 2}, "pca": {"auroc": pca, "ap": pca / 2}}
+
+
+def test_wins_losses_and_tables_far_below_pca_are_counted_and_merged_runs_add_up():
+    a = summarize({"a": _row(0.9, 0.8, 0.97), "b": _row(0.7, 0.8, 0.6)}, [], 10.0, True)
+    b = summarize({"c": _row(0.95, 0.9, 0.9)}, [], 5.0, True)
+    both = merge([a, b])
+    assert set(both["tables"]) == {"a", "b", "c"} and both["wall_seconds"] == 15.0
+    assert both["mean"]["pipeline"]["auroc"] == pytest.approx(0.85)
+    v = both["versus"]
+    assert (v["iforest_auroc"]["wins"], v["iforest_auroc"]["losses"]) == (2, 1)
+    assert v["iforest_auroc"]["worst"] == ["b", pytest.approx(-0.1)]
+    assert v["below_pca_by_over_margin"] == ["a"]  # 0.07 below; b is above PCA
+    md = markdown(both)
+    assert "| **mean** (3 tables) |" in md and "Below PCA's AUROC by more than 0.05: a." in md
+    with pytest.raises(InputError, match="different --set"):
+        merge([a, summarize({"d": _row(0.9, 0.8, 0.7)}, ["model.ensemble=1"], 1.0, True)])
 
 
 def test_a_users_labelled_table_loads_its_numeric_columns(tmp_path):

@@ -101,7 +101,7 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
     assert out.schema.field("feature_errors").type == pa.list_(pa.float32())
     assert {len(v) for v in out.column("feature_errors").to_pylist()} == {len(NUMERIC + CATEGORICAL)}
     assert set(sum(out.column("top_features").to_pylist(), [])) <= set(NUMERIC + CATEGORICAL)
-    assert np.isfinite(out.column("recon_error").to_numpy()).all()
+    assert all(np.isfinite(out.column(c).to_numpy()).all() for c in ("recon_error", "anomaly_score"))
 
     ev = evaluate_against_truth(cfg, storage, s.output_uri)
     cat = ev["auroc_by_kind"]["categorical"]

@@ -74,8 +74,10 @@ def test_output_is_one_run_date_partition_with_feast_ready_columns(trained):
     np.testing.assert_array_equal(latent[:, 2], t.column("z_2").to_numpy())
     fe = np.array(t.column("feature_errors").to_pylist(), np.float32)
     assert fe.shape == (3000, 16)
-    # recon_error is the mean of the per-feature errors; top_features are the largest of them, largest first
+    # recon_error is the mean of the per-feature errors (with model.score: recon, the anomaly score too);
+    # top_features are the largest of them, largest first
     np.testing.assert_allclose(fe.mean(axis=1), t.column("recon_error").to_numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(t.column("anomaly_score").to_numpy(), t.column("recon_error").to_numpy(), rtol=1e-5)
     names = trained["train"].manifest["feature_names"]
     want = [[names[j] for j in np.argsort(-row, kind="stable")[:3]] for row in fe[:200]]
     assert t.column("top_features").to_pylist()[:200] == want
@@ -110,6 +112,7 @@ def test_feast_reads_back_what_the_pipeline_wrote(trained, tmp_path):
             g = got[str(r["id"])]
             np.testing.assert_allclose(g["latent"], r["latent"], rtol=1e-6, err_msg=kind)
             assert g["recon_error"] == pytest.approx(r["recon_error"], rel=1e-6), kind
+            assert g["anomaly_score"] == pytest.approx(r["anomaly_score"], rel=1e-6), kind
             assert g["is_anomaly"] == r["is_anomaly"] and g["top_features"] == r["top_features"], kind
             assert g["model_version"] == trained["train"].model_version, kind
             assert g["code_space"] == r["code_space"] == trained["train"].code_space, kind

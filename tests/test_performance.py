@@ -133,7 +133,8 @@ def test_a_scoring_worker_loads_the_model_once_per_run(tmp_path, monkeypatch):
     assert all(o.num_rows == table.num_rows for o in out)  # sliced into batches of 300, put back in order
     assert all(c.num_chunks == 1 for c in out[0].columns)  # one chunk: one Parquet row group, not one per slice
     assert out[0].column("id").to_pylist() == table.column("id").to_pylist()
-    np.testing.assert_allclose(out[0].column("recon_error").to_numpy(), out[1].column("recon_error").to_numpy())
+    for col in ("recon_error", "anomaly_score"):
+        np.testing.assert_allclose(out[0].column(col).to_numpy(), out[1].column(col).to_numpy())
 
     scorer_mod.ScoreBatches(storage, run_uri, data, now, batch_size=300, run_id="run-2")(table)
     assert loads == [run_uri, run_uri]  # a new run never reuses an earlier run's model

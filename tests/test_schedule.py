@@ -7,14 +7,15 @@ import datetime as dt
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipeline.config import OutputSection, StorageSection, load_config
+from pipeline.config import DataSection, OutputSection, StorageSection, load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.report import decile_counts, error_histogram, histogram_counts, pca_2d, population_stability_index
 from pipeline.schedule import (input_partitions, parse_run_date, plan_incremental, record_scored,
                                resolve_model_run, run_date_uri)
-from pipeline.output import explanation_columns
+from pipeline.output import explanation_columns, scored_table
 from pipeline.storage import Storage
 
 
@@ -107,6 +108,20 @@ def test_explanation_columns():
     assert cols["top_features"].to_pylist() == want
     # k larger than the feature count is clamped
     assert len(explanation_columns(h, sq, names, OutputSection(top_k_features=9))["top_features"][0]) == 6
+
+
+def test_scored_rows_carry_their_reconstruction_error_and_their_score_apart():
+    """recon_error is the row's mean per-column error; anomaly_score is the model's score, which alone sets
+    is_anomaly (a row reconstructed well can still score high: its code lies far out)."""
+    errors = np.array([[0.1, 0.3], [4.0, 2.0], [0.2, 0.2]], np.float32)
+    score = np.array([0.5, 9.0, 7.0], np.float32)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    t = scored_table(pa.table({"id": [1, 2, 3]}), score, np.zeros((3, 2), np.float32), errors, ["a", "b"],
+                     np.float32(5.0), "m@0", DataSection(id_columns=["id"]), OutputSection(), now, now)
+    assert t.schema.names[:5] == ["id", "latent", "recon_error", "anomaly_score", "is_anomaly"]
+    np.testing.assert_allclose(t.column("recon_error").to_numpy(), [0.2, 3.0, 0.2], rtol=1e-6)
+    np.testing.assert_array_equal(t.column("anomaly_score").to_numpy(), score)
+    assert t.column("is_anomaly").to_pylist() == [False, True, True]  # row 3: small error, high score
 
 
 def test_output_config_fields_are_checked():

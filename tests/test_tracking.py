@@ -242,13 +242,13 @@ def test_pyfunc_model_returns_the_batch_jobs_numbers(lifecycle):
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     rows = pq.read_table(sorted((lifecycle.root / "input").glob("*.parquet"))[0]).slice(0, 400)
     pred = model.predict(rows.to_pandas())
-    assert list(pred.columns) == ["latent", "recon_error", "is_anomaly", "code_space"] and len(pred) == 400
+    assert list(pred.columns) == ["latent", "recon_error", "anomaly_score", "is_anomaly", "code_space"] and len(pred) == 400
     batch = read_parquet_dir(lifecycle.alias_output)
     by_id = {i: k for k, i in enumerate(batch.column("id").to_pylist())}
     idx = [by_id[i] for i in rows.column("id").to_pylist()]
     want = batch.take(pa.array(idx))
-    np.testing.assert_allclose(pred["recon_error"].to_numpy(np.float32), want.column("recon_error").to_numpy(),
-                               rtol=1e-5, atol=1e-6)
+    for col in ("recon_error", "anomaly_score"):
+        np.testing.assert_allclose(pred[col].to_numpy(np.float32), want.column(col).to_numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.stack(pred["latent"].to_list()), np.stack(want.column("latent").to_pylist()),
                                rtol=1e-5, atol=1e-6)
     assert pred["is_anomaly"].tolist() == want.column("is_anomaly").to_pylist()
@@ -290,7 +290,8 @@ def test_mlflow_models_serve_answers_with_the_batch_jobs_numbers(lifecycle, tmp_
     batch = read_parquet_dir(lifecycle.alias_output)
     by_id = {i: k for k, i in enumerate(batch.column("id").to_pylist())}
     want = batch.take(pa.array([by_id[i] for i in rows.column("id").to_pylist()]))
-    np.testing.assert_allclose([a["recon_error"] for a in answer], want.column("recon_error").to_numpy(), rtol=1e-5)
+    for col in ("recon_error", "anomaly_score"):
+        np.testing.assert_allclose([a[col] for a in answer], want.column(col).to_numpy(), rtol=1e-5)
     np.testing.assert_allclose([a["latent"] for a in answer], want.column("latent").to_pylist(), rtol=1e-5, atol=1e-6)
     assert [a["is_anomaly"] for a in answer] == want.column("is_anomaly").to_pylist()
 

@@ -35,8 +35,9 @@ anomaly_scores = FeatureView(
     ttl=timedelta(days=30),
     schema=[
         Field(name="latent", dtype=Array(Float32), description="the autoencoder's code for the row"),
-        Field(name="recon_error", dtype=Float32, description="reconstruction error (the anomaly score)"),
-        Field(name="is_anomaly", dtype=Bool, description="recon_error above the model's threshold"),
+        Field(name="recon_error", dtype=Float32, description="the row's reconstruction error (mean per-column error)"),
+        Field(name="anomaly_score", dtype=Float32, description="the model's anomaly score (ranks the rows)"),
+        Field(name="is_anomaly", dtype=Bool, description="anomaly_score above the model's threshold"),
         Field(name="top_features", dtype=Array(String), description="features with the largest error"),
         Field(name="model_version", dtype=String, description="<run.name>@<weights sha256 prefix>"),
         Field(name="code_space", dtype=String,

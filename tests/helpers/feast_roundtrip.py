@@ -14,7 +14,7 @@ from datetime import datetime
 import pandas as pd
 from feast import FeatureStore
 
-FEATURES = ["latent", "recon_error", "is_anomaly", "top_features", "model_version", "code_space"]
+FEATURES = ["latent", "recon_error", "anomaly_score", "is_anomaly", "top_features", "model_version", "code_space"]
 
 
 def plain(v):
