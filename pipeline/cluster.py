@@ -111,7 +111,8 @@ def local_ray_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -130,7 +131,7 @@ def start_local(num_cpus: Optional[int] = None, **init_kwargs) -> None:
     import ray
 
     local_ray_environment()
-    port = _free_loopback_port()
+    port = free_loopback_port()
     pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
     saved = {key: os.environ.get(key) for key in pinned}
     os.environ.update(pinned)  # the raylet and the GCS copy the environment when they start

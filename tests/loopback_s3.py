@@ -18,18 +18,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline.cluster import free_loopback_port as free_port
+
 FAKE_KEY_ID = "AKIATESTFAKEKEY00001"
 FAKE_SECRET = "fakeSecretDoNotLog/8f3b2c1d9e7a6b5c4d3e2f1a"
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
     "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:

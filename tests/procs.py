@@ -245,3 +245,14 @@ def latest_checkpoint(s3: str, bucket: str, run: str) -> Optional[dict]:
         return None
     body = get_bytes(s3, bucket, f"artifacts/{run}/train/{run}/{path}/state.pt")
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+
+
+def read_parquet_dir(storage, uri: str):
+    """Every `.parquet` file under `uri` (local or S3, through the job's Storage), as one table in file order."""
+    import pyarrow as pa
+
+    parts = []
+    for f in storage.list_files(uri, suffix=".parquet"):
+        with storage.open_parquet(f) as pf:
+            parts.append(pf.read())
+    return pa.concat_tables(parts)

@@ -15,6 +15,7 @@ from pipeline.config import load_config
 from pipeline.jobs import score_job, train_job
 from pipeline.manifest import MANIFEST, WEIGHTS
 from pipeline.sample import write_sample
+from tests.procs import read_parquet_dir
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +29,7 @@ def config(bucket: str, endpoint: str, run: str, *extra: str):
 
 
 def scored(storage, uri: str) -> pa.Table:
-    parts = []
-    for f in storage.list_files(uri, suffix=".parquet"):
-        with storage.open_parquet(f) as pf:
-            parts.append(pf.read())
-    return pa.concat_tables(parts).sort_by("id")
+    return read_parquet_dir(storage, uri).sort_by("id")
 
 
 def test_a_retrain_aligned_to_the_previous_model_keeps_a_downstream_model_working(ray_cluster, s3_server, bucket,

@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.jobs import score_job, train_job
 from pipeline.metrics import auroc, evaluate_against_truth
 from pipeline.sample import write_sample
-from tests.procs import job_env, run_job
+from tests.procs import job_env, read_parquet_dir, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +23,6 @@ def s3_config(bucket: str, endpoint: str, *extra: str):
         f"data.input=s3://{bucket}/input", f"artifacts.uri=s3://{bucket}/artifacts",
         f"output.uri=s3://{bucket}/output", f"storage.endpoint_url={endpoint}", "run.name=e2e",
         "train.epochs=6", "train.num_workers=2", "train.cpus_per_worker=0.5", *extra])
-
-
-def read_output(storage, uri: str) -> pa.Table:
-    parts = []
-    for f in storage.list_files(uri, suffix=".parquet"):
-        fs, path = storage.resolve(f)
-        with fs.open_input_file(path) as fh:
-            parts.append(pq.read_table(fh))
-    return pa.concat_tables(parts)
 
 
 def test_train_and_score_through_s3(ray_cluster, s3_server, bucket, storage):
@@ -51,7 +42,7 @@ def test_train_and_score_through_s3(ray_cluster, s3_server, bucket, storage):
 
     s = score_job(cfg, storage)
     assert s.input_rows == s.scored_rows == 6000 and s.rejected_rows == 0
-    out = read_output(storage, f"s3://{bucket}/output")
+    out = read_parquet_dir(storage, f"s3://{bucket}/output")
     assert out.num_rows == 6000
     assert out.schema.field("latent").type == pa.list_(pa.float32())
     assert out.schema.field("recon_error").type == out.schema.field("anomaly_score").type == pa.float32()
@@ -65,7 +56,7 @@ def test_train_and_score_through_s3(ray_cluster, s3_server, bucket, storage):
     assert set(len(v) for v in out.column("latent").to_pylist()[:100]) == {cfg.model.latent_dim}
     assert set(out.column("model_version").to_pylist()) == {manifest["model_version"]}
     # event_timestamp is the input's own event time
-    inp = read_output(storage, f"s3://{bucket}/input").select(["id", "event_time"]).join(
+    inp = read_parquet_dir(storage, f"s3://{bucket}/input").select(["id", "event_time"]).join(
         out.select(["id", "event_timestamp"]), keys="id")
     assert inp.column("event_time").equals(inp.column("event_timestamp"))
 

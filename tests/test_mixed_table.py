@@ -27,6 +27,7 @@ from pipeline.rows import batch_rows
 from pipeline.sample import write_mixed_sample
 from pipeline.stats import normalization_stats
 from pipeline.tensors import Normalizer
+from tests.procs import read_parquet_dir
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +44,6 @@ def config(bucket: str, endpoint: str, data: str = "mixed", out: str = "out", *e
         "train.epochs=10", "train.lr=0.01", "train.patience=10", "train.checkpoint_every=10",
         "train.num_workers=1", "train.cpus_per_worker=0.5",
         "output.feature_errors=true", "output.top_k_features=2", *extra])
-
-
-def read_dir(storage, uri: str) -> pa.Table:
-    parts = []
-    for f in storage.list_files(uri, suffix=".parquet"):
-        with storage.open_parquet(f) as pf:
-            parts.append(pf.read())
-    return pa.concat_tables(parts)
 
 
 def numeric_only_auroc(table: pa.Table, hidden: list[int], latent: int, epochs: int) -> float:
@@ -95,7 +88,7 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
 
     s = score_job(cfg, storage, run_date=RUN_DATE)
     assert s.input_rows == s.scored_rows == ROWS and s.rejected_rows == 0
-    out = read_dir(storage, s.output_uri)
+    out = read_parquet_dir(storage, s.output_uri)
     ids = out.column("id").to_numpy()
     assert len(np.unique(ids)) == ROWS == out.num_rows  # every row scored exactly once
     assert out.schema.field("feature_errors").type == pa.list_(pa.float32())
@@ -108,7 +101,7 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
     assert cat >= 0.9, ev
     # explained in the table's own columns: a planted categorical row's most unusual column (its error over
     # that column's mean on normal rows) is one of the columns that was tampered with or goes with them
-    good = read_dir(storage, f"s3://{bucket}/mixed")
+    good = read_parquet_dir(storage, f"s3://{bucket}/mixed")
     kind = dict(zip(good.column("id").to_pylist(), good.column("anomaly_kind").to_pylist()))
     errs = np.asarray(out.column("feature_errors").to_pylist())
     normal = np.array([kind[i] == "" for i in ids])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
@@ -13,6 +12,7 @@ from pipeline.jobs import score_job, train_job
 from pipeline.metrics import evaluate_against_truth
 from pipeline.sample import write_sample
 from pipeline.storage import Storage
+from tests.procs import read_parquet_dir
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,6 @@ def config_for(root, name: str, overrides: list[str], workers: int):
         "train.cpus_per_worker=0.5", "train.patience=10", "model.hidden_dims=[32]", *overrides])
 
 
-def read_table(storage: Storage, uri: str) -> pa.Table:
-    return pa.concat_tables([pq.read_table(storage.resolve(f)[1]) for f in storage.list_files(uri, suffix=".parquet")])
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_kind_trains_and_scores_end_to_end(ray_cluster, sample_input, name):
     root, storage = sample_input
@@ -70,7 +66,7 @@ def test_kind_trains_and_scores_end_to_end(ray_cluster, sample_input, name):
 
     s = score_job(cfg, storage)
     assert s.scored_rows == ROWS and s.rejected_rows == 0
-    out = read_table(storage, cfg.output.uri)
+    out = read_parquet_dir(storage, cfg.output.uri)
     assert out.num_rows == ROWS and len(np.unique(out.column("id").to_numpy())) == ROWS
     assert out.schema.field("latent").type == pa.list_(pa.float32())
     assert out.schema.field("recon_error").type == out.schema.field("anomaly_score").type == pa.float32()
