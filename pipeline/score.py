@@ -27,10 +27,6 @@ from pipeline.uri import join_uri, normalize_uri
 from pipeline.watchdog import watch
 
 
-OUTPUT_FILE_BYTES = 64 * 2**20
-"""Scored rows (in memory, before Parquet's encoding) a write task gathers into one output file: bounds a
-write task's memory whatever the input's shard size, and keeps files few on a large input."""
-
 WRITE_CPUS = 0.25
 """CPUs a write task asks for (encoding the scored rows is light next to scoring them)."""
 
@@ -51,10 +47,13 @@ class ScoreResult:
 
 def scoring_dataset(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: str, as_of: dt.datetime,
                     rejects_uri: Optional[str] = None, run_id: str = "") -> tuple[Any, dict[str, Any]]:
-    """The Ray Dataset of scored rows, and the arguments its write_parquet needs to stay fused with it."""
+    """The Ray Dataset of scored rows, and the arguments its write_parquet takes."""
     import ray.data
 
     sc = cfg.score
+    # scored rows (in memory, before Parquet's encoding) a write task gathers into one file: bounds a write
+    # task's memory whatever the shard size, and keeps files few on a large input
+    file_bytes = {"min_bytes_per_file": int(cfg.output.file_mb * 2**20)}
     threads = int(max(1, sc.cpus_per_actor))
     if sc.uses_actors:
         ds = read_dataset(spec, storage).map_batches(
@@ -65,19 +64,19 @@ def scoring_dataset(cfg: Config, storage: Storage, spec: InputSpec, model_run_ur
             batch_size=sc.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
             num_cpus=sc.cpus_per_actor, num_gpus=1 if sc.use_gpu else 0,
         )
-        return ds, {}
+        return ds, file_bytes
     fn = ScoreBatches(storage, model_run_uri, cfg.data, as_of, threads, rejects_uri, cfg.output,
                       batch_size=sc.batch_size, run_id=run_id)
     # The same CPUs on read and score, no per-operator concurrency, whole blocks into the map: Ray fuses the
     # two into one task per file. The write is NOT fused with them (it asks for other CPUs): Ray's Parquet
     # write holds every block of its task before writing, so a fused task held a whole input file's output
-    # (memory growing with the shard); apart, a write task gets about OUTPUT_FILE_BYTES of scored rows.
+    # (memory growing with the shard); apart, a write task gets about output.file_mb of scored rows.
     # `score.concurrency` caps the dataset's CPUs instead, one write beside the scoring tasks.
     cpus = {"num_cpus": sc.cpus_per_actor}
     ds = read_dataset(spec, storage, **cpus).map_batches(fn, batch_size=None, batch_format="pyarrow", **cpus)
     ds.context.execution_options.resource_limits = ray.data.ExecutionResources(
         cpu=sc.concurrency * sc.cpus_per_actor + WRITE_CPUS)
-    return ds, {"ray_remote_args": {"num_cpus": WRITE_CPUS}, "min_bytes_per_file": OUTPUT_FILE_BYTES}
+    return ds, {"ray_remote_args": {"num_cpus": WRITE_CPUS}, **file_bytes}
 
 
 def _verify_and_publish(storage: Storage, spec: InputSpec, staging: str, out: str, rejects_uri: Optional[str],

@@ -93,7 +93,10 @@ def test_killed_scoring_publishes_nothing_and_rerun_replaces_cleanly(base, s3_se
     shared_bucket = base.bucket
     rows = 40_000
     write_input(storage, shared_bucket, "inbig", rows=rows, shards=8)
-    argv = base_args(s3_server, shared_bucket, data="inbig", out="outbig") + ["--model", "base", "--run-date", RUN_DATE]
+    # small output files: the first staged file appears while the others are still being scored, so the kill
+    # lands mid-write (one 64 MB file would be written at the end, next to publish)
+    argv = base_args(s3_server, shared_bucket, data="inbig", out="outbig") + [
+        "--model", "base", "--run-date", RUN_DATE, "--set", "output.file_mb=0.1"]
 
     def staged() -> bool:
         return any(k.endswith(".parquet") for k in keys(s3_server, shared_bucket, f"outbig/{PART}/_staging/"))
@@ -121,6 +124,7 @@ def test_killed_scoring_publishes_nothing_and_rerun_replaces_cleanly(base, s3_se
     success_key = f"outbig/{PART}/_SUCCESS"
     success = get_bytes(s3_server, shared_bucket, success_key)
     assert json.loads(success)["scored_rows"] == rows
+    assert len(json.loads(success)["files"]) >= 4  # output.file_mb took effect: the kill point is mid-write
     before = [k for k in keys(s3_server, shared_bucket, "outbig/") if "/_staging/" not in k]
     assert not any("_staging" in k for k in keys(s3_server, shared_bucket, "outbig/"))
 

@@ -93,12 +93,12 @@ def test_cpu_scoring_runs_read_and_score_in_one_task_and_gpu_scoring_in_actors(t
     # concurrency x CPUs for scoring, and one write beside it
     assert ds.context.execution_options.resource_limits.cpu == pytest.approx(1.0 + score_mod.WRITE_CPUS)
     # the plan that ran: read and score fused into one operator (one task per file); the write apart, so a
-    # write task holds about OUTPUT_FILE_BYTES of scored rows, not a whole input file's
+    # write task holds about output.file_mb of scored rows, not a whole input file's
     ds.write_parquet(str(tmp_path / "out"), **write_args)
     ran = [line for line in ds.stats().splitlines() if line.startswith("Operator ")]
     assert len(ran) == 2 and "ReadParquet->MapBatches(ScoreBatches):" in ran[0] and "Write:" in ran[1], ds.stats()
     assert pq.read_table(tmp_path / "out").num_rows == spec.num_rows
-    # small scored blocks are gathered into files of up to OUTPUT_FILE_BYTES, not one file per block
+    # small scored blocks are gathered into files of about output.file_mb, not one file per block
     assert len(list((tmp_path / "out").glob("*.parquet"))) < len(spec.files)
 
     actors = dataclasses.replace(cfg, score=ScoreSection(compute="actors"))

@@ -129,6 +129,8 @@ def test_output_config_fields_are_checked():
         load_config(None, ["output.top_k_features=-1"])
     with pytest.raises(ConfigError, match=r"config output.flat_latent: expected true or false"):
         load_config(None, ["output.flat_latent=3"])
+    with pytest.raises(ConfigError, match=r"config output.file_mb: 0.0 must be > 0"):
+        load_config(None, ["output.file_mb=0"])
     cfg = load_config("jobs/configs/prod.yaml")
     assert cfg.score.incremental and cfg.output.uri.startswith("s3://")
 

@@ -140,10 +140,14 @@ class OutputSection:
     """Also write `feature_errors`, list<float32>: each feature's squared error (normalized), in input order."""
     top_k_features: int = 0
     """Also write `top_features`, list<string>: the k features with the largest error per row (0: off)."""
+    file_mb: float = 64.0
+    """Smallest size of an output Parquet file (MB; the last file of a run may be smaller): fewer, larger
+    files for readers. Each write task holds about this much scored data in memory."""
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", "must be set")
         _check(self.top_k_features >= 0, "output.top_k_features", f"{self.top_k_features} must be >= 0")
+        _check(self.file_mb > 0, "output.file_mb", f"{self.file_mb} must be > 0")
 
 
 @dataclass
