@@ -220,7 +220,8 @@ def test_node_loss_mid_training_resumes_from_the_last_checkpoint(s3_server, mbuc
 def test_node_loss_mid_scoring_publishes_all_rows_once(s3_server, mbucket, cluster, tmp_path):
     """Scoring with the model of the first test; a node dies while staged files are being written."""
     log = tmp_path / "scoreloss.log"
-    argv = args(s3_server, mbucket, "spread", **{"output.uri": f"s3://{mbucket}/out-scoreloss"})
+    # small output files: staged files appear while other blocks are still being scored (mid-write)
+    argv = args(s3_server, mbucket, "spread", **{"output.uri": f"s3://{mbucket}/out-scoreloss", "output.file_mb": 0.02})
     proc = start("jobs.score", argv, s3_server, log, cluster.address)
     staging = "out-scoreloss/run_date=2026-01-02/_staging/"
     wait_for(lambda: any(k.endswith(".parquet") for k in keys(s3_server, mbucket, staging)), proc, log,

@@ -103,7 +103,8 @@ def test_cpu_scoring_runs_read_and_score_in_one_task_and_gpu_scoring_in_actors(t
 
     actors = dataclasses.replace(cfg, score=ScoreSection(compute="actors"))
     ds, write_args = score_mod.scoring_dataset(actors, storage, spec, str(tmp_path / "model-run"), now)
-    assert "ActorPoolMapOperator" in _plan(ds) and write_args == {}
+    assert "ActorPoolMapOperator" in _plan(ds)
+    assert write_args == {"min_bytes_per_file": int(cfg.output.file_mb * 2**20)}  # the write: Ray's own tasks
 
 
 def test_score_compute_setting_is_checked():
