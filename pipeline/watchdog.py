@@ -35,7 +35,8 @@ POLL_S = 2.0
 BEAT_EVERY_S = 1.0
 """A worker sends at most one beat a second: a batch loop never waits on it."""
 GRACE_S = 30.0
-"""After interrupting the main thread, how long it may take to unwind before the process is ended."""
+"""After interrupting the main thread, how long it may take to unwind before the process is ended (a stall
+timeout shorter than this: that long)."""
 HEARTBEAT = "tabular-autoencoders-heartbeat"
 
 
@@ -248,7 +249,7 @@ class Watchdog:
         self.error = StallError(f"stalled: {self.status(idle)}; ended after run.stall_timeout_s "
                                 f"{self.timeout_s:g}s without progress")
         _thread.interrupt_main()  # the main thread unwinds through the job's cleanup and prints the error
-        if self._stop.wait(GRACE_S):
+        if self._stop.wait(min(GRACE_S, self.timeout_s)):
             return
         # the main thread is stuck where Python cannot interrupt it (native code): end the process here
         print(f"error: {self.error}", file=sys.stderr, flush=True)

@@ -64,8 +64,9 @@ def unit_tier_refuses(what: str) -> None:
                     "(or use the s3_server/ray_cluster fixtures, which mark it)", pytrace=False)
 
 
-LONGEST_FILES = ["test_tracking.py", "test_multinode.py", "test_faults.py", "test_hangs.py", "test_benchmark.py",
-                 "test_operations.py", "test_ray_job_submit.py"]
+LONGEST_FILES = ["test_multinode.py", "test_model_kinds_e2e.py", "test_faults.py", "test_hangs.py",
+                 "test_benchmark.py", "test_tracking.py", "test_end_to_end.py", "test_ray_job_submit.py",
+                 "test_operations.py"]
 """Test files of a minute or more, longest first: they start first, so that `make test`'s processes (whole
 files each) do not end with one of them running alone (measured with --durations on the 2-core box)."""
 

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.cluster import ray_log_level, train_loop_with_ray_log_level
+from pipeline.cluster import ray_log_level, torch_trainer_class, train_loop_with_ray_log_level
 from pipeline.read import read_dataset, stream_execution_options
 from pipeline.rows import SplitFeatures
 from pipeline.sizing import step_budget
@@ -93,14 +93,13 @@ def _inputs(data, storage, spec, featurizer, cache: bool) -> tuple[Optional[Dire
 def _trainer(cfg, storage, worker: WorkerConfig, datasets: Optional[dict[str, Any]]):
     """The TorchTrainer: one worker per train.num_workers (a range when elastic), checkpoints under the run."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     tr = cfg.train
     resources = {"CPU": tr.cpus_per_worker}
     if tr.use_gpu:
         resources["GPU"] = 1
     fs, train_path = storage.resolve(join_uri(cfg.run_uri, "train"))
-    return TorchTrainer(
+    return torch_trainer_class()(
         train_loop_with_ray_log_level(train_loop_per_worker),
         train_loop_config={WORKER_CONFIG: worker},
         scaling_config=ray.train.ScalingConfig(num_workers=_num_workers(tr), use_gpu=tr.use_gpu,
