@@ -8,6 +8,14 @@ FEAST_STAMP := $(FEAST_VENV)/.installed-stamp
 MLFLOW_VENV ?= .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed-stamp
 
+# Packages install with uv (seconds; pip took about a minute for the pipeline's venv), bootstrapped by each
+# venv's pip. uv does not read pip's configuration: pip's find-links (a local wheel directory, e.g. the CPU
+# build of torch) is handed on.
+ifdef PIP_FIND_LINKS
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+endif
+UV_INSTALL = $(1)/bin/pip install -q uv && $(1)/bin/uv pip install -q --python $(1)/bin/python
+
 # Local Ray binds 127.0.0.1 rather than the machine's interface address.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
@@ -20,8 +28,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,eval,tracking]'
+	$(call UV_INSTALL,$(VENV)) -c constraints.txt -e '.[test,eval,tracking]'
 	touch $@
 
 ## make feast-env: the Feast SDK in its own venv (Feast pins pandas<3; the pipeline's venv has pandas 3)
@@ -29,8 +36,7 @@ feast-env: $(FEAST_STAMP)
 
 $(FEAST_STAMP): infra/feast/requirements.txt
 	python3 -m venv $(FEAST_VENV)
-	$(FEAST_VENV)/bin/pip install -q -U pip
-	$(FEAST_VENV)/bin/pip install -q -r infra/feast/requirements.txt
+	$(call UV_INSTALL,$(FEAST_VENV)) -r infra/feast/requirements.txt
 	touch $@
 
 ## make mlflow-env: the MLflow server and UI in their own venv (full MLflow pins pyarrow<26; the pipeline's venv
@@ -39,8 +45,7 @@ mlflow-env: $(MLFLOW_STAMP)
 
 $(MLFLOW_STAMP): infra/mlflow/requirements.txt
 	python3 -m venv $(MLFLOW_VENV)
-	$(MLFLOW_VENV)/bin/pip install -q -U pip
-	$(MLFLOW_VENV)/bin/pip install -q -r infra/mlflow/requirements.txt
+	$(call UV_INSTALL,$(MLFLOW_VENV)) -r infra/mlflow/requirements.txt
 	touch $@
 
 ## make browser: headless Chromium for the report-rendering test (Debian's package; needs root or sudo)

@@ -129,7 +129,7 @@ def preset(name: str) -> BenchConfig:
         return BenchConfig()
     if name == "tiny":  # the code path on thousands of rows, not the numbers (what the test runs)
         return BenchConfig(rows=4000, shards=2, repeats=1, score_repeats=1, e2e_epochs=2,
-                           e2e_rows={"small": 2000, "medium": 4000}, large_shard_rows=8000, large_shard_mb=1,
+                           e2e_rows={"medium": 4000}, large_shard_rows=8000, large_shard_mb=1,
                            models=[ModelSize("small", [16], 4, epochs=2)],
                            train_batch_sizes=[256], score_batch_sizes=[1024])
     raise ValueError(f"unknown preset {name!r} (have: full, tiny)")
