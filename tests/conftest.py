@@ -71,6 +71,26 @@ LONGEST_FILES = ["test_multinode.py", "test_model_kinds_e2e.py", "test_faults.py
 files each) do not end with one of them running alone (measured with --durations on the 2-core box)."""
 
 
+SHARED_MODEL_FILES = ["test_faults.py", "test_hangs.py", "test_input_checks.py", "test_artifacts.py"]
+"""Test files that use the session model `trained_model("s3-vector")`: `make test` (`--dist loadfile`) runs
+them in one pytest process (one unit of work, `pytest_xdist_make_scheduler` below), so the model is trained
+once, not once in each process. Every other file is a unit of its own."""
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the files in SHARED_MODEL_FILES as one unit of work."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedModelFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "shared-model-files" if Path(path).name in SHARED_MODEL_FILES else path
+
+    return SharedModelFiles(config, log)
+
+
 def _longest_first(item) -> int:
     name = item.path.name
     return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)

@@ -66,12 +66,13 @@ class LoopbackMlflow:
         if self.proc is None:
             return
         pgid = self.proc.pid  # its own session: the group id is its pid
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        # SIGTERM first (uvicorn's worker can take ~15 s to drain; a few seconds are enough for the tests)
+        for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 15)):
             try:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
-            deadline = time.time() + 15
+            deadline = time.time() + wait_s
             while time.time() < deadline and _group_alive(pgid):
                 self.proc.poll()  # reaps the leader, so the group empties
                 time.sleep(0.1)
