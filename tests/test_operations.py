@@ -212,3 +212,21 @@ def test_dry_run_checks_without_ray_and_flags_fail_in_one_line(trained, storage,
         assert p.returncode == 2, (args, p.stderr)
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], (args, p.stderr)
+
+
+def test_a_ray_without_a_dashboard_trains_without_the_placement_group_cleaner(ray_cluster):
+    """The session's Ray, like a job's local one, has no dashboard, so no state API for Ray Train's placement
+    group cleaner to ask: the trainer leaves it out (pipeline.cluster.torch_trainer_class)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from pipeline.cluster import torch_trainer_class
+
+    def callbacks(cls) -> list[type]:
+        trainer = cls(lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    ours, rays = callbacks(torch_trainer_class()), callbacks(TorchTrainer)
+    assert PlacementGroupCleanerCallback in rays  # Ray's own default, which the subclass filters
+    assert [c for c in rays if c is not PlacementGroupCleanerCallback] == ours
