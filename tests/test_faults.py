@@ -123,8 +123,9 @@ def test_killed_scoring_publishes_nothing_and_rerun_replaces_cleanly(base, s3_se
     assert published.num_rows == rows and len(np.unique(ids)) == rows
     success_key = f"outbig/{PART}/_SUCCESS"
     success = get_bytes(s3_server, shared_bucket, success_key)
-    assert json.loads(success)["scored_rows"] == rows
-    assert len(json.loads(success)["files"]) >= 4  # output.file_mb took effect: the kill point is mid-write
+    marker = json.loads(success)
+    assert marker["scored_rows"] == rows
+    assert len(marker["files"]) >= 4  # output.file_mb took effect: the kill point is mid-write
     before = [k for k in keys(s3_server, shared_bucket, "outbig/") if "/_staging/" not in k]
     assert not any("_staging" in k for k in keys(s3_server, shared_bucket, "outbig/"))
 

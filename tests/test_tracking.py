@@ -31,6 +31,7 @@ from tests.conftest import unit_tier_refuses
 from tests.loopback_s3 import FAKE_SECRET, free_port
 from mlflow import MlflowClient
 from tests.loopback_mlflow import LoopbackMlflow
+from tests.procs import read_parquet_dir
 
 pytestmark = pytest.mark.integration
 
@@ -112,8 +113,9 @@ def promote(*args: str) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def read_parquet_dir(path: str) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted(Path(path).glob("*.parquet"))])
+def scored(path: str) -> pa.Table:
+    """A local scoring output folder as one table (tests/procs.read_parquet_dir through a local Storage)."""
+    return read_parquet_dir(Storage(StorageSection()), path)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +191,7 @@ def test_both_runs_are_registered_and_the_alias_follows_promotion(lifecycle):
 
 
 def test_scoring_by_alias_uses_the_promoted_version_and_records_it(lifecycle):
-    out = read_parquet_dir(lifecycle.alias_output)
+    out = scored(lifecycle.alias_output)
     assert out.num_rows == 3000
     assert set(out.column("model_version").to_pylist()) == {lifecycle.good.model_version}
     assert f"models:/{MODEL}@champion is version 2" in lifecycle.score_printed
@@ -208,7 +210,7 @@ def test_scoring_by_version_number(lifecycle):
     with recorded():
         res = score_job(cfg, model_run=f"models:/{MODEL}/1")
     assert res.model_version == lifecycle.poor.model_version
-    assert set(read_parquet_dir(res.output_uri).column("model_version").to_pylist()) == {res.model_version}
+    assert set(scored(res.output_uri).column("model_version").to_pylist()) == {res.model_version}
     from pipeline.errors import ArtifactError
     from pipeline.dryrun import dry_run
 
@@ -243,7 +245,7 @@ def test_pyfunc_model_returns_the_batch_jobs_numbers(lifecycle):
     rows = pq.read_table(sorted((lifecycle.root / "input").glob("*.parquet"))[0]).slice(0, 400)
     pred = model.predict(rows.to_pandas())
     assert list(pred.columns) == ["latent", "recon_error", "anomaly_score", "is_anomaly", "code_space"] and len(pred) == 400
-    batch = read_parquet_dir(lifecycle.alias_output)
+    batch = scored(lifecycle.alias_output)
     by_id = {i: k for k, i in enumerate(batch.column("id").to_pylist())}
     idx = [by_id[i] for i in rows.column("id").to_pylist()]
     want = batch.take(pa.array(idx))
@@ -287,7 +289,7 @@ def test_mlflow_models_serve_answers_with_the_batch_jobs_numbers(lifecycle, tmp_
         proc.wait(timeout=30)
         log.close()
     assert answer is not None, (tmp_path / "serve.log").read_text()[-3000:]
-    batch = read_parquet_dir(lifecycle.alias_output)
+    batch = scored(lifecycle.alias_output)
     by_id = {i: k for k, i in enumerate(batch.column("id").to_pylist())}
     want = batch.take(pa.array([by_id[i] for i in rows.column("id").to_pylist()]))
     for col in ("recon_error", "anomaly_score"):
