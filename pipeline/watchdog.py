@@ -4,7 +4,8 @@ The driver spends a job blocked in `trainer.fit()`, `write_parquet()` or a Ray D
 thread watches for it. Progress is a `beat()` (the training workers beat per batch, the scoring predictor
 per batch, the driver per batch it takes from Ray Data), or a change in what Ray has scheduled (CPUs in
 use, placement groups). In the driver a beat reaches the watchdog directly; in a Ray worker it goes (at
-most once a second) to `Heartbeat`, a small named actor without CPUs that the watchdog polls. With no
+most once a second) to `Heartbeat`, a small named actor without CPUs that the watchdog polls (one for the
+job: every phase's watchdog polls the same one). With no
 progress for a while the thread prints one line every REPORT_EVERY_S naming what the phase waits for and
 what Ray says is pending (free CPUs/GPUs, pending placement groups, tasks and actors waiting for
 resources). At the stall timeout it interrupts the main thread, which unwinds through the job's cleanup
@@ -75,8 +76,8 @@ def beat(what: str = "batch") -> None:
 
         if not ray.is_initialized():
             return
-        # looked up again now and then: each watched phase makes the job's heartbeat actor anew, so a handle
-        # kept from an earlier phase (a reused worker process) would point at a dead actor
+        # looked up again now and then: a worker process outlives jobs (the session's Ray in tests; a
+        # reused worker on a cluster), and a handle from an earlier job would point at that job's actor
         if _Sender.handle is None or now - _Sender.looked_up >= 30:
             if _Sender.handle is None and now - _Sender.looked_up < 30:  # no watchdog (yet): not every batch
                 return
@@ -101,11 +102,23 @@ def _heartbeat_name() -> str:
     return f"{HEARTBEAT}-{ray.get_runtime_context().get_job_id()}"
 
 
+_JOB_HEARTBEAT: dict[tuple[str, str], Any] = {}
+"""The driver's handle on its job's heartbeat actor, by the driver's node and the actor's name: the actor lives
+as long as a handle does, so kept here it serves every phase of the job instead of one process per phase."""
+
+
 def _heartbeat():
-    """The job's heartbeat actor (created on first use; it ends with the job)."""
+    """The job's heartbeat actor (created on first use; it ends with the job's driver). If the node it ran on
+    is lost, Ray starts it again elsewhere: the handle stays valid, and a count that starts over is a change
+    the watchdog takes as progress."""
     import ray
 
-    @ray.remote(num_cpus=0)
+    name = _heartbeat_name()
+    key = (ray.get_runtime_context().get_node_id(), name)  # job ids start over in a new cluster
+    if key in _JOB_HEARTBEAT:
+        return _JOB_HEARTBEAT[key]
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
     class Heartbeat:
         def __init__(self):
             self.count, self.what = 0, ""
@@ -116,7 +129,9 @@ def _heartbeat():
         def read(self) -> tuple[int, str]:
             return self.count, self.what
 
-    return Heartbeat.options(name=_heartbeat_name(), get_if_exists=True).remote()
+    _JOB_HEARTBEAT.clear()  # another job's (a driver that reconnected to Ray): its actor ended with that job
+    _JOB_HEARTBEAT[key] = Heartbeat.options(name=name, get_if_exists=True).remote()
+    return _JOB_HEARTBEAT[key]
 
 
 # ------------------------------------------------------------------------------------------ Ray's state

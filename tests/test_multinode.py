@@ -30,6 +30,10 @@ ROWS, SHARDS, FEATURES = 6000, 6, 16
 RUN_DATE = "2026-01-02"
 
 
+HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                 "health_check_failure_threshold": 2}
+
+
 class LoopbackCluster:
     """A head (no CPUs) and `workers` worker nodes of 1 CPU; `kill` removes a node by pid, `add` adds one."""
 
@@ -37,10 +41,11 @@ class LoopbackCluster:
         from ray.cluster_utils import Cluster
 
         # no CPUs on the head (as on KubeRay); its dashboard for Ray's state API; a free port for its
-        # dashboard agent (the default one may belong to another Ray on the machine)
+        # dashboard agent (the default one may belong to another Ray on the machine); a lost node is declared
+        # dead after 2 failed health checks 1 s apart (Ray's default: 5, 3 s apart), as Ray's own tests do
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "resources": {"node_head": 1}, "dashboard_agent_listen_port": free_port(),
-            "dashboard_port": free_port()})
+            "dashboard_port": free_port(), "_system_config": HEALTH_CHECKS})
         self.workers = {}
         self._next = 0
         for _ in range(workers):
@@ -158,8 +163,7 @@ def task_nodes(address: str, name_part: str) -> set[str]:
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_training_and_scoring_spread_over_nodes_and_match_one_node(s3_server, mbucket, cluster, ray_cluster,
-                                                                   storage, tmp_path):
+def test_training_and_scoring_spread_over_nodes_and_match_one_node(s3_server, mbucket, cluster, tmp_path):
     # 1 CPU per training worker on 1-CPU nodes: Ray must place the two ranks on two nodes
     log = tmp_path / "spread.log"
     text = finish(start("jobs.run", args(s3_server, mbucket, "spread", **{"train.cpus_per_worker": 1}), s3_server,
@@ -171,15 +175,13 @@ def test_training_and_scoring_spread_over_nodes_and_match_one_node(s3_server, mb
     # scoring: read -> score -> write tasks ran on every node with CPUs (the head has none)
     assert task_nodes(cluster.address, "ScoreBatches") == set(cluster.workers), text[-2000:]
 
-    # the same config on one node (the session's local Ray) reaches the same validation loss, within noise;
-    # 0.5 CPU per worker leaves Ray Data a CPU (torch threads are 1 either way)
-    from pipeline.cli import base_parser, config_from_args
-    from pipeline.jobs import train_job
-
-    train_job(config_from_args(base_parser("").parse_args(
-        args(s3_server, mbucket, "one", **{"train.cpus_per_worker": 0.5}))), storage)
+    # the same config with both ranks on one node (0.5 CPU each on a 1-CPU node: Ray packs them there)
+    # reaches the same validation loss, within noise (torch threads are 1 either way)
+    log = tmp_path / "one.log"
+    finish(start("jobs.train", args(s3_server, mbucket, "one", **{"train.cpus_per_worker": 0.5}), s3_server, log,
+                 cluster.address), log)
     one = manifest(s3_server, mbucket, "one")
-    assert len(set(one["history"][-1]["worker_nodes"])) == 1
+    assert len(set(one["history"][-1]["worker_nodes"])) == 1 and len(one["history"][-1]["worker_nodes"]) == 2
     a, b = m["metrics"]["best_val_loss"], one["metrics"]["best_val_loss"]
     assert abs(a - b) / b < 0.25, (a, b)
 
