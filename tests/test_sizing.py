@@ -22,13 +22,14 @@ def test_auto_sizes_fit_every_table_with_two_features_or_more(n_features):
     assert len(hidden) == 1 and latent < hidden[0]
     model = resolve_model(ModelSection(), n_features)
     assert (model.hidden_dims, model.latent_dim) == (hidden, latent)
+    assert max(model.member_latent_dims) < hidden[0]  # every member's code narrower than the hidden layer
     build_model(n_features, **dataclasses.asdict(model))  # and the model builds
 
 
 def test_auto_sizes_follow_the_width():
     assert auto_sizes(2) == ([4], 1)                        # tiny width: a 1-wide code
     assert auto_sizes(100)[1] > auto_sizes(16)[1] > auto_sizes(6)[1]
-    assert auto_sizes(2_000) == ([64], 32)                  # capped for very wide tables
+    assert auto_sizes(2_000) == ([512], 32)                 # capped for very wide tables
     assert auto_sizes(6)[0] == [6] and auto_sizes(21)[0] == [20]  # hidden ~ the input width
 
 
@@ -46,7 +47,7 @@ def test_ensemble_members_codes_spread_around_a_quarter_of_the_width():
     assert auto_member_latents(16, 5) == [4, 2, 8, 2, 8]          # d/4 (member 0: latent), d/8, d/2, ...
     assert auto_member_latents(2, 5) == [1] * 5                   # tiny: every code 1 wide (below the input)
     assert auto_member_latents(6, 3) == [2, 1, 3]
-    assert auto_member_latents(2_000, 4) == [32, 32, 32, 32]      # capped like the auto latent
+    assert auto_member_latents(2_000, 4) == [32, 250, 256, 250]   # latent capped at 32, the others at 256
     m = resolve_model(ModelSection(), 16)
     assert m.member_latent_dims == [4, 2, 8, 2, 8] and m.latent_dim == 4 and m.hidden_dims == auto_sizes(16)[0]
     ens = build_model(16, **dataclasses.asdict(m))
