@@ -12,7 +12,8 @@ from pipeline.calibration import KNN_WEIGHT, REFERENCE_ROWS, ScoreCalibration, k
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
-from pipeline.sizing import auto_member_latents, auto_sizes, resolve_model, step_budget, still_improving
+from pipeline.sizing import (auto_member_latents, auto_sizes, auto_steps, resolve_model, step_budget,
+                             still_improving)
 
 
 @pytest.mark.parametrize("n_features", [2, 3, 6, 16, 100, 2_000])
@@ -125,6 +126,19 @@ def test_step_budget_lowers_the_batch_then_raises_the_epochs():
     assert batch == 16 and epochs == 36
     assert step_budget(1024, 4_000, "auto", 0) == (200, 20)            # steps 0: 20 epochs of >= 20 steps
     assert step_budget(1024, 900, 3, 2000) == (45, 3)                  # explicit epochs: a hard limit
+
+
+def test_auto_steps_are_more_on_an_input_with_categorical_columns():
+    assert auto_steps("auto") == auto_steps("auto", categorical=False) == 2000
+    assert auto_steps("auto", categorical=True) == 4000    # the levels' dependencies are learned late
+    assert auto_steps(3000, categorical=True) == 3000 and auto_steps(0, categorical=True) == 0  # a number wins
+    # the demo's size (18,042 training rows, 2 workers): the same 20 epochs, half the batch, twice the steps
+    assert step_budget(1024, 9_021, "auto", "auto") == (90, 20)
+    assert step_budget(1024, 9_021, "auto", "auto", categorical=True) == (45, 20)
+    assert step_budget(1024, 9_021, "auto", 2000, categorical=True) == (90, 20)
+    assert load_config(None, []).train.steps == "auto" and load_config(None, ["train.steps=500"]).train.steps == 500
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=-1"])
 
 
 def _history(losses, best_each_time=True):
