@@ -1,11 +1,11 @@
 """Probe (no Ray): the defaults' anomaly ranking on benchmarks/adbench/ with the project's own model,
 train loop (run_training) and scores, in a few minutes. Variants are set with flags (`--set` config overrides,
 `--scaling`, `--shuffle`, `--latent-div`, `--hidden-mult`, `--bag`); prints per-table test AUROC for each
-variant of the score from the same trained models (`cal4` is the default score) and for an ensemble of the
-seeds' models. `--tables 40_vowels,6_cardio --seeds 0` reproduces `make eval`'s figures within noise. Each
-table's models' codes and per-feature errors are saved (`--out`, `--tag`), so `--load` scores new variants of
-them without training again, and `--mix` scores an ensemble of models saved by several runs (e.g. members
-with different code widths).
+variant of the score from the same trained models (`w:1,1,0.5` is the default score; `cal4` is it with the
+kNN term at weight 1) and for an ensemble of the seeds' models. `--tables 40_vowels,6_cardio --seeds 0`
+reproduces `make eval`'s figures within noise. Each table's models' codes and per-feature errors are saved
+(`--out`, `--tag`), so `--load` scores new variants of them without training again, and `--mix` scores an
+ensemble of models saved by several runs (e.g. members with different code widths).
 
     python -m benchmarks.rank_probe [--seeds 0,1] [--set model.score=recon] [--scaling minmax] ...
     python -m benchmarks.rank_probe --out /tmp/rp --mix k:0,lat8:0,lat2:0,lat8:1,lat2:1
@@ -173,7 +173,8 @@ def terms(val, part):
     return out
 
 
-# plain sums of terms (cal4 = the default score: the three terms and the kNN distance to a sample of the
+# plain sums of terms (cal4 = the default score's four terms with the kNN term at weight 1, where the pipeline
+# weighs it 0.5 (`w:1,1,0.5`): the three terms and the kNN distance to a sample of the
 # validation codes, computed as the pipeline does; cal = the three terms before it)
 SUMS = {"cal4": ("feat", "code", "mse", "knn_ref"), "cal": ("feat", "code", "mse"), "cal2": ("feat", "code"), "mse": ("mse",), "feat": ("feat",), "code": ("code",),
         "codefull": ("codefull",), "in": ("in",), "cal_full": ("feat", "codefull", "mse"),

@@ -12,7 +12,8 @@ from pipeline.calibration import KNN_WEIGHT, REFERENCE_ROWS, ScoreCalibration, k
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
-from pipeline.sizing import auto_member_latents, auto_sizes, resolve_model, step_budget, still_improving
+from pipeline.sizing import (auto_member_latents, auto_sizes, auto_steps, resolve_model, step_budget,
+                             still_improving)
 
 
 @pytest.mark.parametrize("n_features", [2, 3, 6, 16, 100, 2_000])
@@ -22,13 +23,14 @@ def test_auto_sizes_fit_every_table_with_two_features_or_more(n_features):
     assert len(hidden) == 1 and latent < hidden[0]
     model = resolve_model(ModelSection(), n_features)
     assert (model.hidden_dims, model.latent_dim) == (hidden, latent)
+    assert max(model.member_latent_dims) < hidden[0]  # every member's code narrower than the hidden layer
     build_model(n_features, **dataclasses.asdict(model))  # and the model builds
 
 
 def test_auto_sizes_follow_the_width():
     assert auto_sizes(2) == ([4], 1)                        # tiny width: a 1-wide code
     assert auto_sizes(100)[1] > auto_sizes(16)[1] > auto_sizes(6)[1]
-    assert auto_sizes(2_000) == ([64], 32)                  # capped for very wide tables
+    assert auto_sizes(2_000) == ([512], 32)                 # capped for very wide tables
     assert auto_sizes(6)[0] == [6] and auto_sizes(21)[0] == [20]  # hidden ~ the input width
 
 
@@ -46,7 +48,7 @@ def test_ensemble_members_codes_spread_around_a_quarter_of_the_width():
     assert auto_member_latents(16, 5) == [4, 2, 8, 2, 8]          # d/4 (member 0: latent), d/8, d/2, ...
     assert auto_member_latents(2, 5) == [1] * 5                   # tiny: every code 1 wide (below the input)
     assert auto_member_latents(6, 3) == [2, 1, 3]
-    assert auto_member_latents(2_000, 4) == [32, 32, 32, 32]      # capped like the auto latent
+    assert auto_member_latents(2_000, 4) == [32, 250, 256, 250]   # latent capped at 32, the others at 256
     m = resolve_model(ModelSection(), 16)
     assert m.member_latent_dims == [4, 2, 8, 2, 8] and m.latent_dim == 4 and m.hidden_dims == auto_sizes(16)[0]
     ens = build_model(16, **dataclasses.asdict(m))
@@ -124,6 +126,19 @@ def test_step_budget_lowers_the_batch_then_raises_the_epochs():
     assert batch == 16 and epochs == 36
     assert step_budget(1024, 4_000, "auto", 0) == (200, 20)            # steps 0: 20 epochs of >= 20 steps
     assert step_budget(1024, 900, 3, 2000) == (45, 3)                  # explicit epochs: a hard limit
+
+
+def test_auto_steps_are_more_on_an_input_with_categorical_columns():
+    assert auto_steps("auto") == auto_steps("auto", categorical=False) == 2000
+    assert auto_steps("auto", categorical=True) == 4000    # the levels' dependencies are learned late
+    assert auto_steps(3000, categorical=True) == 3000 and auto_steps(0, categorical=True) == 0  # a number wins
+    # the demo's size (18,042 training rows, 2 workers): the same 20 epochs, half the batch, twice the steps
+    assert step_budget(1024, 9_021, "auto", "auto") == (90, 20)
+    assert step_budget(1024, 9_021, "auto", "auto", categorical=True) == (45, 20)
+    assert step_budget(1024, 9_021, "auto", 2000, categorical=True) == (90, 20)
+    assert load_config(None, []).train.steps == "auto" and load_config(None, ["train.steps=500"]).train.steps == 500
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=-1"])
 
 
 def _history(losses, best_each_time=True):

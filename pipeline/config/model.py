@@ -50,7 +50,8 @@ class SharedModelSection:
     member_latent_dims: Union[list[int], Literal["auto"]] = AUTO
     """Each ensemble member's code width, member 0 (whose code is `latent`) first. `auto`: with `latent_dim:
     auto`, the members' codes spread from an eighth to half of the input width around member 0's quarter
-    (pipeline/sizing.py); with an explicit `latent_dim`, every member that width. Recorded in the manifest."""
+    (member 0 at most 32 wide, the others at most 256; pipeline/sizing.py); with an explicit `latent_dim`,
+    every member that width. Recorded in the manifest."""
     align_to: str = "latest"
     """Whose coordinates the emitted `latent` uses (pipeline/alignment.py). `latest`: the finished run that
     `--model latest` would pick under artifacts.uri, when its input layout and code width match; a run name

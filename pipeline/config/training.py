@@ -16,9 +16,10 @@ class TrainSection:
     epochs: Union[int, Literal["auto"]] = AUTO
     """Maximum passes over the training data (early stopping may end sooner). `auto`: 20, and on a small
     table enough to reach train.steps (the batch size is lowered first); a number is a hard limit."""
-    steps: int = 2000
+    steps: Union[int, Literal["auto"]] = AUTO
     """With epochs `auto`: optimizer steps per worker the run aims for; a small table gets smaller batches
-    (down to 16 rows) and then more epochs until it reaches them. 0: 20 epochs, no step budget."""
+    (down to 16 rows) and then more epochs until it reaches them. `auto`: 2000, or 4000 when the input has
+    categorical columns (pipeline/sizing.py). 0: 20 epochs, no step budget."""
     batch_size: int = 1024
     """Rows per minibatch per worker; lowered on small tables (>= 20 steps an epoch, and train.steps)."""
     lr: float = 1e-3
@@ -76,7 +77,7 @@ class TrainSection:
         _check(0.0 < self.threshold_quantile < 1.0, "train.threshold_quantile", "must be in (0, 1)")
         _check(self.validation_batch_size >= 1, "train.validation_batch_size", "must be >= 1")
         _check(self.epochs == AUTO or self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
-        _check(self.steps >= 0, "train.steps", f"{self.steps} must be >= 0")
+        _check(self.steps == AUTO or self.steps >= 0, "train.steps", f"{self.steps} must be >= 0 or auto")
         _check(self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1")
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -14,7 +14,7 @@ import torch
 from pipeline.cluster import ray_log_level, torch_trainer_class, train_loop_with_ray_log_level
 from pipeline.read import read_dataset, stream_execution_options
 from pipeline.rows import SplitFeatures
-from pipeline.sizing import step_budget
+from pipeline.sizing import auto_steps, step_budget
 from pipeline.train.batches import DirectSplits
 from pipeline.train.state import WorkerConfig
 from pipeline.train.worker import WORKER_CONFIG, load_payload, train_loop_per_worker
@@ -56,10 +56,12 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
     tr = cfg.train
     cache = cache_splits(spec, tr.cache_fraction, featurizer.width)
     direct, datasets = _inputs(cfg.data, storage, spec, featurizer, cache)
-    batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, tr.steps)
+    categorical = bool(featurizer.categorical_columns)
+    batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, tr.steps, categorical)
     if batch_size != tr.batch_size or tr.epochs == "auto":
         print(f"[train] batch size {batch_size}, up to {epochs} epochs (train.epochs {tr.epochs}, train.steps "
-              f"{tr.steps}; {n_train} training rows, {tr.num_workers} workers)", flush=True)
+              f"{auto_steps(tr.steps, categorical)}{' (auto)' if tr.steps == 'auto' else ''}; {n_train} training "
+              f"rows, {tr.num_workers} workers)", flush=True)
     worker = WorkerConfig(model=cfg.model, train=tr, n_features=featurizer.width, mean=featurizer.offset.tolist(),
                           scale=featurizer.scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
                           layout=featurizer.layout(),
