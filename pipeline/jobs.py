@@ -1,6 +1,6 @@
 """The three jobs, as library calls: train a model, score with it, or both. Entry points in `jobs/` are thin.
 
-    train_job(cfg)  -> TrainSummary   check input, normalization pass, TorchTrainer, threshold, artifact
+    train_job(cfg)  -> TrainSummary   check input, normalization pass, TorchTrainer (threshold included), artifact
     score_job(cfg)  -> ScoreResult    score with a stored model into `output.uri/run_date=…/`, publish atomically
     dry_run(cfg)    -> list[str]      check config, storage access, input schema (and the model) without Ray
 """
@@ -38,7 +38,7 @@ from pipeline.storage import Storage
 from pipeline.tracking import tracked_scoring, tracked_training
 from pipeline.uri import join_uri
 from pipeline.train import fit
-from pipeline.validation import validation_errors, validation_projection
+from pipeline.validation import validation_projection
 from pipeline.watchdog import watch
 
 
@@ -64,7 +64,7 @@ class TrainSummary:
     still_improving: Optional[str] = None
     """Set when the run hit its epoch limit with the validation loss still falling (what to raise)."""
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Seconds per phase (checks, ray_start, prepare, training, threshold, artifact_and_report)."""
+    """Seconds per phase (checks, ray_start, prepare, training, artifact_and_report)."""
 
 
 def _sized(cfg: Config, requested: Config, featurizer: Featurizer) -> tuple[Config, list[str]]:
@@ -152,9 +152,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     with watch(stall_s, "training", training_phase(cfg)):
         result = fit(cfg, storage, spec, featurizer, prep["train_rows"])
     lap("training")
-    with watch(stall_s, "validation", data_phase(cfg, "the validation pass")):
-        sketch = validation_errors(cfg, storage, spec, result.best_state, featurizer)
-    lap("threshold")
+    sketch = result.validation
     if sketch.rows == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
     codes = align_codes(cfg, storage, spec, featurizer, result.best_state, target)
@@ -168,11 +166,11 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
           f"{manifest['threshold']:.5f} = q{manifest['threshold_quantile']} of {sketch.rows} validation errors)",
           flush=True)
     hist = result.history
-    steps = sum(h["step_seconds"] for h in hist)
+    steps, sketched = sum(h["step_seconds"] for h in hist), hist[-1].get("threshold_seconds", 0.0)
     print(f"[train] done in {time.perf_counter() - start:.1f}s ("
-          + ", ".join(f"{k} {v:.1f}s" + (f" ({len(hist)} epochs, {steps:.1f}s in training steps)"
-                                          if k == "training" else "") for k, v in phases.items()) + ")",
-          flush=True)
+          + ", ".join(f"{k} {v:.1f}s" + (f" ({len(hist)} epochs, {steps:.1f}s in training steps, {sketched:.1f}s in "
+                                          "the threshold pass)" if k == "training" else "")
+                      for k, v in phases.items()) + ")", flush=True)
     return TrainSummary(run_uri=cfg.run_uri, model_version=manifest["model_version"], train_rows=prep["train_rows"],
                         validation_rows=prep["validation_rows"], rejected_rows=prep["rejected_rows"],
                         epochs_run=len(hist), best_epoch=result.best_epoch, first_val_loss=hist[0]["val_loss"],

@@ -1,14 +1,15 @@
-"""Bounded-memory summaries of per-row validation scores, merged from Ray Data blocks on the driver.
+"""Bounded-memory summaries of per-row validation scores, merged from batches and from the training ranks.
 
 The threshold is a high quantile (q0.99) of every validation row's score. Collecting the scores to the
 driver for `np.quantile` costs memory that grows with the rows (4 bytes a row: 400 MB for 100M validation
-rows). Instead each block is summarized where it was scored, and the driver merges fixed-size summaries:
+rows). Instead each batch is summarized where it was scored (in the training workers, pipeline/train/validate.py),
+the ranks' sketches merge on rank 0, and the driver gets one fixed-size summary:
 
 - `ScoreSketch`: counts on a fixed grid of float32 buckets. A score's bucket is its IEEE-754 bit pattern
   (made order-preserving for negative scores) with the low `DROP_BITS` mantissa bits dropped, so every
   bucket spans a relative width of 2**-(23 - DROP_BITS) = 2**-11 (0.05%) of its values: a quantile read
   off the grid is within 0.05% (relative) of an order statistic next to the exact one. The grid has
-  2**(32 - DROP_BITS) = 1,048,576 buckets (8 MB of int64 on the driver), whatever the rows.
+  2**(32 - DROP_BITS) = 1,048,576 buckets (8 MB of int64), whatever the rows.
 - a uniform sample of at most `SAMPLE_ROWS` scores (a random key per row, the smallest keys kept), for the
   training report's plots.
 
@@ -18,12 +19,9 @@ Both merge exactly: the merged sketch of all blocks equals the sketch of all row
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 DROP_BITS = 12
 """Mantissa bits dropped per bucket: relative bucket width 2**-11 (float32 has 23 mantissa bits)."""
@@ -74,19 +72,6 @@ def summarize_block(scores: np.ndarray, sq_error: np.ndarray, seed: Optional[int
             "sample": sample, "sample_keys": keys}
 
 
-def summary_table(scores: np.ndarray, sq_error: np.ndarray) -> "pa.Table":
-    """A block's summary as a one-row Arrow table (what a Ray Data map returns to the driver)."""
-    import pyarrow as pa
-
-    d = summarize_block(scores, sq_error)
-    # explicit types: an empty block's lists would otherwise be list<null>, unlike every other block's
-    lists = {"buckets": pa.int64(), "counts": pa.int64(), "sq_sum": pa.float64(), "sample": pa.float32(),
-             "sample_keys": pa.float64()}
-    schema = pa.schema([(k, pa.list_(lists[k]) if k in lists else (pa.int64() if k == "rows" else pa.float64()))
-                        for k in d])
-    return pa.table({k: [v.tolist() if isinstance(v, np.ndarray) else v] for k, v in d.items()}, schema=schema)
-
-
 @dataclass
 class ScoreSketch:
     """Merged summary of every validation row's score; memory fixed by N_BUCKETS and SAMPLE_ROWS."""
@@ -128,6 +113,22 @@ class ScoreSketch:
             keep = np.argpartition(keys, SAMPLE_ROWS - 1)[:SAMPLE_ROWS]
             sample, keys = sample[keep], keys[keep]
         self.sample, self.sample_keys = sample, keys
+
+    def summary(self) -> dict[str, Any]:
+        """The sketch as one block's summary (what `add` takes): the occupied buckets and their counts, the
+        sums, extremes and sample. Sparse: a sketch of few rows stays small, e.g. on its way between processes."""
+        nz = np.flatnonzero(self.counts)
+        return {"buckets": nz.astype(np.int64), "counts": self.counts[nz], "sq_sum": self.sq_sum.copy(),
+                "rows": self.rows, "min": self.lo, "max": self.hi, "pos_min": self.pos_min,
+                "sample": self.sample.copy(), "sample_keys": self.sample_keys.copy()}
+
+    @classmethod
+    def merged(cls, n_features: int, blocks: Iterable[dict[str, Any]]) -> "ScoreSketch":
+        """The sketch of several blocks' summaries (arrays or tensors)."""
+        sk = cls(n_features)
+        for block in blocks:
+            sk.add(block)
+        return sk
 
     @property
     def finite_rows(self) -> int:

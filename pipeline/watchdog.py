@@ -102,9 +102,10 @@ def _heartbeat_name() -> str:
     return f"{HEARTBEAT}-{ray.get_runtime_context().get_job_id()}"
 
 
-_JOB_HEARTBEAT: dict[tuple[str, str], Any] = {}
-"""The driver's handle on its job's heartbeat actor, by the driver's node and the actor's name: the actor lives
-as long as a handle does, so kept here it serves every phase of the job instead of one process per phase."""
+_JOB_HEARTBEAT: Optional[tuple[tuple[str, str], Any]] = None
+"""The driver's handle on its job's heartbeat actor, with its key (the driver's node, the actor's name): the
+actor lives as long as a handle does, so kept here it serves every phase of the job instead of one process per
+phase."""
 
 
 def _heartbeat():
@@ -113,10 +114,11 @@ def _heartbeat():
     the watchdog takes as progress."""
     import ray
 
+    global _JOB_HEARTBEAT
     name = _heartbeat_name()
     key = (ray.get_runtime_context().get_node_id(), name)  # job ids start over in a new cluster
-    if key in _JOB_HEARTBEAT:
-        return _JOB_HEARTBEAT[key]
+    if _JOB_HEARTBEAT is not None and _JOB_HEARTBEAT[0] == key:
+        return _JOB_HEARTBEAT[1]
 
     @ray.remote(num_cpus=0, max_restarts=-1)
     class Heartbeat:
@@ -129,9 +131,9 @@ def _heartbeat():
         def read(self) -> tuple[int, str]:
             return self.count, self.what
 
-    _JOB_HEARTBEAT.clear()  # another job's (a driver that reconnected to Ray): its actor ended with that job
-    _JOB_HEARTBEAT[key] = Heartbeat.options(name=name, get_if_exists=True).remote()
-    return _JOB_HEARTBEAT[key]
+    # a handle kept from another job (a driver that reconnected to Ray) is dropped: its actor ended with that job
+    _JOB_HEARTBEAT = (key, Heartbeat.options(name=name, get_if_exists=True).remote())
+    return _JOB_HEARTBEAT[1]
 
 
 # ------------------------------------------------------------------------------------------ Ray's state

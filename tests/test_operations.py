@@ -149,7 +149,8 @@ def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained,
     assert "[train] model logs@" in out
     # where the run's time went, in one line
     assert re.search(r"\[train\] done in [\d.]+s \(checks [\d.]+s, ray_start [\d.]+s, prepare [\d.]+s, training "
-                     r"[\d.]+s \(2 epochs, [\d.]+s in training steps\), threshold [\d.]+s, artifact_and_report", out)
+                     r"[\d.]+s \(2 epochs, [\d.]+s in training steps, [\d.]+s in the threshold pass\), "
+                     r"artifact_and_report", out)
 
     # --verbose brings Ray's info logs back (a scoring run: Ray Data's plan of the scoring dataset)
     assert verbose.returncode == 0, (verbose.stdout + verbose.stderr)[-4000:]

@@ -98,7 +98,7 @@ def test_fit_job_returns_the_config_to_run_and_says_what_changed():
     cfg = config_from_dict({"train": {"num_workers": 2}, "score": {"concurrency": 2}})
     lines: list[str] = []
     out = fit_job(cfg, LAPTOP, "train", log=lines.append)
-    # the validation pass runs in plain tasks after training: nothing to lower for it on 2 CPUs
+    # scoring's fused tasks after training: nothing to lower for them on 2 CPUs
     assert out.train.cpus_per_worker == 0.5 and out.score.cpus_per_actor == 1.0
     assert cfg.train.cpus_per_worker == 1.0  # the caller's config is left as it was
     assert [ln.split(" lowered")[0] for ln in lines[:1]] == ["[resources] train.cpus_per_worker"]

@@ -62,30 +62,46 @@ def test_histogram_agrees_with_the_exact_one():
     assert np.allclose(exact["deciles"], approx["deciles"], rtol=2 ** -10)
 
 
-def test_validation_pass_function_summarizes_what_the_scorer_scores():
-    """The task function of the threshold pass (no Ray here): its one-row summary per block, merged, gives
-    the scores the predictor gives row by row, whatever the slice size."""
+def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_rank_0s_model():
+    """The last validation pass (no Ray here: the broadcast and the gather are given): every rank scores its
+    rows with rank 0's best model, and rank 0's merged sketch gives the scores the predictor gives row by row."""
     import dataclasses
 
-    import pyarrow as pa
+    import torch
 
-    from pipeline.config import ModelSection
+    from pipeline.config import ModelSection, TrainSection
     from pipeline.featurizer import Featurizer
     from pipeline.models import build_model
     from pipeline.predictor import Predictor
-    from pipeline.rows import to_fixed_size_list
-    from pipeline.validation import ValidationSketch
+    from pipeline.tensors import Normalizer
+    from pipeline.train.state import WorkerConfig
+    from pipeline.train.validate import score_sketch, validation_sketch
 
-    n_features, settings = 6, dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=2))
-    fz = Featurizer.numeric([f"f{j}" for j in range(n_features)], np.zeros(n_features), np.ones(n_features))
-    state = build_model(n_features, **settings).state_dict()
+    n_features, model = 6, ModelSection(hidden_dims=[8], latent_dim=2, ensemble=1)
+    settings = dataclasses.asdict(model)
+    mean, scale = np.full(n_features, 0.5), np.full(n_features, 2.0)
+    fz = Featurizer.numeric([f"f{j}" for j in range(n_features)], mean, scale)
+    wc = WorkerConfig(model=model, train=TrainSection(), n_features=n_features, mean=mean.tolist(),
+                      scale=scale.tolist(), batch_size=64, epochs=1, seed=0)
+    torch.manual_seed(0)
+    rank0_state = build_model(n_features, **settings).state_dict()
+    other_state = build_model(n_features, **settings).state_dict()  # rank 1's own best: not what it scores with
     x = np.random.default_rng(4).normal(size=(1000, n_features)).astype(np.float32)
-    table = pa.table({"x": to_fixed_size_list(x)})
-    exact = Predictor.from_state(settings, state, fz)(x)
-    sk = ScoreSketch(n_features)
-    for block in (table.slice(0, 700), table.slice(700), table.slice(0, 0)):
-        for row in ValidationSketch(settings, state, fz, batch_size=256, run_id="t")(block).to_pylist():
-            sk.add(row)
-    assert sk.rows == 1000
+    exact = Predictor.from_state(settings, rank0_state, fz)(x)
+    norm = Normalizer(mean, scale)
+    batches = lambda rows: (lambda: (norm(torch.from_numpy(rows[i:i + 256])) for i in range(0, len(rows), 256)))  # noqa: E731
+
+    rank1 = []  # rank 1: scores its 300 rows with what rank 0 broadcast, hands its summary to the gather
+    assert validation_sketch(wc, other_state, batches(x[700:]), torch.device("cpu"), rank=1,
+                             gather=lambda mine: rank1.append(mine) or [], broadcast=lambda _: rank0_state) is None
+    summary = validation_sketch(wc, rank0_state, batches(x[:700]), torch.device("cpu"), rank=0,
+                                gather=lambda mine: [mine, *rank1], broadcast=lambda s: s)
+    assert all(isinstance(v, (torch.Tensor, int, float)) for v in summary.values())  # a weights_only payload
+    sk = ScoreSketch.merged(n_features, [summary])
+    assert sk.rows == 1000 and len(sk.sample) == 1000
     np.testing.assert_allclose(sk.sq_sum, exact.errors.astype(np.float64).sum(axis=0), rtol=1e-5)
     assert sk.quantile(0.99) == pytest.approx(float(np.quantile(exact.score, 0.99)), rel=2 ** -10)
+    assert (sk.lo, sk.hi) == (pytest.approx(float(exact.score.min())), pytest.approx(float(exact.score.max())))
+    # a rank without validation rows adds nothing
+    empty = score_sketch(build_model(n_features, **settings), iter(()), n_features)
+    assert ScoreSketch.merged(n_features, [empty.summary(), summary]).rows == 1000

@@ -58,8 +58,8 @@ class TrainSection:
     """Anomaly threshold, set when training ends: this quantile of the validation rows' anomaly scores (stored
     with the model; scoring flags rows above it)."""
     validation_batch_size: int = 4096
-    """Rows per batch of the validation pass that sets the threshold (it runs on the CPUs the training workers
-    held: train.num_workers tasks x train.cpus_per_worker)."""
+    """Rows per batch of the training workers' validation passes: after every epoch, and the last one, which
+    scores every validation row with the best model to set the threshold."""
     cache_fraction: float = 0.25
     """Read the training and validation splits once and run later epochs from the training workers' memory
     (every row reshuffled each epoch) when their size (rows x features x 4 bytes, from the Parquet footers)

@@ -131,7 +131,8 @@ class DirectSplits:
 
 
 def direct_epochs(direct: DirectSplits, storage: Any, normalizer: Normalizer, n_features: int, batch_size: int,
-                  seed: int, rank: int, world: int, device: torch.device) -> tuple[EpochCache, EpochCache]:
+                  seed: int, rank: int, world: int, device: torch.device,
+                  val_batch_size: int) -> tuple[EpochCache, EpochCache]:
     """(train_batches, val_batches) over this rank's rows read once (`direct`). Every rank trains on the
     same number of rows per epoch (the smallest share; each epoch's permutation picks which), since DDP's
     all-reduce in every step needs the same number of steps on every rank. `normalizer` is on the CPU: the
@@ -146,4 +147,4 @@ def direct_epochs(direct: DirectSplits, storage: Any, normalizer: Normalizer, n_
     train_rows, val_rows = rows(train), rows(val)
     limit = int(all_reduce([train_rows.shape[0]], "MIN")[0])
     return (EpochCache(None, batch_size, device, shuffle=True, seed=seed + rank, rows=train_rows, limit=limit),
-            EpochCache(None, batch_size * 4, device, shuffle=False, seed=0, rows=val_rows))
+            EpochCache(None, val_batch_size, device, shuffle=False, seed=0, rows=val_rows))

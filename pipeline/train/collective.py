@@ -1,8 +1,11 @@
-"""Reductions over the training ranks (torch.distributed). Outside a process group they return their input,
-so the epoch loop and the tensor input run unchanged in one plain process (the tests) and under Ray Train.
+"""Reductions, broadcasts and gathers over the training ranks (torch.distributed). Outside a process group
+they return their input, so the epoch loop and the tensor input run unchanged in one plain process (the tests)
+and under Ray Train.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -20,3 +23,25 @@ def all_reduce(values: list[float], op: str = "SUM") -> list[float]:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     return all_reduce(values)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (the others pass anything, e.g. None); `obj` itself without a group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank; `[obj]` without a group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -15,8 +15,9 @@ from pipeline.cluster import ray_log_level, torch_trainer_class, train_loop_with
 from pipeline.read import read_dataset, stream_execution_options
 from pipeline.rows import SplitFeatures
 from pipeline.sizing import auto_steps, step_budget
+from pipeline.sketch import ScoreSketch
 from pipeline.train.batches import DirectSplits
-from pipeline.train.state import WorkerConfig
+from pipeline.train.state import VALIDATION_KEY, WorkerConfig
 from pipeline.train.worker import WORKER_CONFIG, load_payload, train_loop_per_worker
 from pipeline.uri import join_uri
 
@@ -49,6 +50,8 @@ class FitResult:
     batch_size: int
     epochs: int
     """The epoch limit the run had (train.epochs, or with `auto` what train.steps needed)."""
+    validation: ScoreSketch
+    """The best model's scores and per-column errors over every validation row (pipeline/train/validate.py)."""
 
 
 def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
@@ -56,11 +59,11 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
     tr = cfg.train
     cache = cache_splits(spec, tr.cache_fraction, featurizer.width)
     direct, datasets = _inputs(cfg.data, storage, spec, featurizer, cache)
-    categorical = bool(featurizer.categorical_columns)
-    batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, tr.steps, categorical)
+    steps = auto_steps(tr.steps, bool(featurizer.categorical_columns))
+    batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, steps)
     if batch_size != tr.batch_size or tr.epochs == "auto":
         print(f"[train] batch size {batch_size}, up to {epochs} epochs (train.epochs {tr.epochs}, train.steps "
-              f"{auto_steps(tr.steps, categorical)}{' (auto)' if tr.steps == 'auto' else ''}; {n_train} training "
+              f"{steps}{' (auto)' if tr.steps == 'auto' else ''}; {n_train} training "
               f"rows, {tr.num_workers} workers)", flush=True)
     worker = WorkerConfig(model=cfg.model, train=tr, n_features=featurizer.width, mean=featurizer.offset.tolist(),
                           scale=featurizer.scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
@@ -72,9 +75,11 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run.name} finished without a checkpoint")
     state = load_payload(result.checkpoint)
+    n_columns = len(featurizer.columns)
     return FitResult(best_state=state["best_model"], history=list(state["history"]),
                      best_epoch=int(state["best_epoch"]), best_val_loss=float(state["best_val"]),
-                     batch_size=batch_size, epochs=epochs)
+                     batch_size=batch_size, epochs=epochs,
+                     validation=ScoreSketch.merged(n_columns, [state[VALIDATION_KEY]]))
 
 
 def _inputs(data, storage, spec, featurizer, cache: bool) -> tuple[Optional[DirectSplits], Optional[dict[str, Any]]]:

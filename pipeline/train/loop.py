@@ -18,6 +18,7 @@ import torch
 from pipeline.train.collective import all_reduce_sum as _all_reduce_sum
 from pipeline.train.state import Trainee, TrainState, WorkerConfig
 from pipeline.train.step import EarlyStopping, EpochStats, evaluate, state_to_cpu, train_epoch
+from pipeline.train.validate import validation_sketch
 
 
 @dataclass
@@ -97,7 +98,8 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
                  val_batches: Callable[[], Iterable[torch.Tensor]], device: torch.device, rank: int,
                  report: Report, all_reduce_sum: Callable[[list[float]], list[float]] = _all_reduce_sum,
                  extra_metrics: Optional[dict[str, Any]] = None) -> None:
-    """The epoch loop from `state.start_epoch`: train, evaluate, all-reduce, early-stop, log, report.
+    """The epoch loop from `state.start_epoch`: train, evaluate, all-reduce, early-stop, log, report; at the
+    end, the best model's score sketch over the validation rows (`state.validation`, in the last checkpoint).
 
     Early stopping is decided from all-reduced validation loss, so every rank stops at the same epoch.
     `extra_metrics` go into every epoch's metrics (e.g. the nodes the workers ran on).
@@ -132,7 +134,12 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
         # costliest part of a small table's epoch, and the history travels in the checkpoint anyway. All
         # ranks decide alike: the epoch counter, the all-reduced stop, and rank 0's clock (all-reduced).
         report_seconds = 0.0
-        if stop or epoch == epochs - 1 or checkpoint_due(wc.train, epoch, all_reduce_sum, rank, last_save):
+        last = stop or epoch == epochs - 1
+        if last:  # the run's end: the best model over every validation row, for the threshold
+            t_sketch = time.perf_counter()
+            state.validation = validation_sketch(wc, state.best_state, val_batches, device, rank)
+            metrics["threshold_seconds"] = time.perf_counter() - t_sketch
+        if last or checkpoint_due(wc.train, epoch, all_reduce_sum, rank, last_save):
             t_report = time.perf_counter()
             report(metrics, state.checkpoint(trainee, epoch) if rank == 0 else None)
             last_save = time.perf_counter()

@@ -26,6 +26,7 @@ from pipeline.layout import SlotLayout
 from pipeline.models import Autoencoder, build_model
 from pipeline.storage import Storage
 from pipeline.train.batches import DirectSplits
+from pipeline.train.collective import broadcast_object
 from pipeline.train.step import EarlyStopping, LossForward, state_to_cpu
 
 
@@ -97,6 +98,10 @@ ALGORITHMS: dict[str, Callable[[Autoencoder, WorkerConfig, torch.device, Wrap],
 """train.algorithm -> (model, step_fn) for train_epoch."""
 
 
+VALIDATION_KEY = "validation_sketch"
+"""The checkpoint payload's key for TrainState.validation (None until the run's last checkpoint)."""
+
+
 @dataclass
 class TrainState:
     """Where a run is, beyond the weights; checkpointed every epoch with them."""
@@ -105,6 +110,9 @@ class TrainState:
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_state: Optional[dict[str, torch.Tensor]] = None
+    validation: Optional[dict[str, Any]] = None
+    """The best model's score sketch over every validation row (a ScoreSketch summary, pipeline/train/validate.py),
+    set once the run has ended: the last checkpoint carries it."""
 
     @classmethod
     def restore(cls, saved: Optional[dict[str, Any]], ae: Autoencoder, optimizer: torch.optim.Optimizer,
@@ -116,7 +124,8 @@ class TrainState:
         optimizer.load_state_dict(saved["optimizer"])
         stopper = EarlyStopping(train.patience, train.min_delta, best=float(saved["best_val"]),
                                 best_epoch=int(saved["best_epoch"]), bad_epochs=int(saved["bad_epochs"]))
-        return cls(stopper, int(saved["epoch"]) + 1, list(saved["history"]), saved["best_model"])
+        return cls(stopper, int(saved["epoch"]) + 1, list(saved["history"]), saved["best_model"],
+                   saved.get(VALIDATION_KEY))
 
     def finished(self, epochs: int) -> bool:
         """True when a restored run has nothing left to train (stopped early, or past its last epoch)."""
@@ -128,6 +137,7 @@ class TrainState:
             "model": state_to_cpu(trainee.model), "optimizer": trainee.optimizer.state_dict(),
             "best_model": self.best_state, "epoch": epoch, "best_val": self.stopper.best,
             "best_epoch": self.stopper.best_epoch, "bad_epochs": self.stopper.bad_epochs, "history": self.history,
+            VALIDATION_KEY: self.validation,
         }
 
 
@@ -169,9 +179,7 @@ def resume_state(registered: Optional[dict[str, Any]], storage: Optional[Storage
                  rank: int) -> tuple[Optional[dict[str, Any]], str]:
     """The state to resume from and where it came from: Ray Train's registered checkpoint (`registered`, or
     None), unless storage holds a newer complete one. All ranks call this; rank 0 chooses for all."""
-    import torch.distributed as dist
-
-    choice: list[Any] = [None]
+    choice: Optional[str] = None
     if rank == 0 and storage is not None and checkpoints_uri:
         try:
             uri, stored = newest_stored_state(storage, checkpoints_uri)
@@ -179,9 +187,8 @@ def resume_state(registered: Optional[dict[str, Any]], storage: Optional[Storage
             print(f"[train] could not look for newer checkpoints in {checkpoints_uri}: {e}", flush=True)
             uri, stored = None, None
         if stored is not None and (registered is None or int(stored["epoch"]) > int(registered["epoch"])):
-            choice[0] = uri
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    if choice[0] is None:
+            choice = uri
+    choice = broadcast_object(choice)
+    if choice is None:
         return registered, "registered"
-    return (load_state(storage.read_bytes(choice[0])) if storage is not None else registered), choice[0]
+    return (load_state(storage.read_bytes(choice)) if storage is not None else registered), choice

@@ -12,9 +12,11 @@ from typing import Any, Optional
 import torch
 
 from pipeline.tensors import Normalizer
+from pipeline.train.collective import all_gather_objects
 from pipeline.train.batches import EpochCache, direct_epochs, tensor_batches
 from pipeline.train.loop import run_training
 from pipeline.train.state import CHECKPOINT_FILE, WorkerConfig, build_trainee, resume_state
+from pipeline.train.validate import validation_sketch
 
 WORKER_CONFIG = "worker"
 """The one key of Ray's train_loop_config: the WorkerConfig."""
@@ -23,14 +25,8 @@ WORKER_CONFIG = "worker"
 def _worker_nodes() -> list[str]:
     """The Ray node id of every rank, in rank order (the history records where training ran)."""
     import ray
-    import torch.distributed as dist
 
-    mine = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    nodes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, mine)
-    return nodes
+    return all_gather_objects(ray.get_runtime_context().get_node_id())
 
 
 def _prepare_ddp(module: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
@@ -74,16 +70,18 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     if saved is not None and rank == 0:
         where = "" if source == "registered" else f" (newest in storage, not yet registered by Ray Train: {source})"
         print(f"[train] resumed from checkpoint after epoch {state.start_epoch - 1}{where}", flush=True)
-    if saved is not None and source != "registered" and state.finished(wc.epochs):
-        # a finished run Ray Train has not seen the end of: report its last checkpoint as the result
-        _ray_report(state.history[-1], state.checkpoint(trainee, state.start_epoch - 1) if rank == 0 else None)
-
     if wc.direct is not None:
         world = ray.train.get_context().get_world_size()
         train_batches, val_batches = direct_epochs(wc.direct, wc.storage, Normalizer(wc.mean, wc.scale, "cpu"),
-                                                   wc.n_features, wc.batch_size, wc.seed, rank, world, device)
+                                                   wc.n_features, wc.batch_size, wc.seed, rank, world, device,
+                                                   wc.train.validation_batch_size)
     else:
         train_batches, val_batches = dataset_epochs(wc, rank, device)
+    if saved is not None and source != "registered" and state.finished(wc.epochs):
+        # a finished run Ray Train has not seen the end of: report its last checkpoint as the result
+        if state.validation is None:  # a checkpoint without the sketch of its best model
+            state.validation = validation_sketch(wc, state.best_state, val_batches, device, rank)
+        _ray_report(state.history[-1], state.checkpoint(trainee, state.start_epoch - 1) if rank == 0 else None)
     run_training(wc, trainee, state, train_batches, val_batches,
                  device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
 
@@ -99,10 +97,10 @@ def dataset_epochs(wc: WorkerConfig, rank: int, device: torch.device):
     iter_kw = dict(batch_size=wc.batch_size, batch_format="pyarrow", prefetch_batches=2)
     if wc.train.shuffle_buffer_rows:
         iter_kw["local_shuffle_buffer_size"] = wc.train.shuffle_buffer_rows
-    val_kw = dict(batch_size=wc.batch_size * 4, batch_format="pyarrow", prefetch_batches=2)
+    val_kw = dict(batch_size=wc.train.validation_batch_size, batch_format="pyarrow", prefetch_batches=2)
     train_batches = lambda: tensor_batches(train_shard.iter_batches(**iter_kw), normalizer, device)  # noqa: E731
     val_batches = lambda: tensor_batches(val_shard.iter_batches(**val_kw), normalizer, device)  # noqa: E731
     if wc.cache:
         train_batches = EpochCache(train_batches, wc.batch_size, device, shuffle=True, seed=wc.seed + rank)
-        val_batches = EpochCache(val_batches, wc.batch_size * 4, device, shuffle=False, seed=0)
+        val_batches = EpochCache(val_batches, wc.train.validation_batch_size, device, shuffle=False, seed=0)
     return train_batches, val_batches
