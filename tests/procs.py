@@ -118,6 +118,18 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+def wait_gone(*marks: str, timeout: float = 120) -> None:
+    """Wait until no process this one started (the session's Ray workers among them) has any of `marks` in its
+    command line: a killed job's tasks and actors on a cluster that outlives it have ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = [cmdline(p) for p in descendants(os.getpid()) if any(m in cmdline(p) for m in marks)]
+        if not left:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"still running {timeout}s after their job was killed: {left[:3]}")
+
+
 def wait_until(cond: Callable[[], object], proc: subprocess.Popen, log: Path, what: str,
                timeout: float = 600, poll_s: float = 0.2):
     """`cond()`'s first true value; fails the test (killing the job) if the job exits first or time runs out."""
