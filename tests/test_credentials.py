@@ -3,7 +3,7 @@
 
 The test makes its own runs (a successful one, failed ones before and inside Ray, a killed one) in a bucket
 of its own, so it checks the same things whichever tests run before it. They run on the session's Ray, whose
-logs are checked as well, except the killed one, which takes a local Ray of its own down with it.
+logs are checked as well: the killed one is a driver that joined it, killed mid-run while the cluster goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from tests.models import RUN_DATE, base_args, write_input
 from tests.procs import (FAKE_KEY_ID, FAKE_SECRET, create_bucket, free_port, get_bytes,
-                         in_process, job_env, keys, kill_tree, private_ray_tmpdir, put_table, run_job, start_job,
+                         in_process, job_env, keys, kill_tree, put_table, run_job, start_job,
                          wait_until)
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,8 @@ def ray_logs(temp_dir: str) -> list[Path]:
     return [p for p in Path(temp_dir).glob("**/session_*/logs/**/*") if p.is_file()]
 
 
-def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, s3_server, storage, capsys, tmp_path):
+def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, ray_address, s3_server, storage, capsys,
+                                                         tmp_path):
     """Successful, failed and killed runs printed and wrote things: the secret is in none of them, nor in
     any object they stored (manifests, reports, checkpoints, Parquet output: raw bytes, and Parquet decoded,
     as compression would hide a value), nor in the logs of the Ray clusters they ran on."""
@@ -77,30 +78,28 @@ def test_credentials_never_appear_in_output_or_artifacts(ray_cluster, s3_server,
     ran(out + err)
     assert rc == 2 and "rows with NaN" in err, runs[-1][-4000:]
 
-    with private_ray_tmpdir("cred-ray-") as killed_ray:
-        # killed with its local Ray once that has run the job's first Ray Data pass
-        log = tmp_path / "killed.log"
-        proc = start_job("jobs.train", base_args(s3_server, bucket, run="cred-killed"),
-                         job_env(s3_server, killed_ray), log)
-        try:
-            wait_until(lambda: "[prepare]" in log.read_text(), proc, log, what="the normalization pass")
-        finally:
-            kill_tree(proc)
-        ran(log.read_text())
+    # a driver on the session's Ray, killed once it has started the job's first Ray Data pass
+    log = tmp_path / "killed.log"
+    proc = start_job("jobs.train", base_args(s3_server, bucket, run="cred-killed"),
+                     {**job_env(s3_server), "RAY_ADDRESS": ray_address}, log)
+    try:
+        wait_until(lambda: "[prepare]" in log.read_text(), proc, log, what="the normalization pass")
+    finally:
+        kill_tree(proc)
+    ran(log.read_text())
 
-        assert len(runs) == 6
-        seen = {".json": 0, "_SUCCESS": 0, "report.html": 0, ".parquet": 0, ".pt": 0}
-        for k in keys(s3_server, bucket, ""):
-            body = get_bytes(s3_server, bucket, k)
-            assert not secret_in(body), k
-            if k.endswith(".parquet"):
-                t = pq.read_table(io.BytesIO(body))
-                decoded = json.dumps(t.to_pylist(), default=str) + repr(t.schema.metadata)
-                assert FAKE_SECRET not in decoded and FAKE_KEY_ID not in decoded, k
-            seen.update({end: n + 1 for end, n in seen.items() if k.endswith(end)})
-        assert all(seen.values()), f"expected every kind of object the runs write: {seen}"
-        for temp_dir in (ray_cluster, killed_ray):
-            logs = ray_logs(temp_dir)
-            assert len(logs) >= 10, f"no Ray session logs under {temp_dir}"
-            for p in logs:
-                assert not secret_in(p.read_bytes()), p
+    assert len(runs) == 6
+    seen = {".json": 0, "_SUCCESS": 0, "report.html": 0, ".parquet": 0, ".pt": 0}
+    for k in keys(s3_server, bucket, ""):
+        body = get_bytes(s3_server, bucket, k)
+        assert not secret_in(body), k
+        if k.endswith(".parquet"):
+            t = pq.read_table(io.BytesIO(body))
+            decoded = json.dumps(t.to_pylist(), default=str) + repr(t.schema.metadata)
+            assert FAKE_SECRET not in decoded and FAKE_KEY_ID not in decoded, k
+        seen.update({end: n + 1 for end, n in seen.items() if k.endswith(end)})
+    assert all(seen.values()), f"expected every kind of object the runs write: {seen}"
+    logs = ray_logs(ray_cluster)
+    assert len(logs) >= 10, f"no Ray session logs under {ray_cluster}"
+    for p in logs:
+        assert not secret_in(p.read_bytes()), p
