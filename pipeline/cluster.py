@@ -85,27 +85,34 @@ def train_loop_with_ray_log_level(loop: Callable[[dict], None]) -> Callable[[dic
 
 
 def torch_trainer_class() -> type:
-    """Ray Train's TorchTrainer, without its placement group cleaner on a cluster that has no dashboard.
+    """Ray Train's TorchTrainer without two of its default callbacks where they do nothing but start a process
+    each run:
 
-    The cleaner (a detached actor of every run) asks Ray's state API each second whether the run's controller
-    is alive, to free the run's placement group if it died. The state API is served by the dashboard; a local
-    Ray of this job starts none, so there the cleaner could never tell, printed "Failed to query Ray Train
-    Controller actor state" on the console each second (dozens of lines a run), and cost a process start
-    and ~1.8 s a run (a bare TorchTrainer.fit of 2 workers: 9.7 s with it, 7.9 s without). On a cluster with
-    a dashboard (KubeRay, `ray start --head`) it is kept."""
+    - the placement group cleaner, on a cluster that has no dashboard. The cleaner (a detached actor of every
+      run) asks Ray's state API each second whether the run's controller is alive, to free the run's
+      placement group if it died. The state API is served by the dashboard; a local Ray of this job starts
+      none, so there the cleaner could never tell, printed "Failed to query Ray Train Controller actor state"
+      on the console each second (dozens of lines a run), and cost a process start and ~1.8 s a run (a bare
+      TorchTrainer.fit of 2 workers: 9.7 s with it, 7.9 s without). On a cluster with a dashboard (KubeRay,
+      `ray start --head`) it is kept.
+    - the datasets callback, in a run without Ray Data datasets (the training workers read their cached
+      splits themselves: train/batches.py `DirectSplits`). It starts a `DatasetManager` actor, which imports
+      Ray Data, to hand the workers shards of no dataset: about 1 CPU-second of a small run's 9 (a bare fit
+      of one worker: `docs/performance.md`)."""
     from ray._private.worker import get_dashboard_url
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    if get_dashboard_url():
-        return TorchTrainer
+    no_dashboard = not get_dashboard_url()
 
-    class TorchTrainerWithoutCleaner(TorchTrainer):
+    class PipelineTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks()
-                    if not isinstance(c, PlacementGroupCleanerCallback)]
+            drop = tuple(cls for cls, idle in ((PlacementGroupCleanerCallback, no_dashboard),
+                                               (DatasetsCallback, not self.datasets)) if idle)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
 
-    return TorchTrainerWithoutCleaner
+    return PipelineTorchTrainer
 
 
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}

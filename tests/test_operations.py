@@ -215,19 +215,27 @@ def test_dry_run_checks_without_ray_and_flags_fail_in_one_line(trained, storage,
         assert len(lines) == 1 and msg in lines[0], (args, p.stderr)
 
 
-def test_a_ray_without_a_dashboard_trains_without_the_placement_group_cleaner(ray_cluster):
+def test_the_trainer_leaves_out_the_callbacks_that_would_only_start_processes(ray_cluster):
     """The session's Ray, like a job's local one, has no dashboard, so no state API for Ray Train's placement
-    group cleaner to ask: the trainer leaves it out (pipeline.cluster.torch_trainer_class)."""
+    group cleaner to ask; and a run without Ray Data datasets (the workers read their cached splits
+    themselves) needs no datasets callback, whose DatasetManager actor would hand out shards of nothing. The
+    trainer leaves both out (pipeline.cluster.torch_trainer_class), and keeps the datasets callback for a run
+    that streams datasets."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from pipeline.cluster import torch_trainer_class
 
-    def callbacks(cls) -> list[type]:
-        trainer = cls(lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    def callbacks(cls, **datasets) -> list[type]:
+        trainer = cls(lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                      datasets=datasets or None)
         return [type(c) for c in trainer._create_default_callbacks()]
 
     ours, rays = callbacks(torch_trainer_class()), callbacks(TorchTrainer)
-    assert PlacementGroupCleanerCallback in rays  # Ray's own default, which the subclass filters
-    assert [c for c in rays if c is not PlacementGroupCleanerCallback] == ours
+    assert PlacementGroupCleanerCallback in rays and DatasetsCallback in rays  # Ray's own defaults
+    assert [c for c in rays if c not in (PlacementGroupCleanerCallback, DatasetsCallback)] == ours
+    streamed = callbacks(torch_trainer_class(), train=ray.data.range(4))
+    assert [c for c in rays if c is not PlacementGroupCleanerCallback] == streamed
