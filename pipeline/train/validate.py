@@ -5,7 +5,9 @@ The anomaly threshold and the manifest's per-column errors come from it.
 The workers hold the validation split already (in memory when the splits are cached, else as their Ray Data
 shard), so this costs one forward pass over it: no second read of the input and no Ray Data job of its own.
 Every rank scores with rank 0's best weights and calibration statistics, the ones the stored model carries, so
-each row gets the score that scoring will give it.
+each row gets the score that scoring will give it. Streamed with several workers, the ranks' shards are Ray
+Train's equal splits of the validation rows, which leave out fewer rows than there are workers (the per-epoch
+validation loss sees the same rows); cached, every validation row is scored.
 """
 
 from __future__ import annotations
