@@ -300,7 +300,7 @@ def summarize(one: dict[str, Any], streamed: dict[str, Any], big: dict[str, Any]
     same = streamed if big["train_path"] == "streamed" else one  # the 1x run on the large input's path
     stages = {}
     for s in STAGES:
-        base = same if s == "train_epoch" else one
+        base = same if s in ("train_epoch", "threshold") else one  # the threshold pass runs on the training path
         a, b = base["stages"][s], big["stages"][s]
         stages[s] = {"seconds_1x": round(one["stages"][s], 2), "seconds_1x_streamed": round(streamed["stages"][s], 2),
                      "seconds_nx": round(b, 2), "baseline": "1x streamed" if base is streamed else "1x",
