@@ -5,8 +5,8 @@
 
 For each size: generate float32 Parquet shards (~160 MB each) on local disk, then run one job process (its own
 local Ray: `--num-cpus` CPUs, an object store of `--object-store-mb`) that runs prepare, a one-epoch
-training run (with its threshold pass over the validation rows, in the training workers), and scoring. The 1x input runs twice: with the defaults
-(small splits train from the workers' memory: `cached`) and with train.cache_fraction=0 (`streamed`, the path
+training run (with its threshold pass over the validation rows, in the training workers), and scoring. The 1x
+input runs twice: with the defaults (small splits train from the workers' memory: `cached`) and with train.cache_fraction=0 (`streamed`, the path
 the 50x input takes), so the epoch compares like with like. Recorded per run: seconds and rows/s per stage,
 which training path it took, the bytes Ray spilled to disk, and memory (sum of PSS over the job's process
 tree, sampled every 0.2 s, as `make bench` does): the peak over the job and, per stage, the peak of each part
@@ -324,8 +324,8 @@ def summarize(one: dict[str, Any], streamed: dict[str, Any], big: dict[str, Any]
                    "measure": one["memory_measure"],
                    "stages": {"1x": one["memory_stages"], "1x_streamed": streamed["memory_stages"],
                               "nx": big["memory_stages"]},
-                   "what": "peak over the job (prepare, train (the threshold pass included), score) of the sum of PSS over its "
-                           "process tree: driver, GCS, raylet, Ray workers, object store pages; per stage, each "
+                   "what": "peak over the job (prepare, train (the threshold pass included), score) of the sum "
+                           "of PSS over its process tree: driver, GCS, raylet, Ray workers, object store pages; per stage, each "
                            "part's own peak (object store: the shared-memory pages' PSS summed over processes)"},
         "spilled_bytes_1x": one["spilled_bytes"], "spilled_bytes_1x_streamed": streamed["spilled_bytes"],
         "spilled_bytes_nx": big["spilled_bytes"], "spilled_bytes_nx_after_training": big["spilled_bytes_train"],

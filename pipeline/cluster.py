@@ -119,9 +119,9 @@ LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 """A local Ray keeps idle worker processes for ten minutes (Ray's default: 1 s beyond a soft limit, which the
 Train and Data actors exceed). A job runs several passes (prepare, training, scoring), each starting tasks that
 import torch, pyarrow and the pipeline; with the default each pass started its processes anew: a Ray Data pass
-right after training took 22 s instead of 2 s on 10,000 rows (a minute was too short: training outlasts it). On a cluster, set
-RAY_idle_worker_killing_time_threshold_ms=600000 in the nodes' environment for the same effect
-(infra/k8s/raycluster.yaml does)."""
+right after training took 22 s instead of 2 s on 10,000 rows (a minute was too short: training outlasts it).
+On a cluster, set RAY_idle_worker_killing_time_threshold_ms=600000 in the nodes' environment for the same
+effect (infra/k8s/raycluster.yaml does)."""
 
 
 LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "MIMALLOC_PURGE_DELAY": "0"}

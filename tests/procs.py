@@ -123,7 +123,7 @@ def wait_gone(*marks: str, timeout: float = 120) -> None:
     command line: a killed job's tasks and actors on a cluster that outlives it have ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        left = [cmdline(p) for p in descendants(os.getpid()) if any(m in cmdline(p) for m in marks)]
+        left = [c for c in map(cmdline, descendants(os.getpid())) if any(m in c for m in marks)]
         if not left:
             return
         time.sleep(0.2)

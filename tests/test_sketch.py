@@ -89,7 +89,9 @@ def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_ran
     x = np.random.default_rng(4).normal(size=(1000, n_features)).astype(np.float32)
     exact = Predictor.from_state(settings, rank0_state, fz)(x)
     norm = Normalizer(mean, scale)
-    batches = lambda rows: (lambda: (norm(torch.from_numpy(rows[i:i + 256])) for i in range(0, len(rows), 256)))  # noqa: E731
+
+    def batches(rows):
+        return lambda: (norm(torch.from_numpy(rows[i:i + 256])) for i in range(0, len(rows), 256))
 
     rank1 = []  # rank 1: scores its 300 rows with what rank 0 broadcast, hands its summary to the gather
     assert validation_sketch(wc, other_state, batches(x[700:]), torch.device("cpu"), rank=1,

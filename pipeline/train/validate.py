@@ -24,6 +24,7 @@ from pipeline.tensors import autocast_for
 from pipeline.train.collective import all_gather_objects, broadcast_object
 from pipeline.train.state import WorkerConfig
 
+
 def score_sketch(model: torch.nn.Module, batches: Iterable[torch.Tensor], n_columns: int) -> ScoreSketch:
     """The sketch of `model`'s scores and per-column errors over normalized `batches`, one batch at a time."""
     sketch = ScoreSketch(n_columns)
