@@ -1,8 +1,9 @@
 """Probe (no Ray): the defaults' anomaly ranking on benchmarks/adbench/ with the project's own model,
 train loop (run_training) and scores, in a few minutes. Variants are set with flags (`--set` config overrides,
 `--scaling`, `--shuffle`, `--latent-div`, `--hidden-mult`, `--bag`); prints per-table test AUROC for each
-variant of the score from the same trained models (`w:1,1,0.5` is the default score; `cal4` is it with the
-kNN term at weight 1) and for an ensemble of the seeds' models. `--tables 40_vowels,6_cardio --seeds 0`
+variant of the score from the same trained models (`pipeline` is the model's own score, the default;
+`w:1,1,0.5` is its four per-member terms without the subspace term; `cal4` is those with the kNN term at
+weight 1) and for an ensemble of the seeds' models. `--tables 40_vowels,6_cardio --seeds 0`
 reproduces `make eval`'s figures within noise. Each table's models' codes and per-feature errors are saved
 (`--out`, `--tag`), so `--load` scores new variants of them without training again, and `--mix` scores an
 ensemble of models saved by several runs (e.g. members with different code widths).
@@ -105,7 +106,8 @@ def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mu
             for m in getattr(ae, "members", [ae]):  # an ensemble: each score is the members' mean, as in Ensemble
                 h = m.encode(xx)
                 members.append({"h": h.double().numpy(), "sq": ((m.decode(h).float() - xx) ** 2).double().numpy()})
-            out[part] = {"x": xx.double().numpy(), "members": members}
+            # the pipeline's own anomaly_score (the model's score: the terms below plus the subspace term)
+            out[part] = {"x": xx.double().numpy(), "members": members, "score": ae.score(xx).double().numpy()}
     return {"scores": out, "y": t.y[test], "epochs": len(state.history), "best": state.stopper.best_epoch + 1,
             "limit": epochs, "batch": batch, "sec": time.perf_counter() - t0}
 
@@ -205,6 +207,8 @@ def variants(r):
     v, t = r["scores"]["val"], r["scores"]["test"]
     tv, tt = terms(v, v), terms(v, t)
     out = {}
+    if "score" in v:  # models saved before the subspace term have only the parts
+        out["pipeline"] = (v["score"], t["score"])
     for name, keys in SUMS.items():
         out[name] = tuple(np.mean([sum(m[k] for k in keys) for m in side], 0) for side in (tv, tt))
     for w in (0.25, 0.5):  # the default score with the kNN term weighted w

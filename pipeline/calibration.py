@@ -4,6 +4,7 @@ position, each on the scale of the validation rows, added.
     score(x) = mean_j  e_j(x)^2 / E_val[e_j^2]   +   CODE_WEIGHT * mean_k (h_k(x) - E_val[h_k])^2 / Var_val[h_k]
                + MSE_WEIGHT * mean_j e_j(x)^2 / E_val[mean_j e_j^2]
                + KNN_WEIGHT * knn(h(x), S) / mean_{s in S} knn(s, S)      (S: sampled validation codes)
+             [ + model.subspace_weight * log(1 + r(x) / E_val[r])          (SubspaceTerm; off by default) ]
 
 e_j is feature j's reconstruction error and h the code. Plain mean squared error lets the features the
 model reconstructs worst dominate every row's score, and it misses rows that lie on the learned manifold but
@@ -36,6 +37,18 @@ as well as one of 512 (0.866 both) and costs half its time in scoring: a 4,096 x
 batch and member, about 6 ms on one CPU thread (5 members: 30 ms per 4,096 rows, against 6-75 ms for the
 rest of the score on 16-200 features).
 
+The optional fifth term (SubspaceTerm, `model.subspace_weight` > 0) is how far the normalized input lies
+outside the principal subspace that keeps SUBSPACE_SHARE (99%) of the training rows' variance, i.e. its
+squared length along the minor components: what a linear autoencoder as wide as the data's variance would
+fail to reconstruct, so it ranks rows that break near-linear relations between the columns. It is one term
+for the whole model (an ensemble does not average it over members). Off by default (issue 24's ninth round,
+docs/evaluation.md): at weight 1, `make eval`'s 31 tables rank 0.805 against 0.804 (AP 0.426 against
+0.430; 17_InternetAds +0.014, 18_Ionosphere +0.020, 15_Hepatitis +0.025, 22_magic.gamma +0.019 against
+8_celeba -0.025, 46_WPBC -0.015, 6_cardio -0.013), and four seeds of the 26 smaller tables, rescored,
++0.004 (AP -0.002): within noise, and the simpler score stays. The components are fitted once, from the
+first epoch's training rows (d x d sums, all-reduced over the workers), and then fixed; inputs wider than
+MAX_SUBSPACE_FEATURES slots go without the term.
+
 The statistics are gathered while the model is evaluated on the validation rows, which the training loop
 does after every epoch (`eval_loss`); `begin_epoch` starts a fresh count. They live in buffers, so the best
 epoch's checkpoint carries the statistics of its own weights, and scoring needs nothing else. Before any
@@ -45,6 +58,8 @@ share of the validation rows, which is all the statistics need.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -57,6 +72,9 @@ KNN = 5  # neighbours per row (after the nearest, skipped)
 REFERENCE_ROWS = 256  # validation codes kept for the kNN term (a uniform random sample of them)
 EPS = 1e-12
 FLOOR = 1e-3  # of the mean over features (code units)
+SUBSPACE_SHARE = 0.99  # of the training rows' variance the subspace keeps (SubspaceTerm)
+SUBSPACE_FLOOR = 1e-6  # of the training rows' total variance: the least validation mean SubspaceTerm divides by
+MAX_SUBSPACE_FEATURES = 2048  # input slots; wider inputs go without the subspace term
 
 
 def knn_distance(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -152,3 +170,103 @@ class ScoreCalibration(nn.Module):
         code = ((h.to(torch.float64) - mean) ** 2 / var).mean(dim=1)
         mse = sq64.mean(dim=1) / (feat.mean() + EPS)
         return (recon + CODE_WEIGHT * code + MSE_WEIGHT * mse + KNN_WEIGHT * self.knn_term(h)).to(torch.float32)
+
+
+class SubspaceTerm(nn.Module):
+    """The calibrated score's optional fifth term: how far a row lies outside the principal subspace of the
+    training rows, `weight * log1p(r(x) / E_val[r])` (weight: model.subspace_weight), where r is the squared
+    length of the (normalized, centred) input along the minor components: those left once the leading ones
+    keep SUBSPACE_SHARE of the training rows' variance.
+
+    The components are fitted once, from every training row of the first epoch (summed over the workers by
+    `fit`), and then fixed; the validation mean is gathered in each epoch's validation pass, as the other
+    terms' statistics are. Where the leading components keep all the variance there are no minor ones and the
+    term is 0; the validation mean is floored at SUBSPACE_FLOOR of the total variance, so directions the
+    training rows never leave (exact relations between columns) add no rounding noise to normal rows. Before
+    `fit`, or on a model saved without the term, it is 0. An ensemble holds one (the term is the same for every
+    member), a single model its own; inputs wider than MAX_SUBSPACE_FEATURES slots go without it (the d x d
+    sums would be the largest thing in the job).
+    """
+
+    def __init__(self, n_features: int, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight  # model.subspace_weight: a setting, recorded in the manifest
+        self.register_buffer("center", torch.zeros(n_features, dtype=torch.float32))
+        self.register_buffer("minor", torch.zeros(n_features, 0, dtype=torch.float32))  # (d, minor components)
+        self.register_buffer("floor", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("val_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("val_count", torch.zeros((), dtype=torch.float64))
+        self._sums: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (rows, sum x, sum x x^T)
+
+    @torch.no_grad()
+    def observe_training(self, x: torch.Tensor) -> None:
+        """Add a training batch to the sums `fit` turns into components (float64; the product in float32)."""
+        x = x.detach().float()
+        if self._sums is None:
+            d = x.shape[1]
+            self._sums = (torch.zeros((), dtype=torch.float64, device=x.device),
+                          torch.zeros(d, dtype=torch.float64, device=x.device),
+                          torch.zeros(d, d, dtype=torch.float64, device=x.device))
+        n, s1, s2 = self._sums
+        n += x.shape[0]
+        s1 += x.sum(dim=0).double()
+        s2 += (x.T @ x).double()
+
+    @torch.no_grad()
+    def fit(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        """Components from the training sums, `reduce`d (summed) over the workers first: every worker must
+        call it, with or without rows of its own."""
+        d = self.center.shape[0]
+        n, s1, s2 = self._sums or (torch.zeros((), dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
+                                   torch.zeros(d, d, dtype=torch.float64))
+        self._sums = None
+        packed = reduce(torch.cat([n.reshape(1), s1, s2.reshape(-1)]).cpu())
+        rows = float(packed[0])
+        if rows < 2:
+            return
+        mean = packed[1:d + 1] / rows
+        cov = packed[d + 1:].reshape(d, d) / rows - torch.outer(mean, mean)
+        w, v = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
+        w = w.clamp_min(0.0)
+        total = float(w.sum())
+        # the fewest leading components that keep SUBSPACE_SHARE of the variance; the rest are the minor ones
+        kept = torch.cumsum(w.flip(0), 0) < SUBSPACE_SHARE * total
+        minor = d - min(d, int(kept.sum()) + 1) if total > 0 else 0
+        self.center.copy_(mean.float())
+        self.minor = v[:, :minor].float().to(self.center.device)
+        self.floor.fill_(SUBSPACE_FLOOR * total)
+        self.fitted.fill_(True)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows,) squared length of each row along the minor components (float64)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return ((x.detach().float() - self.center) @ self.minor).square().sum(dim=1).double()
+
+    def reset(self) -> None:
+        """Start the validation mean afresh (each epoch's validation pass)."""
+        self.val_sum.zero_()
+        self.val_count.zero_()
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Add a validation batch to the mean the term is divided by."""
+        if bool(self.fitted):
+            self.val_sum += self.residual(x).sum()
+            self.val_count += x.shape[0]
+
+    def term(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows,) the term (float64); 0 before the components and the validation mean exist."""
+        if not bool(self.fitted) or float(self.val_count) == 0 or self.minor.shape[1] == 0:
+            return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        mean = torch.maximum(self.val_sum / self.val_count, self.floor)
+        return self.weight * torch.log1p(self.residual(x) / (mean + EPS))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the number of components is the fitted model's; a model saved before the term has none (term 0)
+        saved = state_dict.get(prefix + "minor")
+        if saved is not None:
+            self.minor = torch.empty_like(saved, device=self.minor.device)
+        for name in ("center", "minor", "floor", "fitted", "val_sum", "val_count"):
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pipeline.artifacts import save_artifact
+from pipeline.calibration import MAX_SUBSPACE_FEATURES
 from pipeline.manifest import model_dir, read_manifest
 from pipeline.cluster import connect
 from pipeline.code_space import align_codes, alignment_target
@@ -78,6 +79,9 @@ def _sized(cfg: Config, requested: Config, featurizer: Featurizer) -> tuple[Conf
         print(f"[train] model sizes for {featurizer.width} input slots ({len(featurizer.columns)} columns): "
               f"hidden_dims {cfg.model.hidden_dims}, latent_dim {cfg.model.latent_dim}, ensemble "
               f"{cfg.model.ensemble}{members} ({', '.join(auto)}: auto)", flush=True)
+    if cfg.model.subspace_weight > 0 and featurizer.width > MAX_SUBSPACE_FEATURES:
+        print(f"[train] model.subspace_weight {cfg.model.subspace_weight}: {featurizer.width} input slots, over "
+              f"{MAX_SUBSPACE_FEATURES:,}: the score goes without the subspace term", flush=True)
     return cfg, auto
 
 

@@ -268,3 +268,21 @@ def read_parquet_dir(storage, uri: str):
         with storage.open_parquet(f) as pf:
             parts.append(pf.read())
     return pa.concat_tables(parts)
+
+
+def two_ranks(target: Callable, *args, timeout: float = 120) -> object:
+    """Runs `target(rank, world, port, *args, out)` in two spawned processes (a gloo group on a free loopback
+    port) and returns what rank 0 put on `out`; both must exit cleanly."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, 2, port, *args, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    result = out.get(timeout=timeout)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return result

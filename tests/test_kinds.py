@@ -108,7 +108,8 @@ def test_a_kind_setting_name_cannot_be_taken_twice():
 def test_model_section_is_the_shared_settings_plus_each_kinds_own():
     names = [f.name for f in dataclasses.fields(ModelSection)]
     kind_names = [n for spec in KINDS.values() for n in spec.setting_names]
-    assert names == ["kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *CODE_SPACE_SETTINGS, *kind_names]
+    assert names == ["kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", "subspace_weight", *CODE_SPACE_SETTINGS,
+                     *kind_names]
 
 
 def test_every_kind_has_a_model_class():
@@ -163,7 +164,8 @@ def test_manifests_written_by_main_still_build_and_new_ones_keep_the_format(kind
     assert dataclasses.asdict(model.settings) == {k: old[k] for k in own}
     assert type(model).__name__ != "Ensemble"  # a manifest from before model.ensemble: one model
     keys = set(dataclasses.asdict(ModelSection()))
-    assert keys == {"kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", *CODE_SPACE_SETTINGS} | kind_setting_names()
+    assert keys == {"kind", *MLP_SETTINGS, "ensemble", "member_latent_dims", "subspace_weight",
+                    *CODE_SPACE_SETTINGS} | kind_setting_names()
     assert type(build_model(6, **dataclasses.asdict(ModelSection(hidden_dims=[8], latent_dim=3)))).__name__ \
         == "Autoencoder"  # the code-space settings reach build_model in every manifest and are not the network's
     assert set(MAIN_MANIFEST_MODEL) <= keys  # an old manifest's keys all still exist
@@ -264,7 +266,7 @@ def saved(payload):
 
 
 def test_checkpoint_every_saves_some_epochs_always_the_last_and_the_stop_and_resumes_with_the_best():
-    cfg = config_from_dict({**BASE, "model": {"hidden_dims": [8], "latent_dim": 3},
+    cfg = config_from_dict({**BASE, "model": {"hidden_dims": [8], "latent_dim": 3, "subspace_weight": 1.0},
                             "train": {"epochs": 5, "lr": 1e-2, "checkpoint_every": 2, "patience": 10}})
     wc = worker_config(cfg, batch_size=64, seed=0)
     data = batches(6)
@@ -282,16 +284,25 @@ def test_checkpoint_every_saves_some_epochs_always_the_last_and_the_stop_and_res
         assert m["fixed_seconds"] == pytest.approx(m["epoch_seconds"] + m["last_report_seconds"]
                                                    - m["step_seconds"])
     assert [m["last_report_seconds"] > 0 for m in history] == [False, False, True, False, True]
+    # the score's subspace term was fitted from the first epoch's training rows, and every checkpoint has it
+    rows = torch.cat(data)
+    for _, p in reports:
+        assert bool(p["best_model"]["subspace.fitted"])
+        assert torch.allclose(p["best_model"]["subspace.center"], rows.mean(0), atol=1e-5)
+    assert reports[0][1]["best_model"]["subspace.minor"].shape == (6, 3)  # all but the data's three directions
 
     # a failure after epoch 3 resumes from the checkpoint of epoch 2 (index 1): the epochs since are redone,
     # and the best weights are those of the best epoch the resumed run has seen
     trainee, state = build_trainee(wc, CPU, no_ddp, saved=reports[0][1])
     assert state.start_epoch == 2 and len(state.history) == 2
     resumed: list[tuple[dict, dict]] = []
-    run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
+    other = batches(6, seed=1)  # other training rows: a refit would give other components
+    run_training(wc, trainee, state, lambda: other, lambda: data[:1], CPU, rank=0,
                  report=lambda m, payload: resumed.append((m, saved(payload))))
     assert [m["epoch"] for m, p in resumed] == [3, 4]
     final = resumed[-1][1]
+    # the resumed run keeps the components it loaded (it fits them in a run's first epoch only)
+    assert torch.equal(final["best_model"]["subspace.minor"], reports[0][1]["best_model"]["subspace.minor"])
     vals = [h["val_loss"] for h in final["history"]]
     assert [h["epoch"] for h in final["history"]] == [0, 1, 2, 3, 4]
     assert final["best_val"] == min(vals) and final["best_epoch"] == vals.index(min(vals))

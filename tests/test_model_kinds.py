@@ -342,9 +342,7 @@ def _recirculation_worker(rank: int, world: int, port: int, x: torch.Tensor, out
 
 
 def test_recirculation_on_two_workers_averages_updates_and_matches_one_worker():
-    import torch.multiprocessing as mp
-
-    from tests.procs import free_port
+    from tests.procs import two_ranks
 
     x = manifold_data(2048, features=8)
     single = recirc_model(8, 3, code_activation="tanh")
@@ -355,16 +353,7 @@ def test_recirculation_on_two_workers_averages_updates_and_matches_one_worker():
         start = float(torch.mean((recirc_model(8, 3, code_activation="tanh")(x) - x) ** 2))
         loss_one = float(torch.mean((trained(x) - x) ** 2))
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_recirculation_worker, args=(r, 2, port, x, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    state, loss_two = out.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    state, loss_two = two_ranks(_recirculation_worker, x)
     # one step: the all-reduced update is exactly the single-worker update on the combined batch
     for k, v in single.state_dict().items():
         assert torch.allclose(torch.from_numpy(state[k]), v, atol=1e-6), k

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import KNN_WEIGHT, REFERENCE_ROWS, ScoreCalibration, knn_distance
+from pipeline.calibration import (KNN_WEIGHT, MAX_SUBSPACE_FEATURES, REFERENCE_ROWS, ScoreCalibration, SubspaceTerm,
+                                  knn_distance)
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
@@ -212,3 +213,113 @@ def test_calibrated_model_ranks_far_out_rows_that_mse_misses():
         else:
             assert rank > 0.999
     assert np.isfinite(out).all()
+
+
+def _plane_rows(rows: int, seed: int = 0, spread: float = 2.0) -> torch.Tensor:
+    """Rows near a 3-dimensional linear subspace of 8 features (`spread` along it, small noise off it)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(8, 3, generator=torch.Generator().manual_seed(99)))[0]
+    return torch.randn(rows, 3, generator=g) * spread @ basis.T + 0.05 * torch.randn(rows, 8, generator=g)
+
+
+def _fitted_subspace(x: torch.Tensor) -> SubspaceTerm:
+    sub = SubspaceTerm(x.shape[1])
+    for i in range(0, len(x), 256):  # the first epoch's batches
+        sub.observe_training(x[i:i + 256])
+    sub.fit()
+    return sub
+
+
+def test_subspace_term_scores_rows_off_the_training_rows_subspace_not_far_out_along_it():
+    x = _plane_rows(4000)
+    sub = SubspaceTerm(8)
+    assert torch.equal(sub.term(x[:5]), torch.zeros(5, dtype=torch.float64))  # nothing fitted: no term
+    sub = _fitted_subspace(x[:3000])
+    assert sub.minor.shape == (8, 5)  # three directions hold 99% of the variance; the noise is the other five
+    assert float(sub.term(x[:5]).abs().max()) == 0.0  # components, but no validation mean yet
+    sub.observe(x[3000:3500])  # the validation pass
+    normal = sub.term(x[3500:])
+    # log1p of each row's residual over the validation mean: about log 2 for a typical row
+    assert float(normal.mean()) == pytest.approx(np.log(2), abs=0.15)
+    off = x[3500:3520] + 1.0 * torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(5)))[0][:, 5]
+    along = _plane_rows(20, seed=1, spread=8.0)  # far out along the subspace (4x its spread)
+    assert (sub.term(off)[:, None] > normal[None, :]).double().mean() > 0.99
+    assert float(sub.term(along).mean()) < float(sub.term(off).mean()) / 2
+    sub.reset()
+    assert float(sub.val_count) == 0 and float(sub.term(off).abs().max()) == 0.0
+
+
+def test_subspace_term_adds_nothing_where_the_training_rows_fill_every_direction_or_keep_an_exact_relation():
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3000, 3, generator=g)  # three independent columns: 99% of the variance needs all three
+    sub = _fitted_subspace(full[:2000])
+    sub.observe(full[2000:2500])
+    assert sub.minor.shape == (3, 0) and float(sub.term(full[2500:] * 5).abs().max()) == 0.0
+    # a column that is exactly the sum of two others: its direction has no variance but rounding, and normal
+    # rows must not get that noise as a score; a row that breaks the relation must stand out
+    exact = torch.cat([full, (full[:, :1] + full[:, 1:2])], dim=1)
+    sub = _fitted_subspace(exact[:2000])
+    sub.observe(exact[2000:2500])
+    normal = sub.term(exact[2500:])
+    broken = exact[2500:2510].clone()
+    broken[:, 3] += 0.5
+    assert float(normal.max()) < 1e-3 and float(sub.term(broken).min()) > 5
+
+
+def test_the_scoring_model_carries_one_subspace_term_through_its_state_dict():
+    model = build_model(8, hidden_dims=[6], latent_dim=2, ensemble=3, score="calibrated", subspace_weight=1.0)
+    assert model.subspace is not None and all(m.subspace is None for m in model.members)  # one, not per member
+    assert build_model(8, hidden_dims=[6], latent_dim=2, ensemble=3, score="calibrated").subspace is None  # default
+    assert build_model(MAX_SUBSPACE_FEATURES + 1, hidden_dims=[6], latent_dim=2, score="calibrated",
+                       subspace_weight=1.0).subspace is None  # too wide: the job's log says so
+    with pytest.raises(ConfigError, match="model.subspace_weight.*calibrated score, not recon"):
+        ModelSection(score="recon", subspace_weight=1.0)
+    x = _plane_rows(2000)
+    model.subspace = _fitted_subspace(x[:1500])
+    model.eval()
+    model.begin_epoch(0)
+    with torch.inference_mode():
+        model.eval_loss(x[1500:1800])  # gathers every term's validation statistics, this one's too
+        plain = torch.stack([m.score(x[1800:]) for m in model.members]).mean(0)
+        scored = model.score(x[1800:])
+        assert torch.allclose(scored.double(), plain.double() + model.subspace.term(x[1800:]), atol=1e-4)
+    clone = build_model(8, hidden_dims=[6], latent_dim=2, ensemble=3, score="calibrated", subspace_weight=1.0)
+    clone.load_state_dict(model.state_dict())  # the component count is the saved model's
+    old = build_model(8, hidden_dims=[6], latent_dim=2, ensemble=3, score="calibrated", subspace_weight=1.0)
+    old.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("subspace.")})
+    clone.eval()
+    old.eval()
+    with torch.inference_mode():
+        assert torch.allclose(clone.score(x[1800:]), scored)
+        assert torch.allclose(old.score(x[1800:]), plain, atol=1e-5)  # saved before the term: none
+
+
+def _subspace_worker(rank: int, world: int, port: int, x: torch.Tensor, out) -> None:
+    import torch.distributed as dist
+
+    from pipeline.train.collective import all_reduce_tensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sub = SubspaceTerm(8)
+        if rank == 0:  # rank 1 saw no rows at all: it still takes part in the sum
+            for i in range(0, len(x), 256):
+                sub.observe_training(x[i:i + 256][::2] if i % 512 else x[i:i + 256])
+        else:
+            for i in range(256, len(x), 512):
+                sub.observe_training(x[i:i + 256][1::2])
+        sub.fit(all_reduce_tensor)
+        if rank == 0:
+            out.put((sub.center.numpy().copy(), (sub.minor @ sub.minor.T).numpy().copy()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_fit_the_subspace_from_their_summed_rows_as_one_process_would():
+    from tests.procs import two_ranks
+
+    x = _plane_rows(2048)
+    one = _fitted_subspace(x)
+    center, projector = two_ranks(_subspace_worker, x)
+    assert np.allclose(center, one.center.numpy(), atol=1e-5)
+    assert np.allclose(projector, (one.minor @ one.minor.T).numpy(), atol=1e-4)  # the same subspace

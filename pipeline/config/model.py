@@ -52,6 +52,12 @@ class SharedModelSection:
     auto`, the members' codes spread from an eighth to half of the input width around member 0's quarter
     (member 0 at most 32 wide, the others at most 256; pipeline/sizing.py); with an explicit `latent_dim`,
     every member that width. Recorded in the manifest."""
+    subspace_weight: float = 0.0
+    """Weight of the calibrated score's subspace term, `log(1 + r / mean_val r)` with r the input's squared
+    distance from the principal subspace that keeps 99% of the training rows' variance (pipeline/calibration.py,
+    SubspaceTerm). 0 (the default): no such term. It ranks rows that break near-linear relations between the
+    columns; on the benchmark tables it helps some and costs others, 1 about level on the mean
+    (docs/evaluation.md, ninth round): measure it on your own labelled rows with `jobs.evaluate`."""
     align_to: str = "latest"
     """Whose coordinates the emitted `latent` uses (pipeline/alignment.py). `latest`: the finished run that
     `--model latest` would pick under artifacts.uri, when its input layout and code width match; a run name
@@ -79,6 +85,9 @@ class SharedModelSection:
                f"{self.align_to!r}: `latest`, `none` or a run name under artifacts.uri")
         _check(0.0 <= self.align_min_r2 <= 1.0, "model.align_min_r2", f"{self.align_min_r2} must be in [0, 1]")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"{self.dropout} must be in [0, 1)")
+        _check(self.subspace_weight >= 0.0, "model.subspace_weight", f"{self.subspace_weight} must be >= 0")
+        _check(self.subspace_weight == 0.0 or self.score == "calibrated", "model.subspace_weight",
+               f"{self.subspace_weight}: the subspace term is part of the calibrated score, not {self.score}")
         _check(self.score in self.spec.scores, "model.score",
                f"{self.score} is the {' or '.join(kinds_with('scores', self.score))} kind's score, not "
                f"{self.kind}'s; use {' or '.join(self.spec.scores)}")

@@ -14,8 +14,8 @@ from typing import Any, Optional
 from pipeline.kinds import KINDS, kind_setting_names, spec_of
 from pipeline.kinds.spec import CODE_SPACE_SETTINGS, MLP_SETTINGS
 from pipeline.layout import SlotLayout
-from pipeline.models.base import (ACTIVATIONS, Autoencoder, Ensemble, activation_and_slope, blocks, linear_layers,
-                                  mlp)
+from pipeline.models.base import (ACTIVATIONS, Autoencoder, Ensemble, activation_and_slope, attach_subspace, blocks,
+                                  linear_layers, mlp)
 from pipeline.models.contractive import ContractiveAutoencoder
 from pipeline.models.denoising import DenoisingAutoencoder
 from pipeline.models.sparse import SparseAutoencoder
@@ -49,9 +49,16 @@ def build_model(n_features: int, kind: str = "dense", layout: Optional[SlotLayou
     if ensemble == AUTO:  # a section no job resolved (sizing.resolve_model picks the count): one model
         ensemble = 1
     members = settings.pop("member_latent_dims", AUTO)  # each member's code width; none given: all alike
+    subspace_weight = settings.pop("subspace_weight", 0.0)  # a term of the whole model's score, not a member's
     if ensemble > 1:
         widths = [settings.get("latent_dim", AUTO)] * ensemble if members == AUTO else members
-        return Ensemble([build_model(n_features, kind, layout, **{**settings, "latent_dim": w}) for w in widths])
+        model = Ensemble([_build_one(n_features, kind, layout, {**settings, "latent_dim": w}) for w in widths])
+    else:
+        model = _build_one(n_features, kind, layout, settings)
+    return attach_subspace(model, subspace_weight)
+
+
+def _build_one(n_features: int, kind: str, layout: Optional[SlotLayout], settings: dict[str, Any]) -> Autoencoder:
     spec = spec_of(kind)
     settings = {"hidden_dims": AUTO, "latent_dim": AUTO, **settings}
     if AUTO in (settings["latent_dim"], settings["hidden_dims"]):  # sizes not chosen by a job yet

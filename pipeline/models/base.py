@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.calibration import ScoreCalibration
+from pipeline.calibration import MAX_SUBSPACE_FEATURES, ScoreCalibration, SubspaceTerm
 from pipeline.layout import SlotLayout
 
 ACTIVATIONS = {
@@ -138,6 +138,7 @@ class Autoencoder(nn.Module):
     def _init_score(self, score: str) -> None:
         """`recon`: mean per-column error; `calibrated`: see pipeline/calibration.py (buffers only with it)."""
         self.score_kind = score
+        self.subspace: Optional[SubspaceTerm] = None  # on the model that scores only (attach_subspace)
         if score == "calibrated":
             self.calibration = ScoreCalibration(self.n_columns, self.latent_dim)
 
@@ -160,6 +161,11 @@ class Autoencoder(nn.Module):
     def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The validation objective (sum over rows, to be divided by the row count after all-reduce): the mean
         squared error, whatever the score; with the calibrated score, also gathers its statistics."""
+        if self.subspace is not None:
+            self.subspace.observe(x)
+        return self._eval_loss(x)
+
+    def _eval_loss(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encode(x)
         sq = self.column_errors(self.decode(h), x)
         if self.score_kind == "calibrated":
@@ -178,6 +184,10 @@ class Autoencoder(nn.Module):
 
     def score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-row score, latent code, per-column error) in one forward pass."""
+        score, h, sq = self._score_and_latent(x)
+        return with_subspace(self.subspace, score, x), h, sq
+
+    def _score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.encode(x)
         sq = self.column_errors(self.decode(h), x)
         return self._row_score(sq, h), h.float(), sq
@@ -186,6 +196,8 @@ class Autoencoder(nn.Module):
         """Called by the training loop before each epoch; a staged model returns its stage's name."""
         if self.score_kind == "calibrated":
             self.calibration.reset()  # this epoch's validation pass gathers the statistics afresh
+        if self.subspace is not None:
+            self.subspace.reset()
         return None
 
 
@@ -202,6 +214,7 @@ class Ensemble(nn.Module):
 
     def __init__(self, members: Sequence[Autoencoder]):
         super().__init__()
+        self.subspace: Optional[SubspaceTerm] = None
         self.members = nn.ModuleList(members)
         first = members[0]
         self.n_features, self.latent_dim, self.score_kind = first.n_features, first.latent_dim, first.score_kind
@@ -217,6 +230,8 @@ class Ensemble(nn.Module):
         return self._mean(losses), {k: self._mean([p[k] for p in parts]) for k in parts[0]}
 
     def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
+        if self.subspace is not None:
+            self.subspace.observe(x)
         return self._mean([m.eval_loss(x) for m in self.members])
 
     def row_errors(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +248,25 @@ class Ensemble(nn.Module):
 
     def score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scores, codes, sqs = zip(*(m.score_and_latent(x) for m in self.members))
-        return self._mean(scores), codes[0], self._mean(sqs)
+        return with_subspace(self.subspace, self._mean(scores), x), codes[0], self._mean(sqs)
 
     def begin_epoch(self, epoch: int) -> Optional[str]:
+        if self.subspace is not None:
+            self.subspace.reset()
         return [m.begin_epoch(epoch) for m in self.members][0]
+
+
+def with_subspace(subspace: Optional[SubspaceTerm], score: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`score` plus the subspace term (pipeline/calibration.py) where the model has one."""
+    if subspace is None:
+        return score
+    return (score.double() + subspace.term(x)).to(score.dtype)
+
+
+def attach_subspace(model: "Autoencoder | Ensemble", weight: float) -> "Autoencoder | Ensemble":
+    """Give the model that scores (a single model, or the ensemble rather than its members) the calibrated
+    score's subspace term at `weight` (model.subspace_weight), when that is above 0, it scores `calibrated`
+    and its input is at most MAX_SUBSPACE_FEATURES wide."""
+    if weight > 0 and model.score_kind == "calibrated" and model.n_features <= MAX_SUBSPACE_FEATURES:
+        model.subspace = SubspaceTerm(model.n_features, weight)
+    return model

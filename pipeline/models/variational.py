@@ -66,7 +66,7 @@ class VariationalAutoencoder(Autoencoder):
         mu, logvar = self.posterior(x)
         return self._nll(x, self.decode(mu)) + self.settings.kl_weight * self.kl(mu, logvar)
 
-    def eval_loss(self, x: torch.Tensor) -> torch.Tensor:
+    def _eval_loss(self, x: torch.Tensor) -> torch.Tensor:
         mu, logvar = self.posterior(x)
         recon = self.decode(mu)
         if self.score_kind == "calibrated":
@@ -77,7 +77,7 @@ class VariationalAutoencoder(Autoencoder):
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.score_and_latent(x)[0]
 
-    def score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _score_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.posterior(x)
         recon = self.decode(mu)
         sq = self.column_errors(recon, x)

@@ -25,6 +25,19 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return all_reduce(values)
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor summed over the ranks (a new tensor); `t` itself without a group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    out = t.clone()
+    if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+        out = out.cuda()
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank (the others pass anything, e.g. None); `obj` itself without a group."""
     import torch.distributed as dist

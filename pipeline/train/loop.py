@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from pipeline.calibration import SubspaceTerm
 from pipeline.train.collective import all_reduce_sum as _all_reduce_sum
+from pipeline.train.collective import all_reduce_tensor
 from pipeline.train.state import Trainee, TrainState, WorkerConfig
 from pipeline.train.step import EarlyStopping, EpochStats, evaluate, state_to_cpu, train_epoch
 from pipeline.train.validate import validation_sketch
@@ -113,7 +115,11 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
     for epoch in range(state.start_epoch, epochs):
         t0 = time.perf_counter()
         stage = trainee.ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a staged kind
-        stats = train_epoch(train_batches(), trainee.model, trainee.optimizer, device, step_fn=trainee.step_fn)
+        fitting = trainee.ae.subspace if trainee.ae.subspace is not None and not trainee.ae.subspace.fitted else None
+        batches = train_batches() if fitting is None else _observed(train_batches(), fitting)
+        stats = train_epoch(batches, trainee.model, trainee.optimizer, device, step_fn=trainee.step_fn)
+        if fitting is not None:  # the first epoch's rows, from every rank, fix the score's subspace term
+            fitting.fit(all_reduce_tensor)
         t_val = time.perf_counter()
         val_sum, val_rows = evaluate(val_batches(), trainee.model)
         validation_seconds = time.perf_counter() - t_val
@@ -146,6 +152,13 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
             report_seconds = last_save - t_report
         if stop:
             break
+
+
+def _observed(batches: Iterable[torch.Tensor], subspace: SubspaceTerm) -> Iterator[torch.Tensor]:
+    """`batches`, each shown to the subspace term's sums on its way to the training step."""
+    for x in batches:
+        subspace.observe_training(x)
+        yield x
 
 
 def checkpoint_due(train, epoch: int, all_reduce_sum: Callable[[list[float]], list[float]], rank: int,
