@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.artifacts import load_artifact
 from pipeline.config import load_config
 from pipeline.jobs import score_job, train_job
 from pipeline.metrics import evaluate_against_truth
@@ -29,6 +30,8 @@ CASES = {
                  "train.epochs=5"], 2),
     "recirculation": (["train.algorithm=recirculation", "model.hidden_dims=[]", "model.latent_dim=6",
                        "train.lr=0.05"], 2),
+    # the calibrated score's optional subspace term: fitted from both workers' rows, carried to scoring
+    "subspace": (["model.kind=dense", "model.ensemble=2", "model.subspace_weight=1"], 2),
 }
 
 
@@ -63,6 +66,11 @@ def test_kind_trains_and_scores_end_to_end(ray_cluster, sample_input, name):
         assert t.best_epoch >= 2 and t.best_val_loss < hist[1]["val_loss"], "fine-tuning did not beat pretraining"
     if name == "variational":
         assert all(0 < h["train_kl"] < 1e3 for h in hist)
+
+    if name == "subspace":
+        sub = load_artifact(storage, t.run_uri).model.subspace
+        assert manifest["model"]["subspace_weight"] == 1 and bool(sub.fitted) and sub.minor.shape[1] >= 1
+        assert 0 < float(sub.val_count) <= t.validation_rows  # rank 0's validation rows, the best epoch's pass
 
     s = score_job(cfg, storage)
     assert s.scored_rows == ROWS and s.rejected_rows == 0

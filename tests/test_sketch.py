@@ -62,9 +62,11 @@ def test_histogram_agrees_with_the_exact_one():
     assert np.allclose(exact["deciles"], approx["deciles"], rtol=2 ** -10)
 
 
-def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_rank_0s_model():
+@pytest.mark.parametrize("subspace_weight", [0.0, 1.0])
+def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_rank_0s_model(subspace_weight):
     """The last validation pass (no Ray here: the broadcast and the gather are given): every rank scores its
-    rows with rank 0's best model, and rank 0's merged sketch gives the scores the predictor gives row by row."""
+    rows with rank 0's best model, and rank 0's merged sketch gives the scores the predictor gives row by row,
+    the optional subspace term included."""
     import dataclasses
 
     import torch
@@ -77,16 +79,24 @@ def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_ran
     from pipeline.train.state import WorkerConfig
     from pipeline.train.validate import score_sketch, validation_sketch
 
-    n_features, model = 6, ModelSection(hidden_dims=[8], latent_dim=2, ensemble=1)
+    n_features = 6
+    model = ModelSection(hidden_dims=[8], latent_dim=2, ensemble=1, subspace_weight=subspace_weight)
     settings = dataclasses.asdict(model)
     mean, scale = np.full(n_features, 0.5), np.full(n_features, 2.0)
     fz = Featurizer.numeric([f"f{j}" for j in range(n_features)], mean, scale)
     wc = WorkerConfig(model=model, train=TrainSection(), n_features=n_features, mean=mean.tolist(),
                       scale=scale.tolist(), batch_size=64, epochs=1, seed=0)
     torch.manual_seed(0)
-    rank0_state = build_model(n_features, **settings).state_dict()
-    other_state = build_model(n_features, **settings).state_dict()  # rank 1's own best: not what it scores with
     x = np.random.default_rng(4).normal(size=(1000, n_features)).astype(np.float32)
+    x[:, 5] = x[:, :5].sum(axis=1) + 0.1 * x[:, 5]  # a near-linear relation for the subspace term to see
+    rank0 = build_model(n_features, **settings)
+    if subspace_weight:  # rank 0's best model: the term fitted on training rows, its validation mean gathered
+        rank0.subspace.observe_training((torch.from_numpy(x) - 0.5) / 2.0)
+        rank0.subspace.fit()
+        rank0.eval_loss((torch.from_numpy(x[:200]) - 0.5) / 2.0)
+        assert rank0.subspace.minor.shape[1] >= 1
+    rank0_state = rank0.state_dict()
+    other_state = build_model(n_features, **settings).state_dict()  # rank 1's own best: not what it scores with
     exact = Predictor.from_state(settings, rank0_state, fz)(x)
     norm = Normalizer(mean, scale)
 
