@@ -102,6 +102,7 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
                  extra_metrics: Optional[dict[str, Any]] = None) -> None:
     """The epoch loop from `state.start_epoch`: train, evaluate, all-reduce, early-stop, log, report; at the
     end, the best model's score sketch over the validation rows (`state.validation`, in the last checkpoint).
+    With the score's subspace term, the first epoch's training batches also fit its components.
 
     Early stopping is decided from all-reduced validation loss, so every rank stops at the same epoch.
     `extra_metrics` go into every epoch's metrics (e.g. the nodes the workers ran on).
@@ -115,7 +116,7 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
     for epoch in range(state.start_epoch, epochs):
         t0 = time.perf_counter()
         stage = trainee.ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a staged kind
-        fitting = trainee.ae.subspace if trainee.ae.subspace is not None and not trainee.ae.subspace.fitted else None
+        fitting = _unfitted_subspace(trainee.ae)
         batches = train_batches() if fitting is None else _observed(train_batches(), fitting)
         stats = train_epoch(batches, trainee.model, trainee.optimizer, device, step_fn=trainee.step_fn)
         if fitting is not None:  # the first epoch's rows, from every rank, fix the score's subspace term
@@ -152,6 +153,13 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
             report_seconds = last_save - t_report
         if stop:
             break
+
+
+def _unfitted_subspace(ae: torch.nn.Module) -> Optional[SubspaceTerm]:
+    """The model's subspace term (model.subspace_weight) while it still needs its components: in a run's first
+    epoch, or the first after resuming from a checkpoint saved without them."""
+    sub = ae.subspace
+    return sub if sub is not None and not bool(sub.fitted) else None
 
 
 def _observed(batches: Iterable[torch.Tensor], subspace: SubspaceTerm) -> Iterator[torch.Tensor]:

@@ -69,7 +69,7 @@ class LossForward(torch.nn.Module):
         self.ae = ae
         self.trim_fraction = trim_fraction
         # DDP broadcasts rank 0's buffers before every step; the subspace term's are fitted alike on every rank
-        # (from all-reduced sums), and its basis can be a few MB on a wide input
+        # (from all-reduced sums), and its minor components can be a few MB on a wide input
         self._ddp_params_and_buffers_to_ignore = [f"ae.{n}" for n, _ in ae.named_buffers() if ".subspace." in f".{n}"]
 
     def forward(self, x: torch.Tensor):
