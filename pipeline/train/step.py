@@ -70,7 +70,7 @@ class LossForward(torch.nn.Module):
         self.trim_fraction = trim_fraction
         # DDP broadcasts rank 0's buffers before every step; the subspace term's are fitted alike on every rank
         # (from all-reduced sums), and its minor components can be a few MB on a wide input
-        self._ddp_params_and_buffers_to_ignore = [f"ae.{n}" for n, _ in ae.named_buffers() if ".subspace." in f".{n}"]
+        self._ddp_params_and_buffers_to_ignore = [f"ae.{n}" for n, _ in ae.named_buffers() if n.startswith("subspace.")]
 
     def forward(self, x: torch.Tensor):
         return self.ae.loss(trimmed_rows(self.ae, x, self.trim_fraction))
