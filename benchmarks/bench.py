@@ -286,9 +286,9 @@ def measure_large_shards(spec: InputSpec, storage: Storage, repeats: int, shard_
 # ------------------------------------------------------------------------------------------ training
 
 
-def train_tensors(spec: InputSpec, storage: Storage, data: DataSection, mean, scale) -> torch.Tensor:
+def train_tensors(spec: InputSpec, storage: Storage, mean, scale) -> torch.Tensor:
     """The training split, normalized, as one in-memory tensor: the plain loop's input."""
-    split = SplitFeatures(data, spec.num_features, "train")
+    split = SplitFeatures(spec.data, spec.num_features, "train")
     parts = []
     for f in spec.files:
         with storage.open_parquet(f) as pf:
@@ -364,7 +364,7 @@ def measure_training(bc: BenchConfig, storage: Storage, data_uri: str) -> dict[s
     # depend on the values), so the plain loop can run before the first job.
     data = bench_config(bc, "plain", data_uri, bc.models[0]).data
     spec = inspect_input(data, storage)
-    raw = train_tensors(spec, storage, data, np.zeros(spec.num_features, np.float32),
+    raw = train_tensors(spec, storage, np.zeros(spec.num_features, np.float32),
                         np.ones(spec.num_features, np.float32))
     x = (raw - raw.mean(0)) / raw.std(0).clamp_min(1e-6)
     del raw
@@ -424,7 +424,7 @@ def plain_script(cfg: Config, storage: Storage, model_size: ModelSize, batch_siz
     epochs of the same model, the weights written to the same server. Returns its wall seconds."""
     t0 = time.perf_counter()
     spec = inspect_input(cfg.data, storage)
-    x = train_tensors(spec, storage, cfg.data, np.zeros(spec.num_features, np.float32),
+    x = train_tensors(spec, storage, np.zeros(spec.num_features, np.float32),
                       np.ones(spec.num_features, np.float32))
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     plain_train((x - mean) / std, model_size, batch_size, epochs, threads, cfg.train.lr)

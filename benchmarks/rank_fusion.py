@@ -69,7 +69,8 @@ def raw_split(name: str):
     test = protocol_split(t.y)
     ids = np.arange(len(t.y))
     Xtr, idtr = t.X[~test], ids[~test]
-    cfg = load_config(None, ["data.input=x", "data.id_columns=[row_id]"])
+    # the eighth round's models were saved with 10% of the training rows held out (before `auto`, tenth round)
+    cfg = load_config(None, ["data.input=x", "data.id_columns=[row_id]", "data.validation_fraction=0.1"])
     val = validation_mask(pa.table({"row_id": pa.array(idtr, pa.int64())}), cfg.data)
     return Xtr, val, t.X[test], t.y[test]
 

@@ -28,9 +28,9 @@ from pipeline.calibration import REFERENCE_ROWS, knn_distance
 from pipeline.config import load_config
 from pipeline.rows import validation_mask
 from pipeline.stats import ColumnMoments, normalization_stats
-from pipeline.evaluation import BENCHMARK_DIR, load_npz, protocol_split, ranking_metrics, suite_tables
+from pipeline.evaluation import load_table, protocol_masks, ranking_metrics, suite_tables
 from pipeline.tensors import Normalizer
-from pipeline.sizing import resolve_model, step_budget
+from pipeline.sizing import resolve_model, resolve_validation, step_budget
 from pipeline.train import WorkerConfig, build_trainee, run_training
 
 
@@ -49,18 +49,19 @@ def scaling_stats(x: np.ndarray, how: str):
 
 
 def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mult=0.0, bag=0.0):
-    t = load_npz(BENCHMARK_DIR / f"{name}.npz")
+    t = load_table(name)
     d = t.X.shape[1]
     lat = max(1, min(d - 1, int(np.ceil(d / (latent_div or 4)))))  # uncapped, unlike the pipeline's auto rule
     if latent_div:  # sizing variants: code ceil(d / latent_div), one hidden layer hidden_mult x d
         overrides = [*overrides, f"model.latent_dim={lat}"]
     if hidden_mult:
         overrides = [*overrides, f"model.hidden_dims=[{max(2 * lat, 4, int(round(hidden_mult * d)))}]"]
-    test = protocol_split(t.y)
+    train, test = protocol_masks(t)
     ids = np.arange(len(t.y))
-    Xtr, idtr = t.X[~test], ids[~test]
+    Xtr, idtr = t.X[train], ids[train]
     cfg = load_config(None, ["data.input=x", "data.id_columns=[row_id]", *overrides])
-    val = validation_mask(pa.table({"row_id": pa.array(idtr, pa.int64())}), cfg.data)
+    data = resolve_validation(cfg.data, len(Xtr))  # the job resolves it from the input's row count
+    val = validation_mask(pa.table({"row_id": pa.array(idtr, pa.int64())}), data)
     fit_rows = Xtr[~val]
     mean, scale = scaling_stats(fit_rows, scaling)
     model = resolve_model(cfg.model, t.X.shape[1], cfg.train.algorithm)
@@ -125,7 +126,7 @@ KNN = 5
 
 def knn(ref, rows, same):
     """Mean squared distance to the KNN nearest reference rows (a row is not its own neighbour when same)."""
-    d, _ = NearestNeighbors(n_neighbors=KNN + same).fit(ref).kneighbors(rows)
+    d, _ = NearestNeighbors(n_neighbors=min(KNN + same, len(ref))).fit(ref).kneighbors(rows)
     return (d[:, int(same):] ** 2).mean(1)
 
 

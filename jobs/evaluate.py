@@ -2,6 +2,7 @@
 
     python -m jobs.evaluate                                   # the 31 tables shipped in benchmarks/adbench/
     python -m jobs.evaluate --suite small                     # all but the five large ones (also: large, dev8)
+    python -m jobs.evaluate --suite novelty                   # one-class tasks: trained on normal classes only
     python -m jobs.evaluate --tables 6_cardio,40_vowels       # some of them
     python -m jobs.evaluate --input my.parquet --label-column is_fraud   # your own labelled table
     python -m jobs.evaluate --set train.epochs=50             # the pipeline with settings other than defaults
@@ -21,16 +22,17 @@ from pathlib import Path
 
 from pipeline.cli import run_main
 from pipeline.errors import InputError
-from pipeline.evaluation import (BENCHMARK_DIR, SUITES, evaluate_tables, load_labelled, load_npz, markdown,
-                                 merge, suite_tables)
+from pipeline.evaluation import SUITES, evaluate_tables, load_labelled, load_table, markdown, merge, suite_tables
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="all", choices=(*SUITES, "codes"),
                    help="which shipped tables: all, small (all but the five large), large, dev8 (the first eight); "
-                        "codes: the latent codes on labelled classification tables")
-    p.add_argument("--tables", default=None, help="comma-separated names from benchmarks/adbench/ (instead of --suite)")
+                        "novelty: one-class tasks on scikit-learn's bundled tables (trained on the normal classes "
+                        "only); codes: the latent codes on labelled classification tables")
+    p.add_argument("--tables", default=None,
+                   help="comma-separated names from benchmarks/adbench/ or novelty tasks (instead of --suite)")
     p.add_argument("--input", default=None, help="your own labelled table (Parquet file/folder, CSV or .npz)")
     p.add_argument("--label-column", default=None, help="with --input: the 0/1 column (1 = anomaly)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -57,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             tables = [load_labelled(args.input, args.label_column)]
         else:
             names = args.tables.split(",") if args.tables else suite_tables(args.suite)
-            missing = [n for n in names if not (BENCHMARK_DIR / f"{n}.npz").exists()]
-            if missing:
-                raise InputError(f"--tables: {', '.join(missing)} not in {BENCHMARK_DIR}")
-            tables = [load_npz(BENCHMARK_DIR / f"{n}.npz") for n in names]
+            tables = [load_table(n) for n in names]
         with tempfile.TemporaryDirectory(prefix="eval-") as tmp:
             results = evaluate_tables(tables, Path(args.workdir or tmp), args.overrides, args.num_cpus, on_table=write)
         print(markdown(results), flush=True)

@@ -9,6 +9,10 @@ the first 30% go to test, the rest to training. Training rows are written to Par
 are compared with their labels (AUROC and average precision). The baselines see the same split, with
 min-max scaling fitted on the training rows: scikit-learn's IsolationForest (defaults, random_state 0) and
 PCA reconstruction error (the components that explain 95% of the training variance).
+
+Novelty tasks (NOVELTY, `--suite novelty`): a classification table that ships with scikit-learn, some classes
+normal and the others anomalies; the split stratifies on the class, and the pipeline and the baselines train on
+the normal classes' training rows only (`protocol_masks`).
 """
 
 from __future__ import annotations
@@ -32,17 +36,19 @@ DEV8 = ("6_cardio", "38_thyroid", "28_pendigits", "30_satellite", "32_shuttle", 
         "24_mnist")
 # over 200,000 rows: minutes each on 2 cores, so a quick run can leave them out
 LARGE = ("8_celeba", "10_cover", "11_donors", "16_http", "33_skin")
-SUITES = ("all", "small", "large", "dev8")
+SUITES = ("all", "small", "large", "dev8", "novelty")
 TEST_FRACTION = 0.3
 SEED = 0
 ID = "row_id"
 
 
 def suite_tables(suite: str) -> list[str]:
-    """The shipped tables a `--suite` names: all of them, all but the large ones, the large ones, the first eight."""
+    """The tables a `--suite` names: all the shipped ones, all but the large ones, the large ones, the first eight;
+    `novelty`: the one-class tasks (NOVELTY)."""
     shipped = sorted(p.stem for p in BENCHMARK_DIR.glob("*.npz"))
     chosen = {"all": shipped, "small": [n for n in shipped if n not in LARGE],
-              "large": [n for n in shipped if n in LARGE], "dev8": [n for n in shipped if n in DEV8]}
+              "large": [n for n in shipped if n in LARGE], "dev8": [n for n in shipped if n in DEV8],
+              "novelty": list(NOVELTY)}
     if suite not in chosen:
         raise InputError(f"--suite {suite}: one of {', '.join(SUITES)}")
     return chosen[suite]
@@ -53,6 +59,41 @@ class Table:
     name: str
     X: np.ndarray
     y: np.ndarray
+    """(rows,) 1 = anomaly."""
+    classes: Optional[np.ndarray] = None
+    """novelty tasks: each row's source class, which the split stratifies on; the pipeline and the baselines then
+    train on the normal rows only (clean training rows, anomalies of kinds never seen)."""
+
+
+# Novelty tasks (the one-class setting of the deep anomaly-detection literature, and of issue 24's held-out
+# digits table): a classification table that ships with scikit-learn, one class or a few taken as normal, every
+# other class as anomalies. Tables nobody tuned the defaults on. name -> (scikit-learn loader, normal classes)
+NOVELTY: dict[str, tuple[str, tuple[int, ...]]] = {
+    **{f"digits_{c}": ("digits", (c,)) for c in range(10)},
+    "digits_0-4": ("digits", (0, 1, 2, 3, 4)), "digits_5-9": ("digits", (5, 6, 7, 8, 9)),
+    **{f"wine_{c}": ("wine", (c,)) for c in range(3)},
+    **{f"iris_{c}": ("iris", (c,)) for c in range(3)},
+}
+
+
+def load_novelty(name: str) -> Table:
+    """A NOVELTY task: the table's features, y = 1 for rows outside the normal classes."""
+    import sklearn.datasets as ds
+
+    source, normal = NOVELTY[name]
+    bunch = getattr(ds, f"load_{source}")()
+    classes = np.asarray(bunch.target, int)
+    return Table(name, np.asarray(bunch.data, np.float64), (~np.isin(classes, normal)).astype(int), classes)
+
+
+def load_table(name: str) -> Table:
+    """A shipped table (benchmarks/adbench/NAME.npz) or a NOVELTY task, by name."""
+    if name in NOVELTY:
+        return load_novelty(name)
+    path = BENCHMARK_DIR / f"{name}.npz"
+    if not path.exists():
+        raise InputError(f"--tables: {name} is neither in {BENCHMARK_DIR} nor a novelty task ({', '.join(NOVELTY)})")
+    return load_npz(path)
 
 
 def load_npz(path: Path) -> Table:
@@ -95,6 +136,16 @@ def protocol_split(y: np.ndarray) -> np.ndarray:
         perm = idx[np.random.RandomState(SEED).permutation(len(idx))]
         test[perm[: int(round(TEST_FRACTION * len(idx)))]] = True
     return test
+
+
+def protocol_masks(table: Table) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) boolean masks: protocol_split on the label, or on a novelty task's classes, whose training
+    rows are then the normal classes' only."""
+    if table.classes is None:
+        test = protocol_split(table.y)
+        return ~test, test
+    test = protocol_split(table.classes)
+    return ~test & (table.y == 0), test
 
 
 def feature_names(n: int) -> list[str]:
@@ -141,7 +192,7 @@ BASELINES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
-def pipeline_scores(table: Table, test: np.ndarray, workdir: Path, overrides: list[str],
+def pipeline_scores(table: Table, train: np.ndarray, test: np.ndarray, workdir: Path, overrides: list[str],
                     num_cpus: Optional[int]) -> tuple[np.ndarray, dict[str, Any]]:
     """Train with the defaults on the unlabeled training rows, score the test rows; test scores in row order."""
     from pipeline.config import load_config
@@ -150,7 +201,7 @@ def pipeline_scores(table: Table, test: np.ndarray, workdir: Path, overrides: li
 
     ids = np.arange(len(table.y))
     base = workdir / table.name
-    write_split(base / "train", table.X[~test], ids[~test])
+    write_split(base / "train", table.X[train], ids[train])
     write_split(base / "test", table.X[test], ids[test])
     common = [f"run.name={table.name}", f"artifacts.uri={base / 'artifacts'}", f"output.uri={base / 'output'}",
               f"data.id_columns=[{ID}]", f"data.features={json.dumps(feature_names(table.X.shape[1]))}",
@@ -171,22 +222,25 @@ def pipeline_scores(table: Table, test: np.ndarray, workdir: Path, overrides: li
             "model": {k: m["model"].get(k)
                       for k in ("kind", "hidden_dims", "latent_dim", "ensemble", "member_latent_dims")},
             "still_improving": bool(m["metrics"].get("still_improving", False)),
+            "validation_fraction": m["data"].get("validation_fraction"),
             "recon_error": recon}
     return scores, info
 
 
 def evaluate_table(table: Table, workdir: Path, overrides: list[str] = (),
                    num_cpus: Optional[int] = None) -> dict[str, Any]:
-    test = protocol_split(table.y)
+    train, test = protocol_masks(table)
     y_test = table.y[test]
     row: dict[str, Any] = {"rows": int(len(table.y)), "features": int(table.X.shape[1]),
                            "anomaly_share": float(table.y.mean()), "test_rows": int(test.sum())}
+    if table.classes is not None:
+        row["train_rows"] = int(train.sum())
     start = t0 = time.perf_counter()
-    scores, info = pipeline_scores(table, test, workdir, list(overrides), num_cpus)
+    scores, info = pipeline_scores(table, train, test, workdir, list(overrides), num_cpus)
     row["pipeline"] = {**ranking_metrics(scores, y_test), "seconds": time.perf_counter() - t0, **info}
     for name, fn in BASELINES.items():
         t0 = time.perf_counter()
-        s = fn(table.X[~test], table.X[test])
+        s = fn(table.X[train], table.X[test])
         row[name] = {**ranking_metrics(s, y_test), "seconds": time.perf_counter() - t0}
     row["wall_seconds"] = time.perf_counter() - start  # the pipeline's train + score and both baselines
     print(f"[eval] {table.name}: pipeline AUROC {row['pipeline']['auroc']:.3f} AP {row['pipeline']['ap']:.3f} | "

@@ -18,6 +18,7 @@ from pipeline.errors import InputError, StorageError
 from pipeline.featurizer import Featurizer
 from pipeline.roles import ColumnRole, column_roles, vector_roles
 from pipeline.shards import PATH_COLUMN
+from pipeline.sizing import resolve_validation
 from pipeline.storage import Storage, map_io
 from pipeline.uri import normalize_uri, scheme_of
 
@@ -34,7 +35,8 @@ class InputSpec:
     """Columns to read: features, ids and timestamp."""
     file_rows: dict[str, int] = field(default_factory=dict)
     data: Optional[DataSection] = None
-    """The data section with `features: auto` resolved to the input's columns."""
+    """The data section with `features: auto` resolved to the input's columns, and `validation_fraction: auto`
+    to the input's row count."""
     roles: list[ColumnRole] = field(default_factory=list)
     """Each feature's role (numeric, categorical) and type family; a vector column's elements are numeric."""
     schema: Optional[pa.Schema] = None
@@ -156,6 +158,7 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     if data.vector_column:
         col = data.feature_columns[0]
         roles = vector_roles(col, _vector_length(uri, storage, col, ref_types[col][0], file_rows))
+    data = resolve_validation(data, num_rows)
     return InputSpec(uri=uri, files=list(files), feature_names=[r.name for r in roles], num_rows=num_rows,
                      columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1])
 

@@ -33,7 +33,7 @@ from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (model_run_uri, parse_run_date, plan_incremental, record_scored, report_uri,
                                run_date_uri)
 from pipeline.score import ScoreResult, score
-from pipeline.sizing import still_improving
+from pipeline.sizing import MAX_VALIDATION_FRACTION, VALIDATION_FRACTION, VALIDATION_ROWS, still_improving
 from pipeline.sketch import ScoreSketch, error_histogram_of
 from pipeline.storage import Storage
 from pipeline.tracking import tracked_scoring, tracked_training
@@ -120,6 +120,7 @@ def _save_model(cfg: Config, requested: Config, storage: Storage, spec: InputSpe
         "threshold": float(sketch.quantile(q)),
         "threshold_quantile": q,
         "data": {"input": spec.uri, "files": len(spec.files), "input_rows": spec.num_rows,
+                 "validation_fraction": cfg.data.validation_fraction,
                  "train_rows": prep["train_rows"], "validation_rows": prep["validation_rows"],
                  "rejected_rows": prep["rejected_rows"], "rejects": prep.get("rejects")},
         "metrics": _metrics(cfg, result, sketch),
@@ -142,6 +143,10 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     spec = check_train(cfg, storage, overwrite, output=check_output)
     target = alignment_target(cfg, storage)  # before training: a model.align_to run that is not there ends here
     requested, cfg = cfg, dataclasses.replace(cfg, data=spec.data or cfg.data)
+    if requested.data.validation_fraction == AUTO and cfg.data.validation_fraction > VALIDATION_FRACTION:
+        print(f"[train] validation rows: {cfg.data.validation_fraction:.0%} of the {spec.num_rows:,} input rows "
+              f"(data.validation_fraction auto: about {VALIDATION_ROWS} rows on a small input, from "
+              f"{VALIDATION_FRACTION:.0%} up to {MAX_VALIDATION_FRACTION:.0%})", flush=True)
     lap("checks")
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     lap("ray_start")  # ~0 when the job has its Ray already (a cluster)

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import DataSection
+from pipeline.config import AUTO, DataSection
 from pipeline.featurizer import Featurizer
 from pipeline.roles import vector_roles
 from pipeline.shards import PATH_COLUMN
@@ -60,6 +60,9 @@ def row_hash(table: pa.Table, id_columns: list[str], features: Optional[np.ndarr
 
 def validation_mask(table: pa.Table, data: DataSection, features: Optional[np.ndarray] = None) -> np.ndarray:
     """True for rows in the validation split."""
+    if data.validation_fraction == AUTO:
+        raise ValueError("data.validation_fraction: auto is resolved from the input's row count "
+                         "(pipeline.inputs.inspect_input)")
     h = row_hash(table, data.id_columns, features)
     u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return u < data.validation_fraction

@@ -181,7 +181,7 @@ def test_prepare_key_changes_with_every_data_setting(tmp_path):
     assert base == prepare_key(spec, spec.data)
     changes = {"input": str(tmp_path / "other"), "features": "vectors", "exclude_columns": ["label"],
                "categorical_columns": ["code"], "missing": "drop", "max_categories": 7, "id_columns": ["user"],
-               "timestamp_column": "ts", "validation_fraction": 0.3, "nan_policy": "drop"}
+               "timestamp_column": "ts", "validation_fraction": 0.2, "nan_policy": "drop"}
     assert set(changes) == {f.name for f in dataclasses.fields(DataSection)}
     for name, value in changes.items():
         assert prepare_key(spec, dataclasses.replace(spec.data, **{name: value})) != base, name

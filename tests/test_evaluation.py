@@ -11,8 +11,8 @@ import pytest
 
 from jobs.evaluate import main as evaluate_main
 from pipeline.errors import InputError
-from pipeline.evaluation import (BENCHMARK_DIR, DEV8, LARGE, load_labelled, load_npz, markdown, merge, protocol_split,
-                                 suite_tables, summarize)
+from pipeline.evaluation import (BENCHMARK_DIR, DEV8, LARGE, NOVELTY, load_labelled, load_npz, load_table, markdown,
+                                 merge, protocol_masks, protocol_split, suite_tables, summarize)
 
 
 def test_protocol_split_is_stratified_and_fixed():
@@ -34,8 +34,25 @@ def test_suites_split_the_shipped_tables():
     every = suite_tables("all")
     assert sorted(suite_tables("small") + suite_tables("large")) == every
     assert set(suite_tables("large")) == set(LARGE) and set(suite_tables("dev8")) == set(DEV8)
+    assert suite_tables("novelty") == list(NOVELTY) and not set(NOVELTY) & set(every)
     with pytest.raises(InputError, match="--suite nope"):
         suite_tables("nope")
+
+
+def test_novelty_tasks_train_on_the_normal_classes_only():
+    t = load_table("digits_0-4")
+    assert t.X.shape == (1797, 64) and ((t.classes >= 5) == (t.y == 1)).all()
+    train, test = protocol_masks(t)
+    assert not (train & test).any() and (t.y[train] == 0).all()
+    for c in range(10):  # every class, the anomalies' too, keeps 30% of its rows for the test split
+        rows = t.classes == c
+        assert test[rows].sum() == round(0.3 * rows.sum())
+    assert train.sum() == (~test & (t.classes < 5)).sum()
+    plain = load_table("38_thyroid")  # a shipped table: the unlabeled split, anomalies left in the training rows
+    train, test = protocol_masks(plain)
+    assert (train == ~test).all() and plain.y[train].any()
+    with pytest.raises(InputError, match="--tables: nope is neither"):
+        load_table("nope")
 
 
 def _row(pipeline: float, iforest: float, pca: float) -> dict:
@@ -83,11 +100,16 @@ def test_two_small_tables_through_the_real_pipeline(ray_cluster, tmp_path):
                         "--workdir", str(tmp_path / "w1"), "--set", "train.epochs=4", "--set", "train.steps=0"])
     assert rc == 0
     first = json.loads(out.read_text())
-    rc = evaluate_main(["--tables", "40_vowels", "--out", str(out), "--workdir", str(tmp_path / "w2")])
+    rc = evaluate_main(["--tables", "40_vowels,iris_1", "--out", str(out), "--workdir", str(tmp_path / "w2")])
     assert rc == 0
     second = json.loads(out.read_text())
     rows = {**first["tables"], **second["tables"]}
-    assert set(rows) == {"thyroid", "40_vowels"}
+    assert set(rows) == {"thyroid", "40_vowels", "iris_1"}
+    # a novelty task: trained on versicolor's 35 training rows, the other two species are the anomalies
+    assert rows["iris_1"]["train_rows"] == 35 and rows["iris_1"]["test_rows"] == 45
+    # data.validation_fraction auto: 30% of iris_1's 35 rows, about 256 of vowels' 1,019
+    assert rows["iris_1"]["pipeline"]["validation_fraction"] == 0.3
+    assert rows["40_vowels"]["pipeline"]["validation_fraction"] == pytest.approx(256 / 1019)
     for name, r in rows.items():
         assert r["pipeline"]["model"]["latent_dim"] < r["features"]  # auto sizes, recorded
         assert r["pipeline"]["auroc"] > 0.6, (name, r["pipeline"])

@@ -36,7 +36,7 @@ def mixed(rows: int = 3000, seed: int = 0) -> pa.Table:
 
 
 def data_section(**kw) -> DataSection:
-    return DataSection(features=FEATURES, id_columns=["id"], **kw)
+    return DataSection(features=FEATURES, id_columns=["id"], **{"validation_fraction": 0.1, **kw})
 
 
 def unfitted(table: pa.Table, data: DataSection) -> Featurizer:
@@ -103,7 +103,7 @@ def test_numeric_columns_without_nulls_are_the_float_matrix_itself():
     np.testing.assert_allclose(whole.mean, x.astype(np.float64).mean(0), rtol=1e-9)
     np.testing.assert_allclose(whole.std, x.astype(np.float64).std(0, ddof=1), rtol=1e-6)
     t = pa.table({"id": np.arange(1000), **{f"f{j}": x[:, j] for j in range(5)}})
-    data = DataSection(features=[f"f{j}" for j in range(5)])
+    data = DataSection(features=[f"f{j}" for j in range(5)], validation_fraction=0.1)
     fz = Featurizer.numeric(data.feature_columns, whole.mean, whole.std)
     assert fz.plain and fz.layout() is None and fz.width == 5
     np.testing.assert_array_equal(batch_rows(t, data, fz).x, x)
@@ -118,7 +118,8 @@ def test_a_vector_column_is_numeric_inputs_through_the_same_featurizer():
     cols = pa.table({"id": np.arange(500), **{f"v[{j}]": x[:, j] for j in range(4)}})
     fz_vec = Featurizer.unfitted(vector_roles("v", 4), "v")
     fz_cols = Featurizer.unfitted(vector_roles("v", 4))
-    vdata, cdata = DataSection(features="v"), DataSection(features=[f"v[{j}]" for j in range(4)])
+    vdata = DataSection(features="v", validation_fraction=0.1)
+    cdata = DataSection(features=[f"v[{j}]" for j in range(4)], validation_fraction=0.1)
     got = batch_rows(vec, vdata, fz_vec).x
     np.testing.assert_array_equal(got, x)
     assert np.shares_memory(got, values.to_numpy())  # the fast path: the vector's values, reshaped, no copy
@@ -179,7 +180,7 @@ def test_level_counters_are_bounded_and_keep_the_frequent_levels():
     ids = [f"user-{i}" for i in rng.permutation(20_000)]  # an id mistaken for a category
     frequent = ["a"] * 3000 + ["b"] * 2000
     t = pa.table({"id": np.arange(25_000), "u": pa.array(ids + frequent)})
-    data = DataSection(features=["u"], max_categories=2)
+    data = DataSection(features=["u"], max_categories=2, validation_fraction=0.1)
     fz = unfitted(t, data)
     udf = BatchStats(data, fz)
     rows = [{k: v[0] for k, v in udf(t.slice(i, 5000)).items()} for i in range(0, 25_000, 5000)]
@@ -236,7 +237,7 @@ def test_per_column_errors_one_per_input_column_in_feature_order():
 
 def test_split_and_stats_do_not_depend_on_the_fitted_statistics_without_ids():
     t = mixed(2000)
-    data = DataSection(features=FEATURES, id_columns=[])
+    data = DataSection(features=FEATURES, id_columns=[], validation_fraction=0.1)
     un = unfitted(t, data)
     fz = fitted(t, data, [0, 2000])
     a = validation_mask(t, data, batch_rows(t, data, un).split_key)

@@ -199,7 +199,7 @@ def test_training_drop_counts_and_writes_rejects(tmp_path):
     x = np.array(t.column("features").to_pylist(), dtype=np.float32)
     x[3, 2] = np.nan
     t = t.set_column(2, "features", pa.array(list(x), pa.list_(pa.float32())))
-    data = DataSection(nan_policy="drop")
+    data = DataSection(nan_policy="drop", validation_fraction=0.1)
     udf = BatchStats(data, raw_featurizer(data, FEATURES), RejectWriter(storage, str(tmp_path / "rejects"), data))
     out = udf(t)
     assert int(out["n_rejected"][0]) == 1 and int(out["n"][0] + out["n_val"][0]) == 49

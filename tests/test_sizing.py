@@ -13,8 +13,8 @@ from pipeline.calibration import (KNN_WEIGHT, MAX_SUBSPACE_FEATURES, REFERENCE_R
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
-from pipeline.sizing import (auto_member_latents, auto_sizes, auto_steps, resolve_model, step_budget,
-                             still_improving)
+from pipeline.sizing import (auto_member_latents, auto_sizes, auto_steps, auto_validation_fraction, resolve_model,
+                             resolve_validation, step_budget, still_improving)
 
 
 @pytest.mark.parametrize("n_features", [2, 3, 6, 16, 100, 2_000])
@@ -140,6 +140,36 @@ def test_auto_steps_are_more_on_an_input_with_categorical_columns():
     assert load_config(None, []).train.steps == "auto" and load_config(None, ["train.steps=500"]).train.steps == 500
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(None, ["train.steps=-1"])
+
+
+def test_validation_share_holds_out_about_256_rows_of_a_small_input(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.inputs import inspect_input
+    from pipeline.rows import validation_mask
+    from pipeline.config import StorageSection
+    from pipeline.storage import Storage
+
+    assert auto_validation_fraction(10**9) == auto_validation_fraction(2_560) == 0.1  # large inputs: 10%
+    assert auto_validation_fraction(1_000) == pytest.approx(0.256)                      # 256 rows
+    assert auto_validation_fraction(853) == auto_validation_fraction(35) == 0.3         # at most 30%
+    data = load_config(None, []).data
+    assert data.validation_fraction == "auto" and resolve_validation(data, 1_000).validation_fraction == 0.256
+    fixed = load_config(None, ["data.validation_fraction=0.5"]).data
+    assert resolve_validation(fixed, 100).validation_fraction == 0.5                    # a number is kept
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        load_config(None, ["data.validation_fraction=most"])
+    with pytest.raises(ValueError, match="auto is resolved"):  # nothing splits rows on an unresolved share
+        validation_mask(pa.table({"id": [1, 2]}), data)
+    # the job resolves it from the input's row count when it inspects the input
+    for rows, share in ((400, 0.3), (1_000, 0.256), (5_000, 0.1)):
+        path = tmp_path / str(rows)
+        path.mkdir()
+        pq.write_table(pa.table({"id": range(rows), "a": np.ones(rows)}), path / "part.parquet")
+        spec = inspect_input(load_config(None, [f"data.input={path}", "data.features=[a]"]).data,
+                             Storage(StorageSection()))
+        assert spec.data.validation_fraction == pytest.approx(share)
 
 
 def _history(losses, best_each_time=True):

@@ -137,7 +137,7 @@ def test_direct_splits_give_every_row_to_one_rank_and_equal_steps_to_all(tmp_pat
     from pipeline.storage import Storage
     from pipeline.train import DirectSplits, EpochCache
 
-    data = DataSection(input=str(tmp_path), features=["f0", "f1"], id_columns=["id"])
+    data = DataSection(input=str(tmp_path), features=["f0", "f1"], id_columns=["id"], validation_fraction=0.1)
     files = []
     for i, (lo, n) in enumerate([(0, 70), (70, 50)]):
         ids = np.arange(lo, lo + n)

@@ -55,8 +55,10 @@ class DataSection:
     """Columns copied unchanged to the output; also hashed for the train/validation split."""
     timestamp_column: Optional[str] = None
     """Event-time column copied to the output's `event_timestamp`; unset means the run's as-of time."""
-    validation_fraction: float = 0.1
-    """Share of rows held out for validation (chosen by hashing the id columns, stable across reruns)."""
+    validation_fraction: Union[float, Literal["auto"]] = AUTO
+    """Share of rows held out for validation (chosen by hashing the id columns, stable across reruns). `auto`:
+    10%, raised on an input under 2,560 rows to hold out about 256, up to 30% (sizing.auto_validation_fraction),
+    resolved from the input's row count when the input is inspected."""
     nan_policy: Literal["error", "drop"] = "error"
     """Rows with infinite features (and NaN in a vector column): `error` stops the job; `drop` counts them and
     writes a rejects table. NaN and nulls in scalar columns follow `data.missing`."""
@@ -70,8 +72,8 @@ class DataSection:
         if isinstance(self.features, list):
             stray = [c for c in self.categorical_columns if c not in self.features]
             _check(not stray, "data.categorical_columns", f"{stray} are not in data.features")
-        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
-               f"{self.validation_fraction} must be in (0, 1)")
+        _check(self.validation_fraction == AUTO or 0.0 < self.validation_fraction < 1.0, "data.validation_fraction",
+               f"{self.validation_fraction} must be in (0, 1) or auto")
 
     @property
     def feature_columns(self) -> list[str]:
