@@ -48,7 +48,7 @@ def config(bucket: str, endpoint: str, data: str = "mixed", out: str = "out", *e
 
 def numeric_only_auroc(table: pa.Table, hidden: list[int], latent: int, epochs: int) -> float:
     """The same model on the numeric columns alone (trained in-process: the comparison, not the pipeline)."""
-    data = DataSection(features=NUMERIC, id_columns=["id"])
+    data = DataSection(features=NUMERIC, id_columns=["id"], validation_fraction=0.1)
     fz = Featurizer.unfitted(column_roles(table.schema, NUMERIC, [], "input"))
     stats, *_ = merge_stat_rows([{k: v[0] for k, v in BatchStats(data, fz)(table).items()}], fz, 64)
     fz = fz.fit(stats, *normalization_stats(stats.numeric), 64, "impute")
