@@ -117,12 +117,12 @@ def _train_and_score(base: Path, name: str, train_uri: str, all_uri: str, settin
     storage = Storage(cfg.storage)
     summary = train_job(cfg, storage, overwrite=True)
     res = score_job(load_config(None, [f"data.input={all_uri}", *common]), storage)
-    out = pa.concat_tables([pq.read_table(f, columns=[ID, "latent", "recon_error", "code_space"])
+    out = pa.concat_tables([pq.read_table(f, columns=[ID, "latent", "anomaly_score", "code_space"])
                             for f in res.files])
     order = np.argsort(out.column(ID).to_numpy())
     return {"summary": summary, "ids": out.column(ID).to_numpy()[order], "run_uri": summary.run_uri,
             "latent": np.asarray(out.column("latent").to_pylist(), np.float64)[order],
-            "recon_error": out.column("recon_error").to_numpy()[order],
+            "anomaly_score": out.column("anomaly_score").to_numpy()[order],
             "code_space": set(out.column("code_space").to_pylist())}
 
 
@@ -247,7 +247,8 @@ def evaluate_table(t: LabelledTable, workdir: Path, overrides: list[str] = (),
                   "code_space_r2": s.alignment_r2, "line": s.manifest["code_alignment"]["line"],
                   "aligned_by_pipeline": s.manifest["code_alignment"]["map"] is not None,
                   "same_code_space": out[v]["code_space"] == {s.manifest["code_space"]} == out["v1"]["code_space"],
-                  "recon_error_max_abs_diff": float(np.abs(out[v]["recon_error"] - own[v]["score"]).max())}
+                  # the map moves `latent` only: the written score is the model's own
+                  "anomaly_score_max_abs_diff": float(np.abs(out[v]["anomaly_score"] - own[v]["score"]).max())}
     print(f"[eval codes] {t.name}: codes {codes:.3f} PCA {row['pca']:.3f} input {row['input']:.3f} | R^2 code "
           f"{row['code_r2']:.3f} PCA {row['pca_r2']:.3f} | retention v2 {row['v2']['aligned']:.3f} "
           f"(unaligned {row['v2']['unaligned']:.3f}), v3 {row['v3']['aligned']:.3f} "
