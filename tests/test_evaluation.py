@@ -118,3 +118,22 @@ def test_two_small_tables_through_the_real_pipeline(ray_cluster, tmp_path):
     assert rows["thyroid"]["pipeline"]["auroc"] > 0.8  # anomalies far out: an easy table even on 4 epochs
     # vowels runs with the defaults (0.76 in `make eval`): 4 epochs left it near chance (0.55)
     assert "| 40_vowels |" in (tmp_path / "eval-results.md").read_text()
+
+
+@pytest.mark.integration
+def test_the_codes_suite_on_one_table_through_the_real_pipeline(ray_cluster, tmp_path):
+    """`--suite codes` (make eval-codes) on wine with a short budget: three trainings, the probe against PCA, the
+    retrains' alignment, and the written score equal to the model's own (the map moves `latent` only)."""
+    out = tmp_path / "codes-results.json"
+    rc = evaluate_main(["--suite", "codes", "--tables", "wine", "--out", str(out), "--workdir", str(tmp_path / "w"),
+                        "--set", "train.epochs=3", "--set", "train.steps=0"])
+    assert rc == 0
+    r = json.loads(out.read_text())["codes"]
+    wine = r["tables"]["wine"]
+    assert wine["rows"] == 178 and wine["classes"] == 3 and not wine["mixed"]
+    for key in ("codes", "pca", "input"):
+        assert 1 / 3 - 0.2 < wine[key] <= 1.0, (key, wine[key])  # balanced accuracy of a 3-class probe
+    for v in ("v2", "v3"):
+        assert wine[v]["anomaly_score_max_abs_diff"] == 0.0
+        assert wine[v]["aligned_by_pipeline"] == (wine[v]["code_space_r2"] >= 0.8), wine[v]["line"]
+    assert r["mean"]["cases"] == 2 and "| wine | 178 | 3 | no |" in (tmp_path / "codes-results.md").read_text()
