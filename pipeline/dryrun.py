@@ -28,8 +28,9 @@ def dry_run(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[
         storage.check_writable(uri)
         lines.append(f"storage ok: {uri} is writable")
     spec = inspect_input(cfg.data, storage)
+    held = f", {spec.data.validation_fraction:.0%} held out for validation" if train else ""
     lines.append(f"input ok: {spec.uri}: {spec.num_rows} rows in {len(spec.files)} files, "
-                 f"{spec.num_features} features")
+                 f"{spec.num_features} features{held}")
     if model_run or not train:
         run_uri = model_run_uri(cfg, storage, model_run)
         manifest = read_manifest(storage, run_uri)

@@ -199,6 +199,7 @@ def test_dry_run_checks_without_ray_and_flags_fail_in_one_line(trained, storage,
                  "--run-date", "2026-01-05", env=env, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "[dry-run] input ok:" in ok.stdout and "3000 rows in 2 files, 16 features" in ok.stdout
+    assert "held out for validation" not in ok.stdout  # scoring a trained model: no split to announce
     assert f"model ok: {trained['train'].model_version}" in ok.stdout and "run_date=2026-01-05" in ok.stdout
     assert "Started a local Ray instance" not in ok.stdout + ok.stderr
 

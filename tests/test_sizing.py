@@ -149,6 +149,7 @@ def test_validation_share_holds_out_about_256_rows_of_a_small_input(tmp_path):
     from pipeline.inputs import inspect_input
     from pipeline.rows import validation_mask
     from pipeline.config import StorageSection
+    from pipeline.dryrun import dry_run
     from pipeline.storage import Storage
 
     assert auto_validation_fraction(10**9) == auto_validation_fraction(2_560) == 0.1  # large inputs: 10%
@@ -170,6 +171,10 @@ def test_validation_share_holds_out_about_256_rows_of_a_small_input(tmp_path):
         spec = inspect_input(load_config(None, [f"data.input={path}", "data.features=[a]"]).data,
                              Storage(StorageSection()))
         assert spec.data.validation_fraction == pytest.approx(share)
+    # and the training dry run says what it will hold out
+    lines = dry_run(load_config(None, [f"data.input={tmp_path / '400'}", "data.features=[a]",
+                                       f"artifacts.uri={tmp_path / 'art'}", f"output.uri={tmp_path / 'out'}"]))
+    assert any(line.endswith("1 features, 30% held out for validation") for line in lines), lines
 
 
 def _history(losses, best_each_time=True):
