@@ -23,7 +23,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 MLFLOW_DB ?= sqlite:///mlflow.db
 
-.PHONY: setup feast-env mlflow-env browser run mlflow-ui test test-unit bench bench-gpu scale eval eval-codes clean
+.PHONY: setup feast-env mlflow-env browser run mlflow-ui test test-unit bench bench-gpu scale eval eval-novelty eval-codes clean
 
 setup: $(STAMP)
 
@@ -92,11 +92,18 @@ scale: setup
 
 ## make eval: anomaly ranking of the defaults vs IsolationForest and PCA on the 31 tables of benchmarks/adbench/;
 ## writes eval-results.json and eval-results.md (EVAL_ARGS: e.g. --suite small (all but the five large tables),
-## --suite large, --suite dev8 (the first eight), --tables 6_cardio,40_vowels), then the latent codes (make eval-codes)
+## --suite large, --suite dev8 (the first eight), --tables 6_cardio,40_vowels), then the novelty tasks
+## (make eval-novelty) and the latent codes (make eval-codes)
 EVAL_ARGS ?=
 eval: setup
 	$(PY) -m jobs.evaluate --num-cpus 4 $(EVAL_ARGS)
+	$(PY) -m jobs.evaluate --suite novelty --num-cpus 4 --out novelty-results.json
 	$(PY) -m jobs.evaluate --suite codes --num-cpus 4 $(CODES_ARGS)
+
+## make eval-novelty: the same comparison on 18 one-class tasks (scikit-learn's bundled digits, wine and iris, some
+## classes normal, trained on those only); writes novelty-results.json and novelty-results.md
+eval-novelty: setup
+	$(PY) -m jobs.evaluate --suite novelty --num-cpus 4 --out novelty-results.json
 
 ## make eval-codes: the latent codes vs PCA and the raw input on six labelled tables, and a downstream model's
 ## accuracy across retrains with and without code alignment; writes codes-results.json and codes-results.md
@@ -106,4 +113,4 @@ eval-codes: setup
 	$(PY) -m jobs.evaluate --suite codes --num-cpus 4 $(CODES_ARGS)
 
 clean:
-	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work eval-results.json eval-results.md codes-results.json codes-results.md .pytest_cache mlflow.db mlruns
+	rm -rf data artifacts output bench-results.json bench-results.md bench-work scale-work eval-results.json eval-results.md novelty-results.json novelty-results.md codes-results.json codes-results.md .pytest_cache mlflow.db mlruns
