@@ -217,7 +217,8 @@ def variants(r):
                                  for side in (tv, tt))
     # weights of the four terms (feat fixed at 1): w:CODE,MSE,KNN[,EXTRA=weight]
     for wc, wm, wk in ((1, 1, 0.5), (0.5, 1, 0.5), (1, 2, 0.5), (1, 1, 0), (1, 1, 1), (0.5, 2, 0.5), (1, 2, 0),
-                       (2, 1, 0.5), (1, 0, 0.5), (0.5, 1, 0)):
+                       (2, 1, 0.5), (1, 0, 0.5), (0.5, 1, 0), (0, 1, 0.5), (0, 1, 1), (0, 1, 1.5), (0, 1, 2),
+                       (0, 2, 1), (0.5, 1, 1), (0.25, 1, 1), (0, 0, 1), (0, 1, 0)):
         for extra, we in (("", 0), ("fmax", 0.5), ("fmax", 1), ("ftop3", 1), ("xmax", 0.5)):
             name = f"w:{wc},{wm},{wk}" + (f",{extra}={we}" if extra else "")
             out[name] = tuple(np.mean([m["feat"] + wc * m["code"] + wm * m["mse"] + wk * m["knn_ref"]
@@ -225,6 +226,15 @@ def variants(r):
     for extra in ("fmax", "ftop3", "xmax"):  # the default score (kNN at 0.5) plus one extremeness term
         out[f"def+{extra}"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] + m[extra]
                                              for m in side], 0) for side in (tv, tt))
+    for w in (0.5, 1):  # the default score plus the input's kNN distance to the validation rows (eleventh round)
+        out[f"def+{w}knn_in"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] + w * m["knn_in"]
+                                               for m in side], 0) for side in (tv, tt))
+    # the default's four terms, each as the square root over its validation mean: a long tail weighs less
+    roots = [{k: np.sqrt(m[k]) / np.sqrt(v[k]).mean() for k in ("feat", "code", "mse", "knn_ref")} for v, m in
+             ((v, m) for side in (tv, tt) for v, m in zip(tv, side))]
+    half = len(tv)
+    out["sqrt:def"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] for m in side], 0)
+                            for side in (roots[:half], roots[half:]))
     for name, keys in LOGSUMS.items():
         out[name] = tuple(np.mean([sum(np.log(m[k] + 1e-3) for k in keys) for m in side], 0) for side in (tv, tt))
     for name, keys in ZSUMS.items():

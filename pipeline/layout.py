@@ -8,7 +8,7 @@ which the models call on tensors, uses torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
     import torch
@@ -28,16 +28,31 @@ class SlotLayout:
     groups: tuple[tuple[int, int, int], ...]
     """(first slot, end slot, column) of every categorical column's one-hot block."""
 
-    def errors(self, recon: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, cols: torch.Tensor,
-               group_cols: torch.Tensor) -> torch.Tensor:
-        """(rows, n_columns) per-column errors; the index tensors come from the model's buffers."""
-        import torch
-        import torch.nn.functional as F
+    def buckets(self) -> tuple[tuple[tuple[tuple[int, ...], ...], tuple[int, ...]], ...]:
+        """The categorical columns grouped by their number of slots: per width, each column's slots (a row of
+        the index matrix) and the columns. One gather and one log-softmax per width then serve every column
+        of that width: a table of 1,545 boolean columns is one bucket, not 1,545 cross-entropy calls."""
+        by_width: dict[int, list[tuple[int, int, int]]] = {}
+        for a, b, col in self.groups:
+            by_width.setdefault(b - a, []).append((a, b, col))
+        return tuple((tuple(tuple(range(a, b)) for a, b, _ in g), tuple(col for _, _, col in g))
+                     for _, g in sorted(by_width.items()))
 
+    def errors(self, recon: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, cols: torch.Tensor,
+               buckets: list[tuple[Union[torch.Tensor, tuple[int, int, int]], torch.Tensor]]) -> torch.Tensor:
+        """(rows, n_columns) per-column errors; the index tensors come from the model's buffers (`buckets`:
+        per width, its (columns, width) slot matrix, or (first slot, columns, width) where those slots are
+        one run, and its columns)."""
         out = recon.new_zeros(recon.shape[0], self.n_columns)
         if len(self.numeric):
             out = out.index_add(1, cols, (recon[:, slots] - x[:, slots]) ** 2)
-        if self.groups:
-            ce = [F.cross_entropy(recon[:, a:b], x[:, a:b].argmax(dim=1), reduction="none") for a, b, _ in self.groups]
-            out = out.index_add(1, group_cols, torch.stack(ce, dim=1))
+        for idx, group_cols in buckets:
+            if isinstance(idx, tuple):  # one run of slots: a view, no copy (a single column always is one)
+                a, n, w = idx
+                logits, onehot = recon[:, a:a + n * w].unflatten(1, (n, w)), x[:, a:a + n * w].unflatten(1, (n, w))
+            else:
+                logits, onehot = recon[:, idx], x[:, idx]  # (rows, columns, width)
+            observed = onehot.argmax(dim=2, keepdim=True)  # the observed level's slot, as one-hot's argmax
+            ce = logits.logsumexp(dim=2) - logits.gather(2, observed).squeeze(2)  # cross-entropy per column
+            out = out.index_add(1, group_cols, ce)
         return out

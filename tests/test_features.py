@@ -235,6 +235,38 @@ def test_per_column_errors_one_per_input_column_in_feature_order():
     torch.testing.assert_close(plain.column_errors(plain(xr), xr), (plain(xr) - xr) ** 2)
 
 
+def test_categorical_errors_by_width_equal_one_cross_entropy_per_column():
+    # columns of one width share one gather and log-softmax (SlotLayout.buckets): adjacent runs of them as a
+    # view, interleaved ones through an index matrix. Values and gradients equal one cross-entropy per column.
+    cols = [CategoricalColumn("u", "bool", ["True", "False"]), NumericColumn("a", "float", indicator=True),
+            CategoricalColumn("v", "bool", ["True", "False"]), CategoricalColumn("w", "bool", ["True", "False"]),
+            CategoricalColumn("m", "string", list("abcdefg")), NumericColumn("b", "float"),
+            CategoricalColumn("z", "string", ["x", "y"])]
+    fz = Featurizer(cols)
+    layout = fz.layout()
+    widths = {len(idx[0]): len(c) for idx, c in layout.buckets()}
+    assert widths == {4: 4, 9: 1}  # u, v, w, z (two levels + other + missing) and m
+    model = build_model(fz.width, hidden_dims=[6], latent_dim=2, layout=layout)
+    assert sorted(type(span).__name__ for span, _ in model._buckets) == ["str", "tuple"]  # both paths
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, fz.width)
+    for a, b, _ in layout.groups:
+        x[torch.arange(64), a + torch.randint(0, b - a, (64,), generator=g)] = 1.0
+    for slot, _ in layout.numeric:
+        x[:, slot] = torch.randn(64, generator=g)
+    recon = torch.randn(64, fz.width, generator=g, requires_grad=True)
+    want = torch.zeros(64, layout.n_columns)
+    for slot, col in layout.numeric:
+        want[:, col] = want[:, col] + (recon[:, slot] - x[:, slot]) ** 2
+    for a, b, col in layout.groups:
+        want[:, col] = torch.nn.functional.cross_entropy(recon[:, a:b], x[:, a:b].argmax(dim=1), reduction="none")
+    got = model.column_errors(recon, x)
+    torch.testing.assert_close(got, want)
+    (grad_got,) = torch.autograd.grad(got.sum(), recon)
+    (grad_want,) = torch.autograd.grad(want.sum(), recon)
+    torch.testing.assert_close(grad_got, grad_want)
+
+
 def test_split_and_stats_do_not_depend_on_the_fitted_statistics_without_ids():
     t = mixed(2000)
     data = DataSection(features=FEATURES, id_columns=[], validation_fraction=0.1)

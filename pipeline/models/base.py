@@ -117,15 +117,24 @@ class Autoencoder(nn.Module):
             num = torch.tensor(layout.numeric, dtype=torch.long).reshape(-1, 2)
             self.register_buffer("_slots", num[:, 0].contiguous(), persistent=False)
             self.register_buffer("_cols", num[:, 1].contiguous(), persistent=False)
-            self.register_buffer("_group_cols", torch.tensor([g[2] for g in layout.groups], dtype=torch.long),
-                                 persistent=False)
+            self._buckets = []  # per width: its slots (a buffer's name, or one run's span) and its columns' buffer
+            for k, (idx, cols) in enumerate(layout.buckets()):
+                first, n, w = idx[0][0], len(idx), len(idx[0])
+                if [s for row in idx for s in row] == list(range(first, first + n * w)):
+                    span: "str | tuple[int, int, int]" = (first, n, w)
+                else:
+                    span = f"_cat_idx{k}"
+                    self.register_buffer(span, torch.tensor(idx, dtype=torch.long), persistent=False)
+                self.register_buffer(f"_cat_cols{k}", torch.tensor(cols, dtype=torch.long), persistent=False)
+                self._buckets.append((span, f"_cat_cols{k}"))
 
     def column_errors(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(rows, columns) reconstruction error per input column (SlotLayout); without a layout, the squared
         error per feature, as always."""
         if self.layout is None:
             return (recon.float() - x.float()) ** 2
-        return self.layout.errors(recon.float(), x.float(), self._slots, self._cols, self._group_cols)
+        buckets = [(i if isinstance(i, tuple) else getattr(self, i), getattr(self, c)) for i, c in self._buckets]
+        return self.layout.errors(recon.float(), x.float(), self._slots, self._cols, buckets)
 
     def row_errors(self, x: torch.Tensor) -> torch.Tensor:
         """(rows,) each row's mean per-column reconstruction error (what a trimmed loss ranks rows by)."""
