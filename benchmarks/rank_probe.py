@@ -48,7 +48,7 @@ def scaling_stats(x: np.ndarray, how: str):
     raise ValueError(how)
 
 
-def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mult=0.0, bag=0.0):
+def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mult=0.0, bag=0.0, save_train=False):
     t = load_table(name)
     d = t.X.shape[1]
     lat = max(1, min(d - 1, int(np.ceil(d / (latent_div or 4)))))  # uncapped, unlike the pipeline's auto rule
@@ -101,7 +101,8 @@ def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mu
     ae.eval()
     out = {}
     with torch.inference_mode():
-        for part, rows in (("val", Xtr[val]), ("test", t.X[test])):
+        parts = (("val", Xtr[val]), ("test", t.X[test])) + ((("train", fit_rows),) if save_train else ())
+        for part, rows in parts:
             xx = norm(torch.as_tensor(rows, dtype=torch.float32))
             members = []
             for m in getattr(ae, "members", [ae]):  # an ensemble: each score is the members' mean, as in Ensemble
@@ -203,6 +204,21 @@ LOGSUMS = {"log:cal": ("feat", "code", "mse"), "log:cal+zin": ("feat", "code", "
            "log:cal+knn_in": ("feat", "code", "mse", "knn_in"), "log:feat+code": ("feat", "code")}
 
 
+def trval_score(mv, mp, mtr):
+    """The default score (`w:1,1,0.5`) of one member with the code's mean, variance and the kNN term's sampled
+    codes taken from the training and validation rows' codes; the per-column error means from the validation
+    rows, as always (eleventh round)."""
+    feat = mv["sq"].mean(0)
+    feat = np.maximum(feat, 1e-3 * feat.mean() + 1e-12)
+    pool = np.vstack([mv["h"], mtr["h"]])
+    mu, var = pool.mean(0), pool.var(0)
+    var = np.maximum(var, 1e-3 * var.mean() + 1e-12)
+    ref = torch.as_tensor(pool[np.random.default_rng(0).permutation(len(pool))[:REFERENCE_ROWS]])
+    knn_ref = (knn_distance(torch.as_tensor(mp["h"]), ref) / knn_distance(ref, ref).mean()).numpy()
+    return ((mp["sq"] / feat).mean(1) + ((mp["h"] - mu) ** 2 / var).mean(1) + mp["sq"].mean(1) / feat.mean()
+            + 0.5 * knn_ref)
+
+
 def variants(r):
     """name -> (validation rows' scores, test rows' scores), each the members' mean."""
     v, t = r["scores"]["val"], r["scores"]["test"]
@@ -235,6 +251,9 @@ def variants(r):
     half = len(tv)
     out["sqrt:def"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] for m in side], 0)
                             for side in (roots[:half], roots[half:]))
+    if "train" in r["scores"]:  # --save-train: the code's statistics from the training + validation rows' codes
+        out["codes_trval"] = tuple(np.mean([trval_score(mv, mp, mtr) for mv, mp, mtr in zip(
+            v["members"], side["members"], r["scores"]["train"]["members"])], 0) for side in (v, t))
     for name, keys in LOGSUMS.items():
         out[name] = tuple(np.mean([sum(np.log(m[k] + 1e-3) for k in keys) for m in side], 0) for side in (tv, tt))
     for name, keys in ZSUMS.items():
@@ -265,6 +284,8 @@ def main():
     p.add_argument("--out", default="/tmp/rank_probe", help="folder for each table's raw results (.npy)")
     p.add_argument("--mix", default="", help="score an ensemble of models saved by earlier runs (with --out): "
                    "TAG:INDEX,... (INDEX: the seed's position in that run's --seeds), e.g. k:0,lat8:0,lat2:0")
+    p.add_argument("--save-train", action="store_true", help="also save the training rows' codes and errors "
+                   "(the part `train`), for statistics gathered on them")
     p.add_argument("--load", action="store_true", help="score variants of the models a run with this --out and "
                    "--tag saved, without training")
     a = p.parse_args()
@@ -278,7 +299,8 @@ def main():
                     for t, i in (m.split(":") for m in a.mix.split(","))]
         else:
             rows = (list(np.load(saved, allow_pickle=True)) if a.load
-                    else [run_table(name, a.set, s, a.scaling, a.shuffle, a.latent_div, a.hidden_mult, a.bag)
+                    else [run_table(name, a.set, s, a.scaling, a.shuffle, a.latent_div, a.hidden_mult, a.bag,
+                                    a.save_train)
                           for s in seeds])
         y = rows[0]["y"]
         vs = [variants(r) for r in rows]
