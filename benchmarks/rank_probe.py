@@ -246,11 +246,9 @@ def variants(r):
         out[f"def+{w}knn_in"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] + w * m["knn_in"]
                                                for m in side], 0) for side in (tv, tt))
     # the default's four terms, each as the square root over its validation mean: a long tail weighs less
-    roots = [{k: np.sqrt(m[k]) / np.sqrt(v[k]).mean() for k in ("feat", "code", "mse", "knn_ref")} for v, m in
-             ((v, m) for side in (tv, tt) for v, m in zip(tv, side))]
-    half = len(tv)
-    out["sqrt:def"] = tuple(np.mean([m["feat"] + m["code"] + m["mse"] + 0.5 * m["knn_ref"] for m in side], 0)
-                            for side in (roots[:half], roots[half:]))
+    weights = {"feat": 1.0, "code": 1.0, "mse": 1.0, "knn_ref": 0.5}
+    out["sqrt:def"] = tuple(np.mean([sum(w * np.sqrt(m[k]) / np.sqrt(mv[k]).mean() for k, w in weights.items())
+                                     for mv, m in zip(tv, side)], 0) for side in (tv, tt))
     if "train" in r["scores"]:  # --save-train: the code's statistics from the training + validation rows' codes
         out["codes_trval"] = tuple(np.mean([trval_score(mv, mp, mtr) for mv, mp, mtr in zip(
             v["members"], side["members"], r["scores"]["train"]["members"])], 0) for side in (v, t))

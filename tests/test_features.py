@@ -244,7 +244,7 @@ def test_categorical_errors_by_width_equal_one_cross_entropy_per_column():
             CategoricalColumn("z", "string", ["x", "y"])]
     fz = Featurizer(cols)
     layout = fz.layout()
-    widths = {len(idx[0]): len(c) for idx, c in layout.buckets()}
+    widths = {where[2] if isinstance(where[0], int) else len(where[0]): len(c) for where, c in layout.buckets()}
     assert widths == {4: 4, 9: 1}  # u, v, w, z (two levels + other + missing) and m
     model = build_model(fz.width, hidden_dims=[6], latent_dim=2, layout=layout)
     assert sorted(type(span).__name__ for span, _ in model._buckets) == ["str", "tuple"]  # both paths

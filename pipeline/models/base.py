@@ -117,16 +117,13 @@ class Autoencoder(nn.Module):
             num = torch.tensor(layout.numeric, dtype=torch.long).reshape(-1, 2)
             self.register_buffer("_slots", num[:, 0].contiguous(), persistent=False)
             self.register_buffer("_cols", num[:, 1].contiguous(), persistent=False)
-            self._buckets = []  # per width: its slots (a buffer's name, or one run's span) and its columns' buffer
-            for k, (idx, cols) in enumerate(layout.buckets()):
-                first, n, w = idx[0][0], len(idx), len(idx[0])
-                if [s for row in idx for s in row] == list(range(first, first + n * w)):
-                    span: "str | tuple[int, int, int]" = (first, n, w)
-                else:
-                    span = f"_cat_idx{k}"
-                    self.register_buffer(span, torch.tensor(idx, dtype=torch.long), persistent=False)
+            self._buckets = []  # per width: its run of slots (first, columns, width) or its index matrix's
+            for k, (where, cols) in enumerate(layout.buckets()):  # buffer name, and its columns' buffer name
+                if isinstance(where[0], tuple):  # an index matrix
+                    self.register_buffer(f"_cat_idx{k}", torch.tensor(where, dtype=torch.long), persistent=False)
+                    where = f"_cat_idx{k}"
                 self.register_buffer(f"_cat_cols{k}", torch.tensor(cols, dtype=torch.long), persistent=False)
-                self._buckets.append((span, f"_cat_cols{k}"))
+                self._buckets.append((where, f"_cat_cols{k}"))
 
     def column_errors(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(rows, columns) reconstruction error per input column (SlotLayout); without a layout, the squared
