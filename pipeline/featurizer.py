@@ -136,11 +136,12 @@ class Featurizer:
                 num += 1
             else:
                 counts = stats.levels[cat]
+                levels = counts.top(max_categories)
                 if counts.truncated:
                     warnings.warn(f"column {c.name!r}: more than {len(counts.counts)} distinct values (an id "
-                                  f"mistaken for a category?); keeping its {max_categories} most frequent levels",
-                                  stacklevel=2)
-                cols.append(CategoricalColumn(c.name, c.family, counts.top(max_categories)))
+                                  f"mistaken for a category? exclude it with data.exclude_columns); "
+                                  f"{len(levels)} levels kept, the rest share 'other'", stacklevel=2)
+                cols.append(CategoricalColumn(c.name, c.family, levels))
                 cat += 1
         return Featurizer(cols, self.vector)
 

@@ -17,10 +17,13 @@ from pipeline.config import AUTO, DataSection
 from pipeline.errors import InputError, StorageError
 from pipeline.featurizer import Featurizer
 from pipeline.roles import ColumnRole, column_roles, vector_roles
-from pipeline.shards import PATH_COLUMN
+from pipeline.shards import PATH_COLUMN, ROW_KEY
 from pipeline.sizing import resolve_validation
 from pipeline.storage import Storage, map_io
 from pipeline.uri import normalize_uri, scheme_of
+
+ID_COLUMN = "id"
+"""The column `data.id_columns: auto` takes as the rows' key, where the input has it."""
 
 
 @dataclass
@@ -145,9 +148,14 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     if not files:
         raise InputError(f"data.input {uri}: no Parquet files found")
     footers = map_io(lambda u: _read_footer(storage, u), files)
+    if data.id_columns == AUTO:
+        data = dataclasses.replace(data, id_columns=auto_ids(footers[0][1]))
+    if not data.ids and ROW_KEY in footers[0][1].names:
+        raise InputError(f"file {footers[0][0]}: column {ROW_KEY!r} is reserved for the row keys of an input "
+                         "without id columns; set data.id_columns or rename it")
     if data.features == AUTO:
         data = dataclasses.replace(data, features=auto_features(data, footers[0][1], footers[0][0]))
-    required = list(dict.fromkeys(data.feature_columns + data.id_columns
+    required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
     ref_types: dict[str, tuple[pa.DataType, str]] = {}
     roles = [_check_file(data, f_uri, schema, required, ref_types) for f_uri, schema, _ in footers][0]
@@ -163,11 +171,17 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
                      columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1])
 
 
+def auto_ids(schema: pa.Schema) -> list[str]:
+    """`data.id_columns: auto`: the column named `id` where the input has one, else none."""
+    return [ID_COLUMN] if ID_COLUMN in schema.names else []
+
+
 def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> Union[str, list[str]]:
     """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
     input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
     left is the vector form."""
-    skip = set(data.id_columns) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
+    ids = auto_ids(schema) if data.id_columns == AUTO else data.ids
+    skip = set(ids) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
     cols = [name for name in schema.names if name not in skip]
     if not cols:
         raise InputError(f"file {f_uri}: data.features auto: no columns left besides ids, timestamp and exclusions")

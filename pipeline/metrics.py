@@ -54,7 +54,7 @@ def evaluate_against_truth(cfg: Config, storage: Storage, output_uri: str,
                            truth_column: str = TRUTH_COLUMN) -> Optional[dict[str, float]]:
     """Precision, recall and AUROC of the published scores against a planted-truth column, if the input has one."""
     spec = inspect_input(cfg.data, storage)
-    id_cols = cfg.data.id_columns
+    id_cols = (spec.data or cfg.data).ids
     if not id_cols:
         return None
     truth_parts = []

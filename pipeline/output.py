@@ -105,7 +105,7 @@ def scored_table(table: pa.Table, score: np.ndarray, latent: np.ndarray, errors:
     """The output rows of the scored input rows `table`, in `output_schema`'s order (`code_space`: the
     version whose coordinates `latent` uses; None: `version`'s own)."""
     n = len(score)
-    cols: dict[str, Any] = {c: table.column(c) for c in data.id_columns}
+    cols: dict[str, Any] = {c: table.column(c) for c in data.ids}
     cols["latent"] = latent_list(latent)
     cols.update(explanation_columns(latent, errors, feature_names, output))
     cols["recon_error"] = pa.array(errors.mean(axis=1, dtype=np.float64), pa.float32())
@@ -118,5 +118,5 @@ def scored_table(table: pa.Table, score: np.ndarray, latent: np.ndarray, errors:
     else:
         cols["event_timestamp"] = pa.array(np.full(n, timestamp_us(as_of), dtype=np.int64), UTC_US)
     cols["scored_at"] = pa.array(np.full(n, timestamp_us(scored_at), dtype=np.int64), UTC_US)
-    schema = output_schema([table.schema.field(c) for c in data.id_columns], latent.shape[1], output)
+    schema = output_schema([table.schema.field(c) for c in data.ids], latent.shape[1], output)
     return pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)

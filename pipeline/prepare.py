@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -75,8 +76,8 @@ def compute_stats(spec: InputSpec, data: DataSection, storage: Storage,
     `rejects_uri` (and a `drop` policy), the dropped rows are written there with the reason."""
     fz = spec.featurizer
     on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri and data.drops_rows else None
-    ds = read_dataset(spec, storage).map_batches(BatchStats(data, fz, on_reject), batch_format="pyarrow",
-                                                 batch_size=None)
+    ds = read_dataset(spec, storage, row_keys=True).map_batches(BatchStats(data, fz, on_reject),
+                                                                batch_format="pyarrow", batch_size=None)
     rows = []
     for batch in beating(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i in range(len(batch["n"])):
@@ -108,7 +109,11 @@ def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     storage.delete_dir(rejects_uri)  # a recomputed pass rewrites them all
     stats, n_train, n_val, n_rej = compute_stats(spec, data, storage, rejects_uri)
     offset, scale = normalization_stats(stats.numeric)
-    featurizer = spec.featurizer.fit(stats, offset, scale, data.max_categories, data.missing)
+    with warnings.catch_warnings(record=True) as caught:  # a column's warning, in the job's own words
+        warnings.simplefilter("always")
+        featurizer = spec.featurizer.fit(stats, offset, scale, data.max_categories, data.missing)
+    for w in caught:
+        print(f"[prepare] warning: {w.message}", flush=True)
     if n_train == 0:
         raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
     prep = {"key": key, "mean": featurizer.offset.tolist(), "scale": featurizer.scale.tolist(),

@@ -60,7 +60,7 @@ def stream_execution_options(num_workers: int):
 
 
 def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num_cpus: Optional[float] = None,
-                 shuffle_files: bool = False):
+                 shuffle_files: bool = False, row_keys: bool = False):
     """A streaming Ray Dataset over the shards: one read task per file, only the needed columns.
 
     Ray 2.60's default Parquet reader (DataSourceV2: ListFiles -> ReadFiles) planned every file of the input
@@ -71,7 +71,8 @@ def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num
     `num_cpus`, when a following map asks for the same, lets Ray fuse the read into that map's tasks.
     `shuffle_files`: each execution (each streamed epoch) reads the files in a new order, without the
     all-to-all barrier of `randomize_block_order`, which waits for every block of the input and, on an
-    input larger than the object store, spills most of it.
+    input larger than the object store, spills most of it. `row_keys`: each row's place in its file as a
+    `shards.ROW_KEY` column, where the input has no id columns (what the train/validation split hashes then).
 
     read_parquet samples two files in Ray tasks of 1 CPU each. On a small cluster their CPUs can still be
     taken (in the cluster's resource view) when the dataset starts a moment later, and Ray Data's start-up
@@ -90,7 +91,9 @@ def read_dataset(spec: InputSpec, storage: Storage, with_paths: bool = True, num
     prev_block, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
     try:
         # `columns=` is pushed down into the V1 reader (V2 would want select_columns instead).
+        keys = row_keys and spec.data is not None and not spec.data.ids
         ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=with_paths, columns=spec.columns,
+                                   include_row_hash=keys,
                                    override_num_blocks=len(paths), num_cpus=num_cpus,
                                    shuffle="files" if shuffle_files else None,
                                    # pyarrow's scan: one batch ahead, read in 8 MB pieces (READ_AHEAD_BATCHES)

@@ -1,9 +1,13 @@
 """One batch's rows as the model's input: featurized slots, the rows kept (the rest rejected, and why), the
 train/validation split.
 
-A row goes to validation when a hash of its id columns (or of its feature values when there are no id
-columns) falls below `data.validation_fraction`: the split is stable across reruns, shard layouts and
-worker counts.
+A row goes to validation when a hash of its id columns falls below `data.validation_fraction`: the split
+is stable across reruns, shard layouts and worker counts. Without id columns the hash is of the row's place:
+its file and its position in that file (`ROW_KEY`, which Ray Data's Parquet reader adds with
+`include_row_hash`, and `row_keys` computes the same way for the files read without Ray Data), so the split
+is stable across reruns of the same files. Where a batch has no such column (rows handed over in memory),
+it hashes the row's feature values; identical rows then land in the same split, which on a table of a few
+distinct rows (categorical columns only) sent whole groups of them to one side.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.config import AUTO, DataSection
 from pipeline.featurizer import Featurizer
 from pipeline.roles import vector_roles
-from pipeline.shards import PATH_COLUMN
+from pipeline.shards import PATH_COLUMN, ROW_KEY
 from pipeline.storage import Storage
 
 REJECT_SOURCE = "source_file"
@@ -36,10 +40,33 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+def row_keys(path: str, start: int, n: int) -> np.ndarray:
+    """The `ROW_KEY` of rows start..start+n-1 of the file at `path` (as Storage.resolve gives it), computed as
+    Ray Data 2.60's Parquet reader does (tests/test_data.py reads both and compares them): the MD5 of the path
+    as a 64-bit seed, plus the row's position, through the splitmix64 finalizer."""
+    seed = np.uint64(int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], byteorder="little"))
+    with np.errstate(over="ignore"):
+        k = seed + np.arange(start, start + n, dtype=np.uint64)
+        k ^= k >> np.uint64(30)
+        k *= np.uint64(0xBF58476D1CE4E5B9)
+        k ^= k >> np.uint64(27)
+        k *= np.uint64(0x94D049BB133111EB)
+        k ^= k >> np.uint64(31)
+    return k
+
+
+def with_row_keys(table: pa.Table, path: str, start: int) -> pa.Table:
+    """`table`, rows start.. of the file at `path`, with their `ROW_KEY` column (files read without Ray Data)."""
+    return table.append_column(ROW_KEY, pa.array(row_keys(path, start, table.num_rows), pa.uint64()))
+
+
 def row_hash(table: pa.Table, id_columns: list[str], features: Optional[np.ndarray] = None) -> np.ndarray:
-    """A uint64 per row, a pure function of the id values (or of the feature values without ids)."""
+    """A uint64 per row, a pure function of the id values; without ids, of the row's place (`ROW_KEY`), or
+    where the batch lacks that column, of its feature values."""
     n = table.num_rows
     h = np.zeros(n, dtype=np.uint64)
+    if not id_columns and ROW_KEY in table.column_names:
+        return _splitmix64(table.column(ROW_KEY).to_numpy().astype(np.uint64))
     if id_columns:
         for col in id_columns:
             c = table.column(col)
@@ -63,7 +90,7 @@ def validation_mask(table: pa.Table, data: DataSection, features: Optional[np.nd
     if data.validation_fraction == AUTO:
         raise ValueError("data.validation_fraction: auto is resolved from the input's row count "
                          "(pipeline.inputs.inspect_input)")
-    h = row_hash(table, data.id_columns, features)
+    h = row_hash(table, data.ids, features)
     u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return u < data.validation_fraction
 
@@ -97,7 +124,7 @@ def batch_rows(table: pa.Table, data: DataSection, featurizer: Featurizer) -> Ro
     """The model's input for one Arrow batch, through the featurizer, whatever the columns' roles."""
     x, keep, reasons, raw = featurizer.matrix(table, data.missing, data.nan_policy)
     # the raw values, not x: the prepare pass splits before there are statistics to impute with
-    key = None if data.id_columns else featurizer.hash_parts(table, raw)
+    key = None if data.ids or ROW_KEY in table.column_names else featurizer.hash_parts(table, raw)
     return Rows(x, keep, reasons, key, raw)
 
 
@@ -129,7 +156,7 @@ def rejects_table(table: pa.Table, keep: np.ndarray, data: DataSection, reasons:
     """The rows `keep` drops: id columns, raw features, the shard they came from and why they were dropped
     (`reasons`, one per dropped row)."""
     take = pa.array(np.flatnonzero(~keep))
-    cols: dict[str, Any] = {c: table.column(c).take(take) for c in data.id_columns}
+    cols: dict[str, Any] = {c: table.column(c).take(take) for c in data.ids}
     for c in data.feature_columns:
         cols[c] = table.column(c).take(take)
     if PATH_COLUMN in table.column_names:

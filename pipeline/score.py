@@ -6,6 +6,8 @@ published atomically (pipeline/publish.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import time
 from dataclasses import dataclass, field
@@ -111,6 +113,7 @@ def score(cfg: Config, storage: Storage, model_run_uri: str, output_uri: str,
     manifest = read_manifest(storage, model_run_uri)
     cfg = for_model(cfg, manifest)
     spec = spec or check_score(cfg, storage, model_run_uri, output_uri)
+    cfg = dataclasses.replace(cfg, data=spec.data or cfg.data)  # `auto` resolved from the input (id columns)
     out = normalize_uri(output_uri)
     remove_abandoned_staging(storage, out)
     staging = new_staging(out)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): names the shard in error messages
+ROW_KEY = "row_hash"  # added by read_parquet(include_row_hash=True): a row's place, the split key without ids
 
 
 def source_of(table: pa.Table, rows: Optional[np.ndarray] = None) -> str:

@@ -88,7 +88,10 @@ Section = TypeVar("Section")
 
 def resolve_model(model: Section, n_features: int, algorithm: str = "backprop") -> Section:
     """`model` (the config's model section) with `auto` sizes (and ensemble count) replaced by the rules above;
-    explicit values are kept, and checked against the input's width (`check_features`)."""
+    explicit values are kept, and checked against the input's width (`check_features`). A one-column input
+    gets a 1-wide code, as wide as the input: no code can be narrower, and the score's code terms (the
+    code's distance from the validation codes) still rank the column's unusual values."""
+    model.check_features(n_features)  # only what the config set: auto sizes fit by construction
     hidden, latent = auto_sizes(n_features, algorithm)
     ensemble = auto_ensemble(algorithm) if model.ensemble == AUTO else model.ensemble
     if model.member_latent_dims != AUTO:
@@ -100,7 +103,6 @@ def resolve_model(model: Section, n_features: int, algorithm: str = "backprop") 
     resolved = dataclasses.replace(
         model, ensemble=ensemble, latent_dim=members[0] if model.latent_dim == AUTO else model.latent_dim,
         hidden_dims=hidden if model.hidden_dims == AUTO else list(model.hidden_dims), member_latent_dims=members)
-    resolved.check_features(n_features)
     return resolved
 
 

@@ -20,6 +20,10 @@ import pyarrow.compute as pc
 from pipeline.roles import as_strings
 
 
+MIN_LEVEL_COUNT = 2
+"""Training rows a level needs for a slot of its own: a value seen once is no level a model can learn."""
+
+
 def counter_capacity(max_categories: int) -> int:
     """Distinct levels a counter keeps: well above the levels kept, so the top ones survive any block split;
     bounded, so a column of ids mistaken for a category cannot exhaust memory."""
@@ -58,8 +62,19 @@ class LevelCounts:
         return self
 
     def top(self, k: int) -> list[str]:
-        """The k most frequent levels, most frequent first (ties by level)."""
-        return [lv for lv, _ in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+        """The levels one-hot encoded: at most the k most frequent, most frequent first, each seen at least
+        MIN_LEVEL_COUNT times, and never part of a tie at the cut (levels as frequent as the first one left out
+        are left out too). The rest share `other`.
+
+        Which levels get a slot must not depend on their names: a column of ids (every value once) would
+        otherwise keep k arbitrary values, and their rows, each the only one with its level, would top the
+        anomaly ranking while the other rows, just as unique, share a common `other`."""
+        ranked = [kv for kv in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                  if kv[1] >= MIN_LEVEL_COUNT]
+        if len(ranked) > k:
+            cut = ranked[k][1]
+            ranked = [kv for kv in ranked[:k] if kv[1] > cut]
+        return [lv for lv, _ in ranked]
 
 
 @dataclass

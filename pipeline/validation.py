@@ -10,7 +10,7 @@ over every validation row runs in the training workers: pipeline/train/validate.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -20,10 +20,20 @@ from pipeline.featurizer import Featurizer
 from pipeline.inputs import InputSpec
 from pipeline.metrics import TRUTH_COLUMN
 from pipeline.predictor import Predictor
-from pipeline.rows import batch_rows, validation_mask
+from pipeline.rows import batch_rows, validation_mask, with_row_keys
 from pipeline.storage import Storage
 
 PROJECTION_ROWS = 4000  # enough points to see structure in a scatter, few enough to read on the driver
+
+
+def _batches(cfg: Config, storage: Storage, f: str, pf, columns: list[str]) -> Iterator[pa.Table]:
+    """File `f`'s rows in batches; without id columns, with each row's place (rows.ROW_KEY), which the split
+    then hashes as the Ray Data passes do."""
+    start, path = 0, storage.resolve(f)[1]
+    for batch in pf.iter_batches(batch_size=8192, columns=columns):
+        t = pa.Table.from_batches([batch])
+        yield t if cfg.data.ids else with_row_keys(t, path, start)
+        start += t.num_rows
 
 
 def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer: Featurizer,
@@ -34,8 +44,7 @@ def validation_sample(cfg: Config, storage: Storage, spec: InputSpec, featurizer
         with storage.open_parquet(f) as pf:
             has_truth = has_truth and TRUTH_COLUMN in pf.schema_arrow.names
             cols = spec.columns + ([TRUTH_COLUMN] if has_truth else [])
-            for batch in pf.iter_batches(batch_size=8192, columns=cols):
-                t = pa.Table.from_batches([batch])
+            for t in _batches(cfg, storage, f, pf, cols):
                 rows = batch_rows(t, cfg.data, featurizer)
                 keep = validation_mask(t, cfg.data, rows.split_key) & rows.keep
                 xs.append(rows.x[keep])
@@ -60,8 +69,7 @@ def validation_slots(cfg: Config, storage: Storage, spec: InputSpec, featurizers
     n = 0
     for f in spec.files:
         with storage.open_parquet(f) as pf:
-            for batch in pf.iter_batches(batch_size=8192, columns=spec.columns):
-                t = pa.Table.from_batches([batch])
+            for t in _batches(cfg, storage, f, pf, spec.columns):
                 rows = [batch_rows(t, cfg.data, fz) for fz in featurizers]
                 keep = validation_mask(t, cfg.data, rows[0].split_key) == validation
                 for r in rows:

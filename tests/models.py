@@ -15,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import DataSection
 from tests.procs import ROOT, create_bucket, manifest
 
 ROWS, SHARDS, FEATURES = 6000, 4, 16
 RUN_DATE = "2026-01-02"  # scoring output goes to <output.uri>/run_date=RUN_DATE/
 PART = f"run_date={RUN_DATE}"
+
+
+def vector_data(**kw) -> DataSection:
+    """A data section for the vector layout (one `features` list column, `id` the key), set explicitly: the
+    defaults (`auto`) are resolved from an input's schema, which the unit tests that use this skip."""
+    return DataSection(**{"features": "features", "id_columns": ["id"], **kw})
 
 
 def base_args(s3: str, bucket: str, run: str = "base", data: str = "in", out: str = "out") -> list[str]:
@@ -48,7 +55,8 @@ def write_input(storage, bucket: str, prefix: str = "in", rows: int = ROWS, shar
 
 def ops_config(tmp: Path, **more: str):
     sets = {
-        "run.name": "ops", "data.input": str(tmp / "data"), "data.timestamp_column": "event_time",
+        "run.name": "ops", "data.input": str(tmp / "data"), "data.features": "features",
+        "data.timestamp_column": "event_time",
         "model.hidden_dims": "[32, 16]", "model.latent_dim": "4", "train.epochs": "3", "train.batch_size": "128",
         "model.score": "recon",  # the checks read anomaly_score as recon_error, the mean of feature_errors
         "train.lr": "0.003", "train.num_workers": "1", "train.cpus_per_worker": "1",

@@ -8,12 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataSection, StorageSection
+from pipeline.featurizer import Featurizer
 from pipeline.inputs import inspect_input
 from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
-from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, validation_mask
+from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, row_keys, validation_mask
 from pipeline.stats import ColumnMoments, normalization_stats
 from pipeline.errors import InputError
 from pipeline.storage import Storage
+from tests.models import vector_data
+
 
 LOCAL = Storage(StorageSection())
 
@@ -41,7 +44,7 @@ def write(tmp_path, name: str, table: pa.Table) -> str:
 def test_inspect_vector_input(tmp_path):
     write(tmp_path, "a.parquet", vec_table(10, 4))
     write(tmp_path, "b.parquet", vec_table(5, 4, start=10))
-    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    spec = inspect_input(vector_data(input=str(tmp_path)), LOCAL)
     assert spec.num_rows == 15 and len(spec.files) == 2
     assert spec.feature_names == [f"features[{i}]" for i in range(4)]
     assert set(spec.columns) == {"features", "id"}
@@ -49,7 +52,7 @@ def test_inspect_vector_input(tmp_path):
 
 def test_inspect_fixed_size_and_columns(tmp_path):
     write(tmp_path, "a.parquet", vec_table(3, 6, fixed=True))
-    assert inspect_input(DataSection(input=str(tmp_path)), LOCAL).num_features == 6
+    assert inspect_input(vector_data(input=str(tmp_path)), LOCAL).num_features == 6
     cols = tmp_path / "cols"
     cols.mkdir()
     write(cols, "a.parquet", pa.table({"id": [1, 2], "a": [1.0, 2.0], "b": pa.array([1, 2], pa.int32())}))
@@ -58,70 +61,84 @@ def test_inspect_fixed_size_and_columns(tmp_path):
 
 
 @pytest.mark.parametrize("table, data, match", [
-    (pa.table({"id": [1], "other": [[1.0]]}), {}, r"b\.parquet: missing column 'features'"),
-    (pa.table({"id": [1], "features": ["x"]}), {}, r"feature column 'features' is string"),
+    (pa.table({"id": [1], "other": [[1.0]]}), {"features": "features"}, r"b\.parquet: missing column 'features'"),
+    (pa.table({"id": [1], "features": ["x"]}), {"features": "features"}, r"feature column 'features' is string"),
     (pa.table({"id": [1], "a": pa.array([1], pa.timestamp("s"))}), {"features": ["a"]},
      r"feature column 'a' is timestamp\[m?s\] \(a timestamp/date/time\); set data.timestamp_column"),
     (pa.table({"id": [1], "a": [[1.0]], "b": [1.0]}), {"features": ["a", "b"]}, r"feature column 'a' is list"),
-    (pa.table({"features": [[1.0]]}), {}, r"missing column 'id'"),
+    (pa.table({"features": [[1.0]]}), {"id_columns": ["id"]}, r"missing column 'id'"),
 ])
 def test_schema_errors_name_file_and_column(tmp_path, table, data, match):
     write(tmp_path, "b.parquet", table)
     with pytest.raises(InputError, match=match) as e:
-        inspect_input(DataSection(input=str(tmp_path), **data), LOCAL)
+        inspect_input(vector_data(input=str(tmp_path), **data), LOCAL)
     assert "\n" not in str(e.value)
+
+
+def test_auto_features_and_ids_are_the_defaults(tmp_path):
+    """A user who sets only the input: every column is a feature, `id` (where the input has one) the key."""
+    keyed, keyless = tmp_path / "keyed", tmp_path / "keyless"
+    keyed.mkdir(), keyless.mkdir()
+    write(keyed, "a.parquet", pa.table({"id": [1, 2], "a": [1.0, 2.0], "s": ["x", "y"]}))
+    spec = inspect_input(DataSection(input=str(keyed)), LOCAL)
+    assert (spec.data.features, spec.data.id_columns, spec.feature_names) == (["a", "s"], ["id"], ["a", "s"])
+    write(keyless, "a.parquet", pa.table({"x": [1.0, 2.0]}))
+    spec = inspect_input(DataSection(input=str(keyless)), LOCAL)
+    assert (spec.data.features, spec.data.id_columns, spec.columns) == (["x"], [], ["x"])
+    assert inspect_input(DataSection(input=str(keyed), id_columns=[]), LOCAL).feature_names == ["id", "a", "s"]
 
 
 def test_schema_must_agree_across_shards(tmp_path):
     write(tmp_path, "a.parquet", vec_table(3, 4))
     write(tmp_path, "b.parquet", vec_table(3, 4, fixed=True))
     with pytest.raises(InputError, match=r"b\.parquet: column 'features' is fixed_size_list.*a\.parquet"):
-        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+        inspect_input(vector_data(input=str(tmp_path)), LOCAL)
 
 
 def test_empty_and_missing_input(tmp_path):
     with pytest.raises(InputError, match="no such file"):
-        inspect_input(DataSection(input=str(tmp_path / "nope")), LOCAL)
+        inspect_input(vector_data(input=str(tmp_path / "nope")), LOCAL)
     with pytest.raises(InputError, match="no Parquet files"):
-        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+        inspect_input(vector_data(input=str(tmp_path)), LOCAL)
     write(tmp_path, "a.parquet", vec_table(0, 4))
     with pytest.raises(InputError, match="empty"):
-        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+        inspect_input(vector_data(input=str(tmp_path)), LOCAL)
 
 
 def test_corrupt_file_is_named(tmp_path):
     write(tmp_path, "a.parquet", vec_table(3, 4))
     (tmp_path / "c.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(InputError, match=r"c\.parquet: not a readable Parquet file"):
-        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+        inspect_input(vector_data(input=str(tmp_path)), LOCAL)
 
 
 def test_feature_matrix_layouts_agree():
     var, fixed = vec_table(5, 3), vec_table(5, 3, fixed=True)
-    data = DataSection()
+    data = vector_data()
     a, b = feature_matrix(var, data, 3), feature_matrix(fixed, data, 3)
     assert a.dtype == np.float32 and a.shape == (5, 3)
     np.testing.assert_array_equal(a, b)
     # a sliced batch (non-zero offset) still lines up
     np.testing.assert_array_equal(feature_matrix(fixed.slice(2, 2), data, 3), a[2:4])
     cols = pa.table({"id": [1, 2], "a": [1.0, 2.0], "b": pa.array([3, 4], pa.int64())})
-    np.testing.assert_array_equal(feature_matrix(cols, DataSection(features=["a", "b"]), 2), [[1, 3], [2, 4]])
+    two = DataSection(features=["a", "b"], id_columns=[])
+    np.testing.assert_array_equal(feature_matrix(cols, two, 2), [[1, 3], [2, 4]])
 
 
 def test_wrong_vector_length_and_nan_are_refused():
     t = pa.table({"id": [1, 2], "features": [[1.0, 2.0], [1.0]], "path": ["s3://b/x.parquet"] * 2})
     with pytest.raises(InputError, match=r"s3://b/x\.parquet: column 'features' has 1 vectors whose length is not 2"):
-        feature_matrix(t, DataSection(), 2)
+        feature_matrix(t, vector_data(), 2)
     t = pa.table({"id": [1, 2], "features": [[1.0, float("nan")], [1.0, 2.0]], "path": ["f.parquet"] * 2})
     with pytest.raises(InputError, match=r"f\.parquet: column 'features' has 1 rows with NaN"):
-        SplitFeatures(DataSection(), 2, "all")(t)
-    kept = SplitFeatures(DataSection(nan_policy="drop"), 2, "all")(t)
+        SplitFeatures(vector_data(), 2, "all")(t)
+    kept = SplitFeatures(vector_data(nan_policy="drop"), 2, "all")(t)
     assert kept.num_rows == 1
 
 
 def test_split_is_deterministic_and_independent_of_batching():
     t = vec_table(20_000, 2)
-    data = DataSection(validation_fraction=0.2)
+    data = vector_data(validation_fraction=0.2)
     whole = validation_mask(t, data)
     parts = np.concatenate([validation_mask(t.slice(i, 777), data) for i in range(0, 20_000, 777)])
     np.testing.assert_array_equal(whole, parts)
@@ -131,7 +148,7 @@ def test_split_is_deterministic_and_independent_of_batching():
     m1, m2 = validation_mask(s, data), validation_mask(s, data)
     np.testing.assert_array_equal(m1, m2)
     x = feature_matrix(t, data, 2)
-    no_ids = DataSection(validation_fraction=0.2, id_columns=[])
+    no_ids = vector_data(validation_fraction=0.2, id_columns=[])
     np.testing.assert_array_equal(validation_mask(t, no_ids, x), validation_mask(t, no_ids, x.copy()))
 
 
@@ -155,7 +172,7 @@ def test_moments_merge_matches_numpy_on_wild_scales():
 
 def test_batch_stats_rows_merge_to_train_split_stats():
     t = vec_table(3000, 3)
-    data = DataSection(validation_fraction=0.25)
+    data = vector_data(validation_fraction=0.25)
     fz = raw_featurizer(data, 3)
     bm = BatchStats(data, fz)
     rows = []
@@ -176,7 +193,7 @@ def test_prepare_key_changes_with_every_data_setting(tmp_path):
     import dataclasses
 
     write(tmp_path, "a.parquet", vec_table(10, 4))
-    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    spec = inspect_input(vector_data(input=str(tmp_path)), LOCAL)
     base = prepare_key(spec, spec.data)
     assert base == prepare_key(spec, spec.data)
     changes = {"input": str(tmp_path / "other"), "features": "vectors", "exclude_columns": ["label"],
@@ -185,8 +202,48 @@ def test_prepare_key_changes_with_every_data_setting(tmp_path):
     assert set(changes) == {f.name for f in dataclasses.fields(DataSection)}
     for name, value in changes.items():
         assert prepare_key(spec, dataclasses.replace(spec.data, **{name: value})) != base, name
-    other = inspect_input(DataSection(input=str(tmp_path)), LOCAL, files=[write(tmp_path, "b.parquet", vec_table(10, 4))])
+    other = inspect_input(vector_data(input=str(tmp_path)), LOCAL,
+                          files=[write(tmp_path, "b.parquet", vec_table(10, 4))])
     assert prepare_key(other, other.data) != base  # other files, the same settings
+
+
+def test_row_keys_are_ray_datas_row_hash():
+    """The key of a row without ids, computed as Ray Data's Parquet reader computes its `row_hash` column."""
+    from ray.data._internal.datasource_v2.common.synthesized_columns import _compute_row_hashes
+
+    for path, start, n in [("/data/in/part-0.parquet", 0, 1000), ("bucket/prefix/x.parquet", 8192, 77)]:
+        np.testing.assert_array_equal(row_keys(path, start, n), _compute_row_hashes(path, start, n))
+
+
+def test_an_input_without_ids_splits_by_each_rows_place_in_every_pass(ray_cluster, tmp_path):
+    """Rows without ids are split by their place (file, position), the same way through Ray Data, the cached
+    epochs' direct reads and the driver's validation sample; identical rows no longer land together (a table
+    of six distinct rows once held out whole groups: a third of its rows, scores of 1e11)."""
+    from pipeline.inputs import inspect_input
+    from pipeline.read import read_dataset
+    from pipeline.shards import ROW_KEY
+    from pipeline.train.batches import DirectSplits
+
+    rng = np.random.default_rng(0)
+    for i, n in enumerate([3000, 1700]):
+        pq.write_table(pa.table({"s": rng.choice(["a", "b", "c"], n), "t": rng.choice(["x", "y"], n)}),
+                       tmp_path / f"part-{i}.parquet", row_group_size=500)
+    spec = inspect_input(DataSection(input=str(tmp_path), validation_fraction=0.2), LOCAL)
+    assert spec.data.ids == []
+    read = pa.concat_tables(read_dataset(spec, LOCAL, row_keys=True).iter_batches(batch_format="pyarrow",
+                                                                                   batch_size=None))
+    want = {}
+    for f in spec.files:
+        path = LOCAL.resolve(f)[1]
+        want.update(zip(row_keys(path, 0, spec.file_rows[f]).tolist(), [path] * spec.file_rows[f]))
+    assert sorted(read.column(ROW_KEY).to_pylist()) == sorted(want) and len(want) == 4700
+    val = validation_mask(read, spec.data)
+    assert 0.17 < val.mean() < 0.23
+    fz = Featurizer.unfitted(spec.roles)
+    direct = DirectSplits(list(spec.files), spec.columns, spec.data, spec.num_features, fz)
+    train, validation = direct.read(LOCAL, 0, 1)
+    assert sum(t.num_rows for t in validation) == int(val.sum())
+    assert sum(t.num_rows for t in train) == int((~val).sum())
 
 
 def test_streamed_epochs_hold_a_few_blocks_per_training_worker_in_the_object_store():

@@ -113,13 +113,37 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_only_the_input_set_on_a_one_column_table_without_ids(ray_cluster, storage, tmp_path):
+    """A user sets the input and nothing else, on the narrowest table: one numeric column and no id column.
+    Every column is a feature, the rows are split by their place, the code is as wide as the input, and the
+    planted extreme values rank first."""
+    from pipeline.config import config_from_dict
+
+    rng = np.random.default_rng(1)
+    x, truth = rng.normal(size=3000), np.zeros(3000, bool)
+    planted = rng.choice(3000, 30, replace=False)
+    truth[planted], x[planted] = True, rng.choice([-1, 1], 30) * rng.uniform(3.5, 6, 30)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"x": x}), tmp_path / "in" / "part-0.parquet")
+    cfg = config_from_dict({"data": {"input": str(tmp_path / "in")}, "artifacts": {"uri": str(tmp_path / "a")},
+                            "output": {"uri": str(tmp_path / "o")}, "train": {"cpus_per_worker": 0.5}})
+    t = train_job(cfg, storage)
+    assert t.manifest["feature_names"] == ["x"] and t.manifest["latent_dim"] == 1
+    assert 0.07 < t.manifest["data"]["validation_rows"] / 3000 < 0.13  # about 10%, not clumped
+    assert score_job(cfg, storage).scored_rows == 3000
+    out = read_parquet_dir(storage, str(tmp_path / "o"))
+    assert out.column_names[0] == "latent"  # no id columns to copy
+    assert auroc(out.column("anomaly_score").to_numpy(), truth) > 0.99  # one file, so the output keeps its order
+
+
 def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):
     """Untuned defaults on tiny data: the batch size drops so training still takes enough steps."""
     from pipeline.config import config_from_dict
 
     write_sample(str(tmp_path / "in"), storage, rows=400, shards=1, features=12, seed=11)
-    cfg = config_from_dict({"data": {"input": str(tmp_path / "in")}, "artifacts": {"uri": str(tmp_path / "a")},
-                            "output": {"uri": str(tmp_path / "o")}, "run": {"name": "tiny"},
+    cfg = config_from_dict({"data": {"input": str(tmp_path / "in"), "features": "features"},
+                            "artifacts": {"uri": str(tmp_path / "a")}, "output": {"uri": str(tmp_path / "o")},
+                            "run": {"name": "tiny"},
                             "train": {"cpus_per_worker": 0.5, "epochs": 5}})
     t = train_job(cfg, storage)
     assert t.manifest["metrics"]["batch_size"] < cfg.train.batch_size

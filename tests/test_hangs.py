@@ -35,7 +35,7 @@ JOB_TIMEOUT_S = 900  # generous for a loaded 2-core machine (the training run to
 def job_args(bucket: str, endpoint: str, *extra: str, input_uri: str | None = None) -> list[str]:
     sets = [f"data.input={input_uri or f's3://{bucket}/input'}", f"artifacts.uri=s3://{bucket}/artifacts",
             f"output.uri=s3://{bucket}/output", f"storage.endpoint_url={endpoint}", "run.name=hangs",
-            "run.num_cpus=2", *extra]
+            "run.num_cpus=2", "data.features=features", *extra]
     return [a for s in sets for a in ("--set", s)]
 
 

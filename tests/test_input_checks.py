@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.models import FEATURES, PART, RUN_DATE, base_args, write_input
+from tests.models import FEATURES, PART, RUN_DATE, base_args, vector_data, write_input
 from tests.procs import ROOT, assert_one_line_error, get_bytes, in_process, keys, put_table, read_published, s3_client
+
 
 # No module-wide marker: tests/conftest.py marks the tests that use the S3 server or Ray as integration; the
 # config, schema and UDF checks here are unit tests.
@@ -92,7 +93,6 @@ def test_bad_input_is_refused_before_ray_with_one_line(case, s3_server, bucket, 
 
 
 def test_vectors_of_varying_length_are_refused():
-    from pipeline.config import DataSection
     from pipeline.errors import InputError
     from pipeline.rows import batch_rows, raw_featurizer
     from pipeline.shards import PATH_COLUMN
@@ -101,7 +101,7 @@ def test_vectors_of_varying_length_are_refused():
                   PATH_COLUMN: ["s3://b/in/x.parquet", "s3://b/in/y.parquet", "s3://b/in/x.parquet"]})
     with pytest.raises(InputError, match=r"file s3://b/in/y.parquet: column 'features' has 1 vectors whose "
                                          r"length is not 2 \(e.g. 1\)"):
-        batch_rows(t, DataSection(), raw_featurizer(DataSection(), 2))
+        batch_rows(t, vector_data(), raw_featurizer(vector_data(), 2))
 
 
 def test_feature_order_differs_from_manifest():
@@ -187,7 +187,7 @@ def test_nan_policy_drop_counts_and_writes_rejects(base, s3_server, storage):
 
 def test_training_drop_counts_and_writes_rejects(tmp_path):
     """The training statistics pass counts rejects and writes them with the reason (pure UDF, no Ray)."""
-    from pipeline.config import DataSection, StorageSection
+    from pipeline.config import StorageSection
     from pipeline.errors import InputError
     from pipeline.prepare import BatchStats
     from pipeline.rows import RejectWriter, raw_featurizer
@@ -199,7 +199,7 @@ def test_training_drop_counts_and_writes_rejects(tmp_path):
     x = np.array(t.column("features").to_pylist(), dtype=np.float32)
     x[3, 2] = np.nan
     t = t.set_column(2, "features", pa.array(list(x), pa.list_(pa.float32())))
-    data = DataSection(nan_policy="drop", validation_fraction=0.1)
+    data = vector_data(nan_policy="drop", validation_fraction=0.1)
     udf = BatchStats(data, raw_featurizer(data, FEATURES), RejectWriter(storage, str(tmp_path / "rejects"), data))
     out = udf(t)
     assert int(out["n_rejected"][0]) == 1 and int(out["n"][0] + out["n_val"][0]) == 49
@@ -212,4 +212,4 @@ def test_training_drop_counts_and_writes_rejects(tmp_path):
     # the default policy (error) refuses the same batch, naming the shard and the column
     with pytest.raises(InputError, match=r"^file in/a\.parquet: column 'features' has 1 rows with NaN or infinite "
                                          r"values \(set data\.nan_policy=drop to skip them\)$"):
-        BatchStats(DataSection(), raw_featurizer(DataSection(), FEATURES))(t)
+        BatchStats(vector_data(), raw_featurizer(vector_data(), FEATURES))(t)

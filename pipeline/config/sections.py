@@ -35,10 +35,10 @@ class RunSection:
 class DataSection:
     input: str = "data/sample"
     """URI prefix or local path of the Parquet shards (s3://bucket/prefix, other fsspec URIs, or a path)."""
-    features: Union[str, list[str]] = "features"
-    """One column of float vectors (list<float> or fixed_size_list<float>); a list of columns of any supported
-    type (numeric, string, dictionary, boolean); or `auto`: every column but the id, timestamp and excluded
-    ones. A column's role comes from its Arrow type (README, Column roles)."""
+    features: Union[str, list[str]] = AUTO
+    """`auto` (the default): every column but the id, timestamp and excluded ones; one column of float vectors
+    (list<float> or fixed_size_list<float>) by name; or a list of columns of any supported type (numeric,
+    string, dictionary, boolean). A column's role comes from its Arrow type (README, Column roles)."""
     exclude_columns: list[str] = field(default_factory=list)
     """With `features: auto`: columns that are not features either (labels, free text, raw timestamps)."""
     categorical_columns: list[str] = field(default_factory=list)
@@ -49,10 +49,12 @@ class DataSection:
     mean and adds a missing-indicator input where training saw any, and gives a categorical its own `missing`
     level; `error` stops the job; `drop` skips the row (counted, written to the rejects table)."""
     max_categories: int = 64
-    """Levels one-hot encoded per categorical column: the most frequent in training; rarer and unseen levels
-    share an `other` level."""
-    id_columns: list[str] = field(default_factory=lambda: ["id"])
-    """Columns copied unchanged to the output; also hashed for the train/validation split."""
+    """Levels one-hot encoded per categorical column at most: the most frequent in training (each seen twice or
+    more, none tied at the cut: stats.LevelCounts.top); rarer and unseen levels share an `other` level."""
+    id_columns: Union[list[str], Literal["auto"]] = AUTO
+    """Columns copied unchanged to the output; also hashed for the train/validation split. `auto` (the
+    default): `[id]` where the input has a column named `id`, else none (the split then hashes each row's
+    feature values, and the output rows carry no key)."""
     timestamp_column: Optional[str] = None
     """Event-time column copied to the output's `event_timestamp`; unset means the run's as-of time."""
     validation_fraction: Union[float, Literal["auto"]] = AUTO
@@ -81,6 +83,14 @@ class DataSection:
         if self.features == AUTO:
             raise ValueError("data.features: auto is resolved from the input's schema (pipeline.inputs.inspect_input)")
         return [self.features] if isinstance(self.features, str) else list(self.features)
+
+    @property
+    def ids(self) -> list[str]:
+        """The id columns; with `auto`, only known once the input's schema is read (InputSpec.data)."""
+        if self.id_columns == AUTO:
+            raise ValueError("data.id_columns: auto is resolved from the input's schema "
+                             "(pipeline.inputs.inspect_input)")
+        return list(self.id_columns)
 
     @property
     def drops_rows(self) -> bool:

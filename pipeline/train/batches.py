@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.rows import SplitFeatures
+from pipeline.rows import SplitFeatures, with_row_keys
 from pipeline.shards import PATH_COLUMN
 from pipeline.tensors import Normalizer, arrow_to_tensor
 from pipeline.train.collective import all_reduce
@@ -119,9 +119,12 @@ class DirectSplits:
         for f, gs in mine.items():
             path = storage.resolve(f)[1]  # the shard's name for error messages, as Ray Data's include_paths gives it
             with storage.open_parquet(f) as pf:
+                starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
                 for g in gs:
                     beat()
                     t = pf.read_row_group(g, columns=self.columns)
+                    if not self.data.ids:  # the split hashes each row's place in its file (rows.ROW_KEY)
+                        t = with_row_keys(t, path, int(starts[g]))
                     if few:
                         t = t.take(np.arange(rank, t.num_rows, world))
                     t = t.append_column(PATH_COLUMN, pa.array([path] * t.num_rows, pa.string()))

@@ -91,9 +91,9 @@ def _inputs(data, storage, spec, featurizer, cache: bool) -> tuple[Optional[Dire
         return DirectSplits(list(spec.files), list(spec.columns), data, spec.num_features, featurizer), None
     # Streamed epochs read the files in a new order each time; cached ones shuffle every row in the worker.
     return None, {
-        "train": read_dataset(spec, storage, shuffle_files=not cache).map_batches(
+        "train": read_dataset(spec, storage, shuffle_files=not cache, row_keys=True).map_batches(
             SplitFeatures(data, spec.num_features, "train", featurizer), batch_format="pyarrow", batch_size=None),
-        "validation": read_dataset(spec, storage).map_batches(
+        "validation": read_dataset(spec, storage, row_keys=True).map_batches(
             SplitFeatures(data, spec.num_features, "validation", featurizer), batch_format="pyarrow", batch_size=None)}
 
 
