@@ -28,6 +28,16 @@ def test_auto_sizes_fit_every_table_with_two_features_or_more(n_features):
     build_model(n_features, **dataclasses.asdict(model))  # and the model builds
 
 
+def test_a_one_column_input_gets_a_code_as_wide_as_the_input():
+    """No code is narrower than one column: the auto sizes take a 1-wide one (the score's code terms rank the
+    column's unusual values) where an explicit width is still checked."""
+    model = resolve_model(ModelSection(), 1)
+    assert (model.hidden_dims, model.latent_dim, model.member_latent_dims) == ([4], 1, [1] * model.ensemble)
+    build_model(1, **dataclasses.asdict(model))
+    with pytest.raises(ConfigError, match="model.latent_dim: 1 must be < the 1 input features"):
+        resolve_model(ModelSection(latent_dim=1), 1)
+
+
 def test_auto_sizes_follow_the_width():
     assert auto_sizes(2) == ([4], 1)                        # tiny width: a 1-wide code
     assert auto_sizes(100)[1] > auto_sizes(16)[1] > auto_sizes(6)[1]

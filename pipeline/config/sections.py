@@ -54,7 +54,7 @@ class DataSection:
     id_columns: Union[list[str], Literal["auto"]] = AUTO
     """Columns copied unchanged to the output; also hashed for the train/validation split. `auto` (the
     default): `[id]` where the input has a column named `id`, else none (the split then hashes each row's
-    feature values, and the output rows carry no key)."""
+    place, its file and position: rows.row_keys; the output rows carry no key)."""
     timestamp_column: Optional[str] = None
     """Event-time column copied to the output's `event_timestamp`; unset means the run's as-of time."""
     validation_fraction: Union[float, Literal["auto"]] = AUTO
