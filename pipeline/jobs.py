@@ -33,7 +33,8 @@ from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (model_run_uri, parse_run_date, plan_incremental, record_scored, report_uri,
                                run_date_uri)
 from pipeline.score import ScoreResult, score
-from pipeline.sizing import MAX_VALIDATION_FRACTION, VALIDATION_FRACTION, VALIDATION_ROWS, still_improving
+from pipeline.sizing import (MAX_VALIDATION_FRACTION, VALIDATION_FRACTION, VALIDATION_ROWS, few_validation_rows,
+                             still_improving)
 from pipeline.sketch import ScoreSketch, error_histogram_of
 from pipeline.storage import Storage
 from pipeline.tracking import tracked_scoring, tracked_training
@@ -164,6 +165,9 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     sketch = result.validation
     if sketch.rows == 0:
         raise InputError(f"data.input {spec.uri}: no validation rows; raise data.validation_fraction")
+    few = few_validation_rows(sketch.rows, cfg.train.threshold_quantile)
+    if few:
+        print(f"[train] warning: {few}", flush=True)
     codes = align_codes(cfg, storage, spec, featurizer, result.best_state, target)
     manifest, model = _save_model(cfg, requested, storage, spec, featurizer, prep, result, sketch, auto, codes)
     report = join_uri(cfg.run_uri, "report.html")

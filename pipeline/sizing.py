@@ -208,3 +208,20 @@ def still_improving(history: list[dict], epoch_limit: int, min_delta: float) -> 
     return (f"validation loss still falling at the epoch limit ({before:.5f} -> {last['val_loss']:.5f}, "
             f"-{drop:.1%} in the last epoch, {epoch_limit} epochs): more training may help; raise "
             "train.epochs or train.steps")
+
+
+FEW_VALIDATION_ROWS = 100
+"""Under this many validation rows the threshold quantile is about their maximum and the score's statistics
+are rough (`few_validation_rows`)."""
+
+
+def few_validation_rows(rows: int, quantile: float) -> Optional[str]:
+    """A note when the threshold and the score's statistics rest on fewer than FEW_VALIDATION_ROWS rows, else
+    None. Of rows like the validation rows, about 1/(rows+1) score above the largest of them, so a threshold
+    from 3 rows flags about a quarter of a like input whatever the quantile; the training rows, which the
+    statistics do not see, flag more (an input of 10 rows x 3 columns: 6 flagged; 30 rows: 17)."""
+    if rows >= FEW_VALIDATION_ROWS:
+        return None
+    return (f"only {rows} validation rows: the threshold (q{quantile}) and the score's statistics rest on them, "
+            f"so {1 / (rows + 1):.0%} or more of the rows will be flagged; on an input this small read "
+            "anomaly_score's ranking rather than is_anomaly")

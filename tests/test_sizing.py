@@ -13,8 +13,8 @@ from pipeline.calibration import (KNN_WEIGHT, MAX_SUBSPACE_FEATURES, REFERENCE_R
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
-from pipeline.sizing import (auto_member_latents, auto_sizes, auto_steps, auto_validation_fraction, resolve_model,
-                             resolve_validation, step_budget, still_improving)
+from pipeline.sizing import (auto_member_latents, auto_sizes, auto_steps, auto_validation_fraction, few_validation_rows,
+                             resolve_model, resolve_validation, step_budget, still_improving)
 
 
 @pytest.mark.parametrize("n_features", [2, 3, 6, 16, 100, 2_000])
@@ -36,6 +36,12 @@ def test_a_one_column_input_gets_a_code_as_wide_as_the_input():
     build_model(1, **dataclasses.asdict(model))
     with pytest.raises(ConfigError, match="model.latent_dim: 1 must be < the 1 input features"):
         resolve_model(ModelSection(latent_dim=1), 1)
+
+
+def test_a_threshold_from_few_validation_rows_says_how_rough_it_is():
+    assert few_validation_rows(100, 0.99) is None and few_validation_rows(5000, 0.99) is None
+    note = few_validation_rows(3, 0.99)
+    assert note.startswith("only 3 validation rows: the threshold (q0.99)") and "25% or more" in note
 
 
 def test_auto_sizes_follow_the_width():
