@@ -150,6 +150,8 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     footers = map_io(lambda u: _read_footer(storage, u), files)
     if data.id_columns == AUTO:
         data = dataclasses.replace(data, id_columns=auto_ids(footers[0][1]))
+    if data.timestamp_column == AUTO:
+        data = dataclasses.replace(data, timestamp_column=auto_timestamp(data, footers[0][1]))
     if not data.ids and ROW_KEY in footers[0][1].names:
         raise InputError(f"file {footers[0][0]}: column {ROW_KEY!r} is reserved for the row keys of an input "
                          "without id columns; set data.id_columns or rename it")
@@ -174,6 +176,17 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
 def auto_ids(schema: pa.Schema) -> list[str]:
     """`data.id_columns: auto`: the column named `id` where the input has one, else none."""
     return [ID_COLUMN] if ID_COLUMN in schema.names else []
+
+
+def auto_timestamp(data: DataSection, schema: pa.Schema) -> Optional[str]:
+    """`data.timestamp_column: auto`: the input's one timestamp or date column outside the ids, the exclusions
+    and a listed `data.features`, where there is exactly one; else none. (Several are left as they are: under
+    `features: auto` each is then refused as a feature, naming it.)"""
+    taken = set(data.ids) | set(data.exclude_columns) | (set(data.features) if isinstance(data.features, list)
+                                                          else set())
+    found = [f.name for f in schema if f.name not in taken
+             and (pa.types.is_timestamp(f.type) or pa.types.is_date(f.type))]
+    return found[0] if len(found) == 1 else None
 
 
 def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> Union[str, list[str]]:

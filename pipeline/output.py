@@ -113,8 +113,8 @@ def scored_table(table: pa.Table, score: np.ndarray, latent: np.ndarray, errors:
     cols["is_anomaly"] = pa.array(score > threshold)
     cols["model_version"] = pa.array([version] * n, pa.string())
     cols["code_space"] = pa.array([code_space or version] * n, pa.string())
-    if data.timestamp_column:
-        cols["event_timestamp"] = to_utc(table.column(data.timestamp_column))
+    if data.event_time:
+        cols["event_timestamp"] = to_utc(table.column(data.event_time))
     else:
         cols["event_timestamp"] = pa.array(np.full(n, timestamp_us(as_of), dtype=np.int64), UTC_US)
     cols["scored_at"] = pa.array(np.full(n, timestamp_us(scored_at), dtype=np.int64), UTC_US)

@@ -86,6 +86,17 @@ def test_auto_features_and_ids_are_the_defaults(tmp_path):
     spec = inspect_input(DataSection(input=str(keyless)), LOCAL)
     assert (spec.data.features, spec.data.id_columns, spec.columns) == (["x"], [], ["x"])
     assert inspect_input(DataSection(input=str(keyed), id_columns=[]), LOCAL).feature_names == ["id", "a", "s"]
+    # the input's one timestamp (or date) column is the event time; with two, neither (each then a refused feature)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    when = pa.array([1, 2], pa.timestamp("ms"))
+    write(one, "a.parquet", pa.table({"id": [1, 2], "a": [1.0, 2.0], "at": when}))
+    spec = inspect_input(DataSection(input=str(one)), LOCAL)
+    assert (spec.data.timestamp_column, spec.feature_names) == ("at", ["a"])
+    write(two, "a.parquet", pa.table({"a": [1.0, 2.0], "at": when, "on": pa.array([1, 2], pa.date32())}))
+    assert inspect_input(DataSection(input=str(two), features=["a"]), LOCAL).data.timestamp_column is None
+    with pytest.raises(InputError, match="feature column 'at' is timestamp"):
+        inspect_input(DataSection(input=str(two)), LOCAL)
 
 
 def test_schema_must_agree_across_shards(tmp_path):

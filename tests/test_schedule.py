@@ -117,7 +117,8 @@ def test_scored_rows_carry_their_reconstruction_error_and_their_score_apart():
     score = np.array([0.5, 9.0, 7.0], np.float32)
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     t = scored_table(pa.table({"id": [1, 2, 3]}), score, np.zeros((3, 2), np.float32), errors, ["a", "b"],
-                     np.float32(5.0), "m@0", DataSection(id_columns=["id"]), OutputSection(), now, now)
+                     np.float32(5.0), "m@0", DataSection(id_columns=["id"], timestamp_column=None), OutputSection(),
+                     now, now)
     assert t.schema.names[:5] == ["id", "latent", "recon_error", "anomaly_score", "is_anomaly"]
     np.testing.assert_allclose(t.column("recon_error").to_numpy(), [0.2, 3.0, 0.2], rtol=1e-6)
     np.testing.assert_array_equal(t.column("anomaly_score").to_numpy(), score)

@@ -55,8 +55,10 @@ class DataSection:
     """Columns copied unchanged to the output; also hashed for the train/validation split. `auto` (the
     default): `[id]` where the input has a column named `id`, else none (the split then hashes each row's
     place, its file and position: rows.row_keys; the output rows carry no key)."""
-    timestamp_column: Optional[str] = None
-    """Event-time column copied to the output's `event_timestamp`; unset means the run's as-of time."""
+    timestamp_column: Optional[str] = AUTO
+    """Event-time column copied to the output's `event_timestamp`; unset (null) means the run's as-of time.
+    `auto` (the default): the input's one timestamp or date column outside the ids, the exclusions and a
+    listed `features`, where it has exactly one; else unset."""
     validation_fraction: Union[float, Literal["auto"]] = AUTO
     """Share of rows held out for validation (chosen by hashing the id columns, stable across reruns). `auto`:
     10%, raised on an input under 2,560 rows to hold out about 256, up to 30% (sizing.auto_validation_fraction),
@@ -91,6 +93,14 @@ class DataSection:
             raise ValueError("data.id_columns: auto is resolved from the input's schema "
                              "(pipeline.inputs.inspect_input)")
         return list(self.id_columns)
+
+    @property
+    def event_time(self) -> Optional[str]:
+        """The event-time column or None; with `auto`, only known once the input's schema is read."""
+        if self.timestamp_column == AUTO:
+            raise ValueError("data.timestamp_column: auto is resolved from the input's schema "
+                             "(pipeline.inputs.inspect_input)")
+        return self.timestamp_column
 
     @property
     def drops_rows(self) -> bool:
