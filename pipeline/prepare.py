@@ -89,7 +89,9 @@ def prepare_key(spec: InputSpec, data: DataSection) -> dict[str, Any]:
     """What the pass's result depends on: every data setting (features resolved), the input's files and rows,
     the features' roles. Any change to them recomputes the pass (as JSON, the form it is stored in)."""
     key = {"data": dataclasses.asdict(data), "input": spec.uri, "files": spec.file_rows,
-           "features": spec.feature_names, "roles": [dataclasses.asdict(r) for r in spec.roles]}
+           "features": spec.feature_names, "roles": [dataclasses.asdict(r) for r in spec.roles],
+           # without ids the split hashes each row's place (rows.ROW_KEY); a pass from before split by values
+           "split": "ids" if data.ids else "row place"}
     return json.loads(json.dumps(key))
 
 

@@ -7,7 +7,6 @@ published atomically (pipeline/publish.py).
 from __future__ import annotations
 
 import dataclasses
-
 import datetime as dt
 import time
 from dataclasses import dataclass, field
