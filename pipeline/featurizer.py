@@ -130,6 +130,11 @@ class Featurizer:
         cols: list[Column] = []
         num = cat = 0
         for c in self.columns:
+            empty = (stats.numeric.n[num] == 0 and stats.nulls[num] > 0) if isinstance(c, NumericColumn) else \
+                (not stats.levels[cat].counts and stats.levels[cat].missing > 0)
+            if empty:
+                warnings.warn(f"column {c.name!r}: null in every training row, so it carries nothing (exclude it "
+                              "with data.exclude_columns)", stacklevel=2)
             if isinstance(c, NumericColumn):
                 indicator = missing_policy == "impute" and bool(stats.nulls[num])
                 cols.append(NumericColumn(c.name, c.family, float(offset[num]), float(scale[num]), indicator))

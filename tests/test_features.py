@@ -198,6 +198,18 @@ def test_level_counters_are_bounded_and_keep_the_frequent_levels():
     assert merged.counts == {"q": 3, "p": 2} and merged.truncated
 
 
+def test_a_column_null_in_every_training_row_is_named():
+    t = pa.table({"id": np.arange(100), "a": np.arange(100.0), "b": pa.nulls(100, pa.float64()),
+                  "s": pa.nulls(100, pa.string())})
+    data = DataSection(id_columns=["id"], features=["a", "b", "s"], validation_fraction=0.1)
+    with pytest.warns(UserWarning) as caught:
+        fz = fitted(t, data, [0, 100])
+    assert [str(w.message) for w in caught] == [
+        f"column {c!r}: null in every training row, so it carries nothing (exclude it with data.exclude_columns)"
+        for c in ("b", "s")]
+    assert fz.names == ["a", "b", "s"]  # still trained on (a constant input), as before: a warning, not an error
+
+
 def test_kept_levels_never_depend_on_their_names():
     """A level gets a slot only if seen twice and not tied at the cut: a column of ids keeps none (before, its k
     alphabetically first values kept slots, and their rows topped the anomaly ranking)."""
