@@ -102,6 +102,12 @@ def vector_values(table: pa.Table, column: str, length: int) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(table.num_rows, length)
 
 
+def _warn_if_empty(name: str, empty: bool) -> None:
+    if empty:
+        warnings.warn(f"column {name!r}: null in every training row, so it carries nothing (exclude it with "
+                      "data.exclude_columns)", stacklevel=3)
+
+
 @dataclass
 class Featurizer:
     """How the feature columns become the model's input slots; saved in (and loaded from) the manifest."""
@@ -130,17 +136,14 @@ class Featurizer:
         cols: list[Column] = []
         num = cat = 0
         for c in self.columns:
-            empty = (stats.numeric.n[num] == 0 and stats.nulls[num] > 0) if isinstance(c, NumericColumn) else \
-                (not stats.levels[cat].counts and stats.levels[cat].missing > 0)
-            if empty:
-                warnings.warn(f"column {c.name!r}: null in every training row, so it carries nothing (exclude it "
-                              "with data.exclude_columns)", stacklevel=2)
             if isinstance(c, NumericColumn):
+                _warn_if_empty(c.name, stats.numeric.n[num] == 0 and stats.nulls[num] > 0)
                 indicator = missing_policy == "impute" and bool(stats.nulls[num])
                 cols.append(NumericColumn(c.name, c.family, float(offset[num]), float(scale[num]), indicator))
                 num += 1
             else:
                 counts = stats.levels[cat]
+                _warn_if_empty(c.name, not counts.counts and counts.missing > 0)
                 levels = counts.top(max_categories)
                 if counts.truncated:
                     warnings.warn(f"column {c.name!r}: more than {len(counts.counts)} distinct values (an id "

@@ -35,9 +35,18 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):
         x += np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    return _mix64(x)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer (a bijection of uint64), in place on `x`."""
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
 
 
 def row_keys(path: str, start: int, n: int) -> np.ndarray:
@@ -46,13 +55,7 @@ def row_keys(path: str, start: int, n: int) -> np.ndarray:
     as a 64-bit seed, plus the row's position, through the splitmix64 finalizer."""
     seed = np.uint64(int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], byteorder="little"))
     with np.errstate(over="ignore"):
-        k = seed + np.arange(start, start + n, dtype=np.uint64)
-        k ^= k >> np.uint64(30)
-        k *= np.uint64(0xBF58476D1CE4E5B9)
-        k ^= k >> np.uint64(27)
-        k *= np.uint64(0x94D049BB133111EB)
-        k ^= k >> np.uint64(31)
-    return k
+        return _mix64(seed + np.arange(start, start + n, dtype=np.uint64))
 
 
 def with_row_keys(table: pa.Table, path: str, start: int) -> pa.Table:
@@ -63,10 +66,9 @@ def with_row_keys(table: pa.Table, path: str, start: int) -> pa.Table:
 def row_hash(table: pa.Table, id_columns: list[str], features: Optional[np.ndarray] = None) -> np.ndarray:
     """A uint64 per row, a pure function of the id values; without ids, of the row's place (`ROW_KEY`), or
     where the batch lacks that column, of its feature values."""
-    n = table.num_rows
-    h = np.zeros(n, dtype=np.uint64)
     if not id_columns and ROW_KEY in table.column_names:
         return _splitmix64(table.column(ROW_KEY).to_numpy().astype(np.uint64))
+    h = np.zeros(table.num_rows, dtype=np.uint64)
     if id_columns:
         for col in id_columns:
             c = table.column(col)

@@ -61,12 +61,12 @@ def test_inspect_fixed_size_and_columns(tmp_path):
 
 
 @pytest.mark.parametrize("table, data, match", [
-    (pa.table({"id": [1], "other": [[1.0]]}), {"features": "features"}, r"b\.parquet: missing column 'features'"),
-    (pa.table({"id": [1], "features": ["x"]}), {"features": "features"}, r"feature column 'features' is string"),
+    (pa.table({"id": [1], "other": [[1.0]]}), {}, r"b\.parquet: missing column 'features'"),
+    (pa.table({"id": [1], "features": ["x"]}), {}, r"feature column 'features' is string"),
     (pa.table({"id": [1], "a": pa.array([1], pa.timestamp("s"))}), {"features": ["a"]},
      r"feature column 'a' is timestamp\[m?s\] \(a timestamp/date/time\); set data.timestamp_column"),
     (pa.table({"id": [1], "a": [[1.0]], "b": [1.0]}), {"features": ["a", "b"]}, r"feature column 'a' is list"),
-    (pa.table({"features": [[1.0]]}), {"id_columns": ["id"]}, r"missing column 'id'"),
+    (pa.table({"features": [[1.0]]}), {}, r"missing column 'id'"),
 ])
 def test_schema_errors_name_file_and_column(tmp_path, table, data, match):
     write(tmp_path, "b.parquet", table)

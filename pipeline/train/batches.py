@@ -119,11 +119,13 @@ class DirectSplits:
         for f, gs in mine.items():
             path = storage.resolve(f)[1]  # the shard's name for error messages, as Ray Data's include_paths gives it
             with storage.open_parquet(f) as pf:
-                starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+                # without ids the split hashes each row's place in its file (rows.ROW_KEY): row groups' offsets
+                starts = None if self.data.ids else np.cumsum(
+                    [0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
                 for g in gs:
                     beat()
                     t = pf.read_row_group(g, columns=self.columns)
-                    if not self.data.ids:  # the split hashes each row's place in its file (rows.ROW_KEY)
+                    if starts is not None:
                         t = with_row_keys(t, path, int(starts[g]))
                     if few:
                         t = t.take(np.arange(rank, t.num_rows, world))
