@@ -1,10 +1,23 @@
 """The `calibrated` anomaly score (`model.score: calibrated`, the default): reconstruction error and code
-position, each on the scale of the validation rows, added.
+position, each on the scale of the validation rows, weighted by how far its top rows stand out, added.
 
-    score(x) = mean_j  e_j(x)^2 / E_val[e_j^2]   +   CODE_WEIGHT * mean_k (h_k(x) - E_val[h_k])^2 / Var_val[h_k]
-               + MSE_WEIGHT * mean_j e_j(x)^2 / E_val[mean_j e_j^2]
-               + KNN_WEIGHT * knn(h(x), S) / mean_{s in S} knn(s, S)      (S: sampled validation codes)
+    score(x) = w_recon * mean_j  e_j(x)^2 / E_val[e_j^2]
+               + w_code * mean_k (h_k(x) - E_val[h_k])^2 / Var_val[h_k]
+               + w_mse  * mean_j e_j(x)^2 / E_val[mean_j e_j^2]
+               + w_knn  * knn(h(x), S) / mean_{s in S} knn(s, S)          (S: sampled validation codes)
              [ + model.subspace_weight * log(1 + r(x) / E_val[r])          (SubspaceTerm; off by default) ]
+
+    w_t ∝ BASE_WEIGHTS[t] * q0.99_val(t) / median_val(t),   sum_t w_t = sum(BASE_WEIGHTS) = 3.5
+
+The terms' weights (`spread_weights`) are fitted once, at the end of training, by the best model itself: its
+four terms over every validation row, on a fixed log2 histogram (all-reduced over the workers; 4.4% bins), give
+each term's spread, its 99th percentile over its median, and the base weights (1, CODE_WEIGHT, MSE_WEIGHT,
+KNN_WEIGHT) are scaled by it. A term whose top 1% stand far above its bulk is the one that sets some rows apart
+on this table; one whose values sit close together adds mostly noise to the ranking. Which term that is
+differs by table: the code terms find the anomalies that lie far out along the learned manifold (45_wine,
+6_cardio), and rank central ones low where the reconstruction terms find them (18_Ionosphere, whose anomalies
+are a third of the rows). Measured on issue 24's 26 tables under 200,000 rows (docs/evaluation.md, twelfth
+round). A model saved before the fitted weights scores with BASE_WEIGHTS.
 
 e_j is feature j's reconstruction error and h the code. Plain mean squared error lets the features the
 model reconstructs worst dominate every row's score, and it misses rows that lie on the learned manifold but
@@ -51,7 +64,9 @@ MAX_SUBSPACE_FEATURES slots go without the term.
 
 The statistics are gathered while the model is evaluated on the validation rows, which the training loop
 does after every epoch (`eval_loss`); `begin_epoch` starts a fresh count. They live in buffers, so the best
-epoch's checkpoint carries the statistics of its own weights, and scoring needs nothing else. Before any
+epoch's checkpoint carries the statistics of its own weights, and scoring needs nothing else. The term weights
+are buffers too, fitted by a pass of the kept model alone (pipeline/train/validate.py) before the pass that
+sets the threshold. Before any
 validation row has been seen, the score is plain MSE plus the code's squared norm. With several training
 workers, each computes them from its own validation rows and rank 0's checkpoint carries rank 0's: a random
 share of the validation rows, which is all the statistics need.
@@ -75,6 +90,12 @@ FLOOR = 1e-3  # of the mean over features (code units)
 SUBSPACE_SHARE = 0.99  # of the training rows' variance the subspace keeps (SubspaceTerm)
 SUBSPACE_FLOOR = 1e-6  # of the training rows' total variance: the least validation mean SubspaceTerm divides by
 MAX_SUBSPACE_FEATURES = 2048  # input slots; wider inputs go without the subspace term
+TERMS = ("recon", "code", "mse", "knn")
+BASE_WEIGHTS = (1.0, CODE_WEIGHT, MSE_WEIGHT, KNN_WEIGHT)  # each term's weight before its spread scales it
+TAIL_QUANTILE = 0.99  # a term's spread: this quantile of its validation values over their median
+BINS_PER_OCTAVE = 16  # the spread's histogram of log2(term): 4.4% wide bins
+LOG2_RANGE = (-64, 64)  # values at or below 2**-64 (0 too) share bin 0; values above 2**64 share the last
+N_BINS = (LOG2_RANGE[1] - LOG2_RANGE[0]) * BINS_PER_OCTAVE + 1
 
 
 def knn_distance(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -106,8 +127,11 @@ class ScoreCalibration(nn.Module):
         # the sample: each validation row gets a random key; the REFERENCE_ROWS smallest keys stay (inf: empty)
         self.register_buffer("ref", torch.zeros(REFERENCE_ROWS, latent_dim, dtype=torch.float32))
         self.register_buffer("ref_key", torch.full((REFERENCE_ROWS,), float("inf"), dtype=torch.float64))
+        # the terms' weights: BASE_WEIGHTS until the run's last validation pass fits them (fit_weights)
+        self.register_buffer("term_weight", torch.tensor(BASE_WEIGHTS, dtype=torch.float64))
         self._keys = torch.Generator().manual_seed(0)
         self._knn_norm = None  # the sample's own mean kNN distance, computed when first needed
+        self._counts: Optional[torch.Tensor] = None  # the terms' histograms while count_terms is on
 
     def reset(self) -> None:
         for b in (self.count, self.sq_sum, self.code_sum, self.code_sq_sum, self.ref):
@@ -131,8 +155,9 @@ class ScoreCalibration(nn.Module):
         self._knn_norm = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a model saved before the kNN term has no sample: keep the empty one (the term is then 0)
-        for name in ("ref", "ref_key"):
+        # a model saved before the kNN term has no sample: keep the empty one (the term is then 0); one saved
+        # before the fitted weights scores with BASE_WEIGHTS
+        for name in ("ref", "ref_key", "term_weight"):
             state_dict.setdefault(prefix + name, getattr(self, name))
         self._knn_norm = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -159,8 +184,8 @@ class ScoreCalibration(nn.Module):
             self._knn_norm = float(knn_distance(ref, ref).mean())
         return knn_distance(h, ref) / (self._knn_norm + EPS)
 
-    def score(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Per-row calibrated score from per-feature squared errors and codes."""
+    def terms(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(rows, 4) the score's terms (TERMS), unweighted, float64, from per-feature squared errors and codes."""
         feat, mean, var = self.stats()
         # a feature (or code unit) that barely varies must not turn rounding noise into huge scores
         feat = feat.clamp_min(FLOOR * float(feat.mean()) + EPS)
@@ -169,7 +194,64 @@ class ScoreCalibration(nn.Module):
         recon = (sq64 / feat).mean(dim=1)
         code = ((h.to(torch.float64) - mean) ** 2 / var).mean(dim=1)
         mse = sq64.mean(dim=1) / (feat.mean() + EPS)
-        return (recon + CODE_WEIGHT * code + MSE_WEIGHT * mse + KNN_WEIGHT * self.knn_term(h)).to(torch.float32)
+        return torch.stack([recon, code, mse, self.knn_term(h)], dim=1)
+
+    def score(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Per-row calibrated score: the terms, weighted (`term_weight`) and added."""
+        t = self.terms(sq, h)
+        if self._counts is not None:
+            self._counts += term_histogram(t).cpu()
+        return (t @ self.term_weight.to(t.device)).to(torch.float32)
+
+    def count_terms(self) -> None:
+        """From now on, every scored row adds its terms to histograms (`take_counts`), for fit_weights."""
+        self._counts = torch.zeros(len(TERMS), N_BINS, dtype=torch.float64)
+
+    def take_counts(self) -> torch.Tensor:
+        """(4, N_BINS) the histograms since count_terms (zeros without it); counting stops."""
+        counts = self._counts if self._counts is not None else torch.zeros(len(TERMS), N_BINS, dtype=torch.float64)
+        self._counts = None
+        return counts
+
+    @torch.no_grad()
+    def fit_weights(self, counts: torch.Tensor) -> None:
+        """Weigh each term by its spread over the validation rows (`counts`: their histograms, summed over the
+        workers): BASE_WEIGHTS times spread_weights, rescaled to the same sum."""
+        self.term_weight.copy_(spread_weights(counts))
+
+
+def term_histogram(terms: torch.Tensor) -> torch.Tensor:
+    """(k, N_BINS) counts of each column of `terms` (rows, k) on the fixed log2 grid (bin 0: at or below
+    2**LOG2_RANGE[0], zero and negative values too)."""
+    low, high = LOG2_RANGE
+    t = terms.detach().to(torch.float64)
+    pos = t > 2.0 ** low
+    b = torch.floor((torch.log2(t.clamp_min(2.0 ** low)) - low) * BINS_PER_OCTAVE).long() + 1
+    b = torch.where(pos, b.clamp(1, N_BINS - 1), torch.zeros_like(b))
+    out = torch.zeros(t.shape[1], N_BINS, dtype=torch.float64, device=t.device)
+    out.scatter_add_(1, b.T.contiguous(), torch.ones_like(b.T, dtype=torch.float64))
+    return out
+
+
+def histogram_quantile(counts: torch.Tensor, q: float) -> torch.Tensor:
+    """(k,) the q quantile of each row of `counts` (term_histogram's grid): its bin's geometric centre (0 for
+    bin 0 or an empty row)."""
+    total = counts.sum(dim=1, keepdim=True)
+    cum = counts.cumsum(dim=1)
+    b = (cum < q * total).sum(dim=1).clamp(max=N_BINS - 1)
+    centre = torch.exp2(LOG2_RANGE[0] + (b.to(torch.float64) - 0.5) / BINS_PER_OCTAVE)
+    return torch.where((b > 0) & (total[:, 0] > 0), centre, torch.zeros_like(centre))
+
+
+def spread_weights(counts: torch.Tensor) -> torch.Tensor:
+    """(4,) the terms' weights from their validation histograms: BASE_WEIGHTS[k] times term k's spread
+    (its TAIL_QUANTILE over its median; 1 where the median is 0), rescaled so the weights add up as
+    BASE_WEIGHTS do. A term whose top rows stand far above its bulk is the one that sets rows apart."""
+    base = torch.tensor(BASE_WEIGHTS, dtype=torch.float64)
+    top, mid = histogram_quantile(counts, TAIL_QUANTILE), histogram_quantile(counts, 0.5)
+    spread = torch.where(mid > 0, top / mid.clamp_min(EPS), torch.ones_like(mid)).clamp_min(1.0)
+    w = base * spread
+    return w * (base.sum() / w.sum())
 
 
 class SubspaceTerm(nn.Module):
@@ -270,3 +352,14 @@ class SubspaceTerm(nn.Module):
         for name in ("center", "minor", "floor", "fitted", "val_sum", "val_count"):
             state_dict.setdefault(prefix + name, getattr(self, name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def fitted_term_weights(state: dict[str, torch.Tensor]) -> Optional[dict[str, float]]:
+    """The calibrated score's term weights in a model's state dict, averaged over an ensemble's members (TERMS
+    -> weight); None for a model without the calibrated score."""
+    found = [v for k, v in state.items() if k.endswith("calibration.term_weight")]
+    if not found:
+        return None
+    mean = torch.stack([v.to(torch.float64) for v in found]).mean(dim=0)
+    return {name: round(float(w), 4) for name, w in zip(TERMS, mean)}
+

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pipeline.artifacts import save_artifact
-from pipeline.calibration import MAX_SUBSPACE_FEATURES
+from pipeline.calibration import MAX_SUBSPACE_FEATURES, fitted_term_weights
 from pipeline.manifest import model_dir, read_manifest
 from pipeline.cluster import connect
 from pipeline.code_space import align_codes, alignment_target
@@ -97,6 +97,11 @@ def _metrics(cfg: Config, result, sketch: ScoreSketch) -> dict[str, Any]:
         "epoch_limit": result.epochs,
         "still_improving": still_improving(hist, result.epochs, cfg.train.min_delta),
     }
+    weights = fitted_term_weights(result.best_state)
+    if weights is not None:  # the calibrated score's terms, weighted by their spread (pipeline/calibration.py)
+        metrics["score_term_weights"] = weights
+        print("[train] anomaly_score terms weighted by their spread over the validation rows: "
+              + ", ".join(f"{k} {w:.2f}" for k, w in weights.items()), flush=True)
     if metrics["still_improving"]:
         print(f"[train] warning: {metrics['still_improving']}", flush=True)
     return metrics

@@ -152,6 +152,7 @@ def final_metrics(summary: Any) -> dict[str, float]:
            "seconds": summary.seconds}
     out.update({f"validation_score_q{q}": v for q, v in m["validation_score_quantiles"].items()})
     out.update({f"phase_{k}_s": v for k, v in summary.phases.items()})
+    out.update({f"score_weight_{k}": v for k, v in (m.get("score_term_weights") or {}).items()})
     if getattr(summary, "alignment_r2", None) is not None:  # the map onto the previous model's codes
         out["code_space_r2"] = float(summary.alignment_r2)
     for key in ("code_alignment", "alignment_r2", "auroc"):  # figures a model kind or input may add

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import (KNN_WEIGHT, MAX_SUBSPACE_FEATURES, REFERENCE_ROWS, ScoreCalibration, SubspaceTerm,
-                                  knn_distance)
+from pipeline.calibration import (BASE_WEIGHTS, KNN_WEIGHT, MAX_SUBSPACE_FEATURES, REFERENCE_ROWS, TERMS,
+                                  ScoreCalibration, SubspaceTerm, fitted_term_weights, histogram_quantile,
+                                  knn_distance, spread_weights, term_histogram)
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
@@ -236,6 +237,69 @@ def test_calibrated_score_puts_features_on_one_scale_and_sees_far_out_codes():
     # before any validation row: plain MSE twice (per feature and as a whole), no code term
     assert float(cal.score(torch.tensor([[4.0, 2.0]]), torch.zeros(1, 1))) == pytest.approx(6.0)
 
+
+
+def test_the_terms_histogram_gives_their_quantiles_within_a_bin():
+    values = torch.from_numpy(np.random.default_rng(0).lognormal(0, 2, 20_000))
+    terms = torch.stack([values, torch.zeros_like(values)], dim=1)  # the second term 0 in every row
+    counts = term_histogram(terms)
+    assert counts.sum(dim=1).tolist() == [20_000, 20_000] and counts[1, 0] == 20_000
+    for q in (0.5, 0.99):
+        got = histogram_quantile(counts, q)
+        assert float(got[0]) == pytest.approx(float(np.quantile(values.numpy(), q)), rel=0.05)
+        assert float(got[1]) == 0.0
+    # histograms of parts add up to the whole's (what the workers' all-reduce relies on)
+    torch.testing.assert_close(term_histogram(terms[:7000]) + term_histogram(terms[7000:]), counts)
+
+
+def test_the_term_whose_top_rows_stand_furthest_from_its_bulk_weighs_most():
+    rng = np.random.default_rng(1)
+    bulk = rng.gamma(20, 1 / 20, size=(5000, 4))  # every term about 1, narrow
+    heavy = bulk.copy()
+    heavy[:100, 1] = 30.0  # the code term: 2% of the rows far out
+    counts = term_histogram(torch.from_numpy(heavy))
+    w = spread_weights(counts)
+    assert float(w.sum()) == pytest.approx(sum(BASE_WEIGHTS))
+    assert int(w.argmax()) == TERMS.index("code")
+    # terms spread alike keep the base weights; beside a term 0 everywhere (the kNN term without a sample),
+    # the others keep their base ratios
+    base = torch.tensor(BASE_WEIGHTS, dtype=torch.float64)
+    torch.testing.assert_close(spread_weights(term_histogram(torch.from_numpy(bulk[:, [0, 0, 0, 0]]))), base)
+    no_knn = bulk[:, [0, 0, 0, 0]].copy()
+    no_knn[:, 3] = 0.0
+    w = spread_weights(term_histogram(torch.from_numpy(no_knn)))
+    torch.testing.assert_close(w[:3] / w[0], base[:3] / base[0])
+
+
+def test_fitted_weights_score_the_terms_travel_in_the_state_and_an_older_model_keeps_the_base_weights():
+    torch.manual_seed(0)
+    cal = ScoreCalibration(n_features=3, latent_dim=2)
+    sq, h = torch.rand(400, 3), torch.randn(400, 2)
+    sq[:8, 0] = 500.0  # a few rows far out on one feature's error
+    cal.observe(sq, h)
+    base = cal.score(sq, h)
+    cal.count_terms()
+    cal.score(sq[:200], h[:200])
+    cal.score(sq[200:], h[200:])
+    counts = cal.take_counts()
+    assert counts.sum(dim=1).tolist() == [400] * 4
+    cal.fit_weights(counts)
+    terms = cal.terms(sq, h)
+    torch.testing.assert_close(cal.score(sq, h), (terms @ cal.term_weight).float())
+    assert not torch.allclose(cal.score(sq, h), base)
+    # the weights are state: a model loaded from it scores alike; one saved before them scores as before
+    loaded = ScoreCalibration(n_features=3, latent_dim=2)
+    loaded.load_state_dict(cal.state_dict())
+    torch.testing.assert_close(loaded.score(sq, h), cal.score(sq, h))
+    older = {k: v for k, v in cal.state_dict().items() if k != "term_weight"}
+    old_model = ScoreCalibration(n_features=3, latent_dim=2)
+    old_model.load_state_dict(older)
+    torch.testing.assert_close(old_model.score(sq, h), base)
+    # the manifest's figures: the members' mean weight per term
+    state = {"members.0.calibration.term_weight": torch.tensor([1.0, 2.0, 0.25, 0.25], dtype=torch.float64),
+             "members.1.calibration.term_weight": torch.tensor([2.0, 1.0, 0.25, 0.25], dtype=torch.float64)}
+    assert fitted_term_weights(state) == {"recon": 1.5, "code": 1.5, "mse": 0.25, "knn": 0.25}
+    assert fitted_term_weights({"encoder.0.weight": torch.zeros(1)}) is None
 
 def test_calibrated_model_ranks_far_out_rows_that_mse_misses():
     """A linear 1-D manifold in 2-D: rows far out ALONG it reconstruct well (MSE misses them), off it do not."""

@@ -64,9 +64,10 @@ def test_histogram_agrees_with_the_exact_one():
 
 @pytest.mark.parametrize("subspace_weight", [0.0, 1.0])
 def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_rank_0s_model(subspace_weight):
-    """The last validation pass (no Ray here: the broadcast and the gather are given): every rank scores its
-    rows with rank 0's best model, and rank 0's merged sketch gives the scores the predictor gives row by row,
-    the optional subspace term included."""
+    """The last validation passes (no Ray here: the broadcast, the reduction and the gather are given): every
+    rank takes rank 0's best model, fits its term weights from every rank's term counts, and scores its rows;
+    both ranks keep the same weighted model, and rank 0's merged sketch gives the scores the predictor gives
+    that model row by row, the optional subspace term included."""
     import dataclasses
 
     import torch
@@ -76,8 +77,9 @@ def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_ran
     from pipeline.models import build_model
     from pipeline.predictor import Predictor
     from pipeline.tensors import Normalizer
-    from pipeline.train.state import WorkerConfig
-    from pipeline.train.validate import score_sketch, validation_sketch
+    from pipeline.calibration import BASE_WEIGHTS, spread_weights
+    from pipeline.train.state import EarlyStopping, TrainState, WorkerConfig
+    from pipeline.train.validate import finish_validation, score_sketch
 
     n_features = 6
     model = ModelSection(hidden_dims=[8], latent_dim=2, ensemble=1, subspace_weight=subspace_weight)
@@ -90,24 +92,40 @@ def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_ran
     x = np.random.default_rng(4).normal(size=(1000, n_features)).astype(np.float32)
     x[:, 5] = x[:, :5].sum(axis=1) + 0.1 * x[:, 5]  # a near-linear relation for the subspace term to see
     rank0 = build_model(n_features, **settings)
-    if subspace_weight:  # rank 0's best model: the term fitted on training rows, its validation mean gathered
+    if subspace_weight:  # rank 0's best model: the term fitted on training rows
         rank0.subspace.observe_training((torch.from_numpy(x) - 0.5) / 2.0)
         rank0.subspace.fit()
-        rank0.eval_loss((torch.from_numpy(x[:200]) - 0.5) / 2.0)
         assert rank0.subspace.minor.shape[1] >= 1
+    rank0.eval_loss((torch.from_numpy(x[:200]) - 0.5) / 2.0)  # its calibration statistics (and subspace mean)
     rank0_state = rank0.state_dict()
     other_state = build_model(n_features, **settings).state_dict()  # rank 1's own best: not what it scores with
-    exact = Predictor.from_state(settings, rank0_state, fz)(x)
     norm = Normalizer(mean, scale)
 
     def batches(rows):
         return lambda: (norm(torch.from_numpy(rows[i:i + 256])) for i in range(0, len(rows), 256))
 
+    def counts(rows):  # what a rank's weighting pass hands to the reduction: its rows' term histograms
+        m = build_model(n_features, **settings)
+        m.load_state_dict(rank0_state)
+        m.calibration.count_terms()
+        m.score(norm(torch.from_numpy(rows)))
+        return m.calibration.take_counts()[None]
+
+    total = counts(x[:700]) + counts(x[700:])  # the reduction's sum over both ranks
+    states = [TrainState(EarlyStopping(1, 0.0), best_state=s) for s in (rank0_state, other_state)]
     rank1 = []  # rank 1: scores its 300 rows with what rank 0 broadcast, hands its summary to the gather
-    assert validation_sketch(wc, other_state, batches(x[700:]), torch.device("cpu"), rank=1,
-                             gather=lambda mine: rank1.append(mine) or [], broadcast=lambda _: rank0_state) is None
-    summary = validation_sketch(wc, rank0_state, batches(x[:700]), torch.device("cpu"), rank=0,
-                                gather=lambda mine: [mine, *rank1], broadcast=lambda s: s)
+    finish_validation(wc, states[1], batches(x[700:]), torch.device("cpu"), rank=1,
+                      gather=lambda mine: rank1.append(mine) or [], broadcast=lambda _: rank0_state,
+                      reduce=lambda _: total)
+    finish_validation(wc, states[0], batches(x[:700]), torch.device("cpu"), rank=0,
+                      gather=lambda mine: [mine, *rank1], broadcast=lambda s: s, reduce=lambda _: total)
+    assert states[1].validation is None
+    weights = [s.best_state["calibration.term_weight"] for s in states]
+    torch.testing.assert_close(weights[0], weights[1])
+    torch.testing.assert_close(weights[0], spread_weights(total[0]))
+    assert not torch.allclose(weights[0], torch.tensor(BASE_WEIGHTS, dtype=torch.float64))
+    exact = Predictor.from_state(settings, states[0].best_state, fz)(x)
+    summary = states[0].validation
     assert all(isinstance(v, (torch.Tensor, int, float)) for v in summary.values())  # a weights_only payload
     sk = ScoreSketch.merged(n_features, [summary])
     assert sk.rows == 1000 and len(sk.sample) == 1000

@@ -164,6 +164,10 @@ def test_training_runs_log_the_resolved_config_history_figures_artifacts_and_tag
     m = run.data.metrics
     assert m["best_epoch"] == lifecycle.good.best_epoch and m["threshold"] == pytest.approx(lifecycle.good.threshold)
     assert m["validation_score_q0.99"] == pytest.approx(man["metrics"]["validation_score_quantiles"]["0.99"])
+    weights = man["metrics"]["score_term_weights"]  # the calibrated score's fitted term weights
+    assert {f"score_weight_{k}": pytest.approx(v) for k, v in weights.items()} == \
+        {k: v for k, v in m.items() if k.startswith("score_weight_")}
+    assert sum(weights.values()) == pytest.approx(3.5, rel=1e-3)
     assert m["train_rows"] + m["validation_rows"] + m["rejected_rows"] == 3000
     t = run.data.tags
     assert t["model_version"] == man["model_version"] and t["input_uri"] == man["data"]["input"]

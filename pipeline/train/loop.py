@@ -20,7 +20,7 @@ from pipeline.train.collective import all_reduce_sum as _all_reduce_sum
 from pipeline.train.collective import all_reduce_tensor
 from pipeline.train.state import Trainee, TrainState, WorkerConfig
 from pipeline.train.step import EarlyStopping, EpochStats, evaluate, state_to_cpu, train_epoch
-from pipeline.train.validate import validation_sketch
+from pipeline.train.validate import finish_validation
 
 
 @dataclass
@@ -144,7 +144,7 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
         last = stop or epoch == epochs - 1
         if last:  # the run's end: the best model over every validation row, for the threshold
             t_sketch = time.perf_counter()
-            state.validation = validation_sketch(wc, state.best_state, val_batches, device, rank)
+            finish_validation(wc, state, val_batches, device, rank)
             metrics["threshold_seconds"] = time.perf_counter() - t_sketch
         if last or checkpoint_due(wc.train, epoch, all_reduce_sum, rank, last_save):
             t_report = time.perf_counter()

@@ -16,7 +16,7 @@ from pipeline.train.collective import all_gather_objects
 from pipeline.train.batches import EpochCache, direct_epochs, tensor_batches
 from pipeline.train.loop import run_training
 from pipeline.train.state import CHECKPOINT_FILE, WorkerConfig, build_trainee, resume_state
-from pipeline.train.validate import validation_sketch
+from pipeline.train.validate import finish_validation
 
 WORKER_CONFIG = "worker"
 """The one key of Ray's train_loop_config: the WorkerConfig."""
@@ -80,7 +80,7 @@ def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     if saved is not None and source != "registered" and state.finished(wc.epochs):
         # a finished run Ray Train has not seen the end of: report its last checkpoint as the result
         if state.validation is None:  # a checkpoint without the sketch of its best model
-            state.validation = validation_sketch(wc, state.best_state, val_batches, device, rank)
+            finish_validation(wc, state, val_batches, device, rank)
         _ray_report(state.history[-1], state.checkpoint(trainee, state.start_epoch - 1) if rank == 0 else None)
     run_training(wc, trainee, state, train_batches, val_batches,
                  device, rank, _ray_report, extra_metrics={"worker_nodes": _worker_nodes()})
