@@ -11,7 +11,7 @@ position, each on the scale of the validation rows, weighted by how far its top 
 
 The terms' weights (`spread_weights`) are fitted once, at the end of training, by the best model itself: its
 four terms over every validation row, on a fixed log2 histogram (all-reduced over the workers; 4.4% bins), give
-each term's spread, its 99th percentile over its median, and the base weights (1, CODE_WEIGHT, MSE_WEIGHT,
+each term's spread, its 99th percentile over its median (at most 100), and the base weights (1, CODE_WEIGHT, MSE_WEIGHT,
 KNN_WEIGHT) are scaled by it. A term whose top 1% stand far above its bulk is the one that sets some rows apart
 on this table; one whose values sit close together adds mostly noise to the ranking. Which term that is
 differs by table: the code terms find the anomalies that lie far out along the learned manifold (45_wine,
@@ -93,6 +93,7 @@ MAX_SUBSPACE_FEATURES = 2048  # input slots; wider inputs go without the subspac
 TERMS = ("recon", "code", "mse", "knn")
 BASE_WEIGHTS = (1.0, CODE_WEIGHT, MSE_WEIGHT, KNN_WEIGHT)  # each term's weight before its spread scales it
 TAIL_QUANTILE = 0.99  # a term's spread: this quantile of its validation values over their median
+MAX_SPREAD = 100.0  # where a term's median is about 0 (rows whose codes coincide), it cannot take every weight
 BINS_PER_OCTAVE = 16  # the spread's histogram of log2(term): 4.4% wide bins
 LOG2_RANGE = (-64, 64)  # values at or below 2**-64 (0 too) share bin 0; values above 2**64 share the last
 N_BINS = (LOG2_RANGE[1] - LOG2_RANGE[0]) * BINS_PER_OCTAVE + 1
@@ -245,11 +246,11 @@ def histogram_quantile(counts: torch.Tensor, q: float) -> torch.Tensor:
 
 def spread_weights(counts: torch.Tensor) -> torch.Tensor:
     """(4,) the terms' weights from their validation histograms: BASE_WEIGHTS[k] times term k's spread
-    (its TAIL_QUANTILE over its median; 1 where the median is 0), rescaled so the weights add up as
-    BASE_WEIGHTS do. A term whose top rows stand far above its bulk is the one that sets rows apart."""
+    (its TAIL_QUANTILE over its median, at most MAX_SPREAD; 1 where the median is 0), rescaled so the weights
+    add up as BASE_WEIGHTS do. A term whose top rows stand far above its bulk is the one that sets rows apart."""
     base = torch.tensor(BASE_WEIGHTS, dtype=torch.float64)
     top, mid = histogram_quantile(counts, TAIL_QUANTILE), histogram_quantile(counts, 0.5)
-    spread = torch.where(mid > 0, top / mid.clamp_min(EPS), torch.ones_like(mid)).clamp_min(1.0)
+    spread = torch.where(mid > 0, top / mid.clamp_min(EPS), torch.ones_like(mid)).clamp(1.0, MAX_SPREAD)
     w = base * spread
     return w * (base.sum() / w.sum())
 

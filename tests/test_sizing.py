@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import (BASE_WEIGHTS, KNN_WEIGHT, MAX_SUBSPACE_FEATURES, REFERENCE_ROWS, TERMS,
+from pipeline.calibration import (BASE_WEIGHTS, KNN_WEIGHT, MAX_SPREAD, MAX_SUBSPACE_FEATURES, REFERENCE_ROWS, TERMS,
                                   ScoreCalibration, SubspaceTerm, fitted_term_weights, histogram_quantile,
                                   knn_distance, spread_weights, term_histogram)
 from pipeline.config import ModelSection, load_config
@@ -261,6 +261,14 @@ def test_the_term_whose_top_rows_stand_furthest_from_its_bulk_weighs_most():
     w = spread_weights(counts)
     assert float(w.sum()) == pytest.approx(sum(BASE_WEIGHTS))
     assert int(w.argmax()) == TERMS.index("code")
+    # a term whose median is about 0 (rows whose codes coincide) has its spread capped at MAX_SPREAD
+    dup = bulk.copy()
+    dup[:4000, 3] = 1e-9
+    counts = term_histogram(torch.from_numpy(dup))
+    spread = (histogram_quantile(counts, 0.99) / histogram_quantile(counts, 0.5))
+    assert float(spread[3]) > 1e6
+    ratio = spread_weights(counts) / torch.tensor(BASE_WEIGHTS, dtype=torch.float64)  # proportional to spreads
+    assert float(ratio[3] / ratio[0]) == pytest.approx(MAX_SPREAD / float(spread[0]))
     # terms spread alike keep the base weights; beside a term 0 everywhere (the kNN term without a sample),
     # the others keep their base ratios
     base = torch.tensor(BASE_WEIGHTS, dtype=torch.float64)
