@@ -190,8 +190,10 @@ _STYLE = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto
 
 
 def render_html(title: str, facts: list[tuple[str, Any]], sections: list[tuple[str, str, str]]) -> str:
-    """`sections`: (heading, caption, base64 PNG)."""
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    """`facts`: (name, value) rows, those without a value (None) left out; `sections`: (heading, caption, base64
+    PNG)."""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts
+                   if v is not None)
     body = "".join(f"<h2>{html.escape(h)}</h2><p>{html.escape(c)}</p>"
                    f'<img alt="{html.escape(h)}" src="data:image/png;base64,{img}">' for h, c, img in sections)
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
@@ -218,6 +220,8 @@ def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.
                    + (f"; {m['still_improving']}" if m.get("still_improving") else "")),
         ("best validation loss", f"{m.get('best_val_loss', float('nan')):.6g}"),
         ("threshold", f"{thr:.6g} (q{manifest.get('threshold_quantile')} of {val_rows or len(val_scores)} validation errors)"),
+        ("score term weights", ", ".join(f"{k} {w:.2f}" for k, w in m["score_term_weights"].items())
+         + " (each term by its spread over the validation rows)" if m.get("score_term_weights") else None),
         ("code space", (manifest.get("code_alignment") or {}).get("line", manifest.get("code_space"))),
         ("created", manifest.get("created_at")),
     ]

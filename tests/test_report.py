@@ -52,6 +52,16 @@ def test_training_and_scoring_reports_render_with_all_images(tmp_path, render_pa
     assert "PSI" in text and "major shift" in text  # the shifted distribution is called out
 
 
+
+def test_the_training_report_names_the_scores_term_weights_where_the_model_has_them():
+    rng = np.random.default_rng(0)
+    manifest, val = fake_manifest(rng)
+    codes = rng.normal(size=(50, 4))
+    assert "score term weights" not in training_report(manifest, val, codes, np.zeros(50, bool))
+    manifest["metrics"]["score_term_weights"] = {"recon": 1.58, "code": 0.1, "mse": 1.76, "knn": 0.06}
+    page = training_report(manifest, val, codes, np.zeros(50, bool))
+    assert "<th>score term weights</th><td>recon 1.58, code 0.10, mse 1.76, knn 0.06 (each term by its spread" in page
+
 def test_render_check_detects_a_broken_image(tmp_path, render_page):
     """The check is real: a page with an undecodable image is reported as broken."""
     rng = np.random.default_rng(0)
