@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             lines += [
                 f"rows scored      {s.scored_rows} of {s.input_rows} ({s.rejected_rows} rejected) with "
                 f"{s.model_version} -> {s.output_uri}",
-                f"anomalies        {s.anomalies} flagged ({s.anomalies / max(s.scored_rows, 1):.2%})",
+                f"anomalies        {s.anomalies} flagged ({s.anomalies / max(s.scored_rows, 1):.2%})"
+                + (f"\n                 warning: {s.flagged_note}" if s.flagged_note else ""),
             ]
             ev = evaluate_against_truth(cfg, storage, s.output_uri)
             if ev:

@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.featurizer import Featurizer
 from pipeline.inputs import InputSpec, inspect_input
 from pipeline.models import build_model
-from pipeline.metrics import output_error_counts
+from pipeline.metrics import flagged_share_note, output_error_counts
 from pipeline.multinode import check_shared_storage
 from pipeline.phases import Lap
 from pipeline.prepare import prepare
@@ -240,6 +240,10 @@ def score_job(cfg: Config, storage: Optional[Storage] = None, model_run: Optiona
     print(f"[score] {res.scored_rows} rows scored ({res.rejected_rows} rejected, {res.anomalies} anomalies) "
           f"with {res.model_version} -> {res.output_uri} in {res.seconds:.1f}s "
           f"({', '.join(f'{k} {v:.1f}s' for k, v in res.phases.items())})", flush=True)
+    quantile = float(manifest.get("threshold_quantile", cfg.train.threshold_quantile))
+    res.flagged_note = flagged_share_note(res.anomalies, res.scored_rows, quantile)
+    if res.flagged_note:
+        print(f"[score] warning: {res.flagged_note}", flush=True)
     if "deciles" in manifest.get("validation_error_histogram", {}):
         counts = output_error_counts(storage, res.files, manifest["validation_error_histogram"])
         r_uri = report_uri(cfg.output.uri, run_date)

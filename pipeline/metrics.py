@@ -3,6 +3,7 @@
     output_error_counts(storage, files, hist)       `anomaly_score` counted on the training histogram's bins
     evaluate_against_truth(cfg, storage, out_uri)   precision, recall and AUROC against a planted-truth column
     auroc(scores, labels)                           area under the ROC curve
+    flagged_share_note(anomalies, rows, quantile)   a note when far more rows are flagged than the threshold expects
 """
 
 from __future__ import annotations
@@ -19,6 +20,25 @@ from pipeline.storage import Storage
 
 KIND_COLUMN = "anomaly_kind"  # the mixed sample's: which columns give a planted row away (numeric, categorical)
 TRUTH_COLUMN = "is_anomaly_truth"  # a planted-truth column some inputs carry (the sample data does)
+
+
+FLAGGED_EXCESS = 5  # a scoring run flagging more than this many times the threshold's share gets a note
+MIN_FLAGGED = 5  # ... and at least this many rows
+
+
+def flagged_share_note(anomalies: int, rows: int, quantile: float) -> Optional[str]:
+    """A note when a scoring run flags more than FLAGGED_EXCESS times the share of rows the threshold flags of
+    rows like the validation rows (1 - quantile), and at least MIN_FLAGGED rows; else None. Then the scored
+    rows score unlike the validation rows: rows the model trained on score in-sample, and on a small or wide
+    input it fits them apart from unseen ones (10 rows x 3 columns: 9 flagged; 400 rows x 3,000 columns of
+    noise: 273); or the input has shifted since training."""
+    expected = 1.0 - quantile
+    if rows <= 0 or anomalies < MIN_FLAGGED or anomalies <= FLAGGED_EXCESS * expected * rows:
+        return None
+    return (f"{anomalies / rows:.0%} of the rows flagged, where the threshold (q{quantile} of the validation rows' "
+            f"scores) flags about {expected:.0%} of rows like those: these rows score unlike the validation rows. "
+            "Rows the model trained on score in-sample, and a small or wide input lets it fit them apart (read "
+            "anomaly_score's ranking rather than is_anomaly); otherwise the input has shifted since training")
 
 
 def output_error_counts(storage: Storage, files: list[str], hist: dict[str, Any]) -> dict[str, np.ndarray]:

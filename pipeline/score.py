@@ -44,6 +44,8 @@ class ScoreResult:
     files: list[str]
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds per phase (checks, ray_start, plan, score_and_write, verify, publish): where a run's time went."""
+    flagged_note: Optional[str] = None
+    """Set by score_job when far more rows are flagged than the threshold expects (metrics.flagged_share_note)."""
 
 
 def scoring_dataset(cfg: Config, storage: Storage, spec: InputSpec, model_run_uri: str, as_of: dt.datetime,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -130,10 +131,19 @@ def test_only_the_input_set_on_a_one_column_table_without_ids(ray_cluster, stora
     t = train_job(cfg, storage)
     assert t.manifest["feature_names"] == ["x"] and t.manifest["latent_dim"] == 1
     assert 0.07 < t.manifest["data"]["validation_rows"] / 3000 < 0.13  # about 10%, not clumped
-    assert score_job(cfg, storage).scored_rows == 3000
+    s = score_job(cfg, storage)
+    assert s.scored_rows == 3000 and s.flagged_note is None  # about the threshold's 1% flagged, and the planted 1%
     out = read_parquet_dir(storage, str(tmp_path / "o"))
     assert out.column_names[0] == "latent"  # no id columns to copy
     assert auroc(out.column("anomaly_score").to_numpy(), truth) > 0.99  # one file, so the output keeps its order
+    # an input shifted since training: far more rows flagged than the threshold expects, and the job says so
+    (tmp_path / "shifted").mkdir()
+    pq.write_table(pa.table({"x": x + 8.0}), tmp_path / "shifted" / "part-0.parquet")
+    shifted = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input=str(tmp_path / "shifted")),
+                                  output=dataclasses.replace(cfg.output, uri=str(tmp_path / "o2")))
+    s = score_job(shifted, storage)
+    assert s.anomalies > 0.5 * 3000 and s.flagged_note.startswith(f"{s.anomalies / 3000:.0%} of the rows flagged")
+    assert "about 1% of rows like those" in s.flagged_note and "shifted since training" in s.flagged_note
 
 
 def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):

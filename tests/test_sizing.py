@@ -45,6 +45,19 @@ def test_a_threshold_from_few_validation_rows_says_how_rough_it_is():
     assert note.startswith("only 3 validation rows: the threshold (q0.99)") and "25% or more" in note
 
 
+
+def test_a_scoring_run_flagging_far_more_rows_than_the_threshold_expects_says_so():
+    from pipeline.metrics import flagged_share_note
+
+    assert flagged_share_note(98, 20_000, 0.99) is None  # the demo: 0.5%
+    assert flagged_share_note(900, 20_000, 0.99) is None  # 4.5%: under five times the threshold's 1%
+    assert flagged_share_note(4, 10, 0.99) is None  # too few rows flagged to tell
+    note = flagged_share_note(273, 400, 0.99)  # 400 rows x 3,000 columns of noise, scored in-sample
+    assert note.startswith("68% of the rows flagged, where the threshold (q0.99 of the validation rows' scores) "
+                           "flags about 1% of rows like those")
+    assert "in-sample" in note and "shifted since training" in note
+    assert flagged_share_note(60, 1000, 0.95) is None and flagged_share_note(300, 1000, 0.95)
+
 def test_auto_sizes_follow_the_width():
     assert auto_sizes(2) == ([4], 1)                        # tiny width: a 1-wide code
     assert auto_sizes(100)[1] > auto_sizes(16)[1] > auto_sizes(6)[1]
