@@ -1,8 +1,9 @@
 """Probe (no Ray): the defaults' anomaly ranking on benchmarks/adbench/ with the project's own model,
 train loop (run_training) and scores, in a few minutes. Variants are set with flags (`--set` config overrides,
 `--scaling`, `--shuffle`, `--latent-div`, `--hidden-mult`, `--bag`); prints per-table test AUROC for each
-variant of the score from the same trained models (`pipeline` is the model's own score, the default;
-`w:1,1,0.5` is its four per-member terms without the subspace term; `cal4` is those with the kNN term at
+variant of the score from the same trained models (`pipeline` is the model's own score, the default: since
+issue 24's twelfth round its four terms weighted by their spread over the validation rows; `w:1,1,0.5` is the
+four per-member terms at their base weights, without the subspace term; `cal4` is those with the kNN term at
 weight 1) and for an ensemble of the seeds' models. `--tables 40_vowels,6_cardio --seeds 0`
 reproduces `make eval`'s figures within noise. Each table's models' codes and per-feature errors are saved
 (`--out`, `--tag`), so `--load` scores new variants of them without training again, and `--mix` scores an
