@@ -9,15 +9,15 @@ position, each on the scale of the validation rows, weighted by how far its top 
 
     w_t ∝ BASE_WEIGHTS[t] * q0.99_val(t) / median_val(t),   sum_t w_t = sum(BASE_WEIGHTS) = 3.5
 
-The terms' weights (`spread_weights`) are fitted once, at the end of training, by the best model itself: its
-four terms over every validation row, on a fixed log2 histogram (all-reduced over the workers; 4.4% bins), give
-each term's spread, its 99th percentile over its median (at most 100), and the base weights (1, CODE_WEIGHT, MSE_WEIGHT,
-KNN_WEIGHT) are scaled by it. A term whose top 1% stand far above its bulk is the one that sets some rows apart
-on this table; one whose values sit close together adds mostly noise to the ranking. Which term that is
-differs by table: the code terms find the anomalies that lie far out along the learned manifold (45_wine,
-6_cardio), and rank central ones low where the reconstruction terms find them (18_Ionosphere, whose anomalies
-are a third of the rows). Measured on issue 24's 26 tables under 200,000 rows (docs/evaluation.md, twelfth
-round). A model saved before the fitted weights scores with BASE_WEIGHTS.
+The terms' weights (`spread_weights`) are fitted once, at the end of training, by the best model itself: its four
+terms over every validation row, on a fixed log2 histogram (all-reduced over the workers; 4.4% bins), give each
+term's spread, its 99th percentile over its median (at most 100), and the base weights (1, CODE_WEIGHT, MSE_WEIGHT,
+KNN_WEIGHT) are scaled by it. A term whose top 1% stand far above its bulk is the one that sets some rows apart on
+this table; one whose values sit close together adds mostly noise to the ranking. Which term that is differs by
+table: the code terms find the anomalies that lie far out along the learned manifold (45_wine, 6_cardio), and rank
+central ones low where the reconstruction terms find them (18_Ionosphere, whose anomalies are a third of the rows).
+Measured on issue 24's 26 tables under 200,000 rows (docs/evaluation.md, twelfth round). A model saved before the
+fitted weights scores with BASE_WEIGHTS.
 
 e_j is feature j's reconstruction error and h the code. Plain mean squared error lets the features the
 model reconstructs worst dominate every row's score, and it misses rows that lie on the learned manifold but
@@ -66,10 +66,10 @@ The statistics are gathered while the model is evaluated on the validation rows,
 does after every epoch (`eval_loss`); `begin_epoch` starts a fresh count. They live in buffers, so the best
 epoch's checkpoint carries the statistics of its own weights, and scoring needs nothing else. The term weights
 are buffers too, fitted by a pass of the kept model alone (pipeline/train/validate.py) before the pass that
-sets the threshold. Before any
-validation row has been seen, the score is plain MSE plus the code's squared norm. With several training
-workers, each computes them from its own validation rows and rank 0's checkpoint carries rank 0's: a random
-share of the validation rows, which is all the statistics need.
+sets the threshold. Before any validation row has been seen, the score is plain MSE plus the code's squared
+norm. With several training workers, each computes them from its own validation rows and rank 0's checkpoint
+carries rank 0's: a random share of the validation rows, which is all the statistics need (the term weights
+come from every rank's rows).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class ScoreCalibration(nn.Module):
 def term_histogram(terms: torch.Tensor) -> torch.Tensor:
     """(k, N_BINS) counts of each column of `terms` (rows, k) on the fixed log2 grid (bin 0: at or below
     2**LOG2_RANGE[0], zero and negative values too)."""
-    low, high = LOG2_RANGE
+    low = LOG2_RANGE[0]
     t = terms.detach().to(torch.float64)
     pos = t > 2.0 ** low
     b = torch.floor((torch.log2(t.clamp_min(2.0 ** low)) - low) * BINS_PER_OCTAVE).long() + 1
