@@ -28,7 +28,7 @@ from pipeline.multinode import check_shared_storage
 from pipeline.phases import Lap
 from pipeline.prepare import prepare
 from pipeline.preflight import check_train, for_model, table_model
-from pipeline.report import scoring_report, training_report
+from pipeline.report import scoring_report, term_weights_text, training_report
 from pipeline.resources import check_job, data_phase, training_phase
 from pipeline.schedule import (model_run_uri, parse_run_date, plan_incremental, record_scored, report_uri,
                                run_date_uri)
@@ -101,7 +101,7 @@ def _metrics(cfg: Config, result, sketch: ScoreSketch) -> dict[str, Any]:
     if weights is not None:  # the calibrated score's terms, weighted by their spread (pipeline/calibration.py)
         metrics["score_term_weights"] = weights
         print("[train] anomaly_score terms weighted by their spread over the validation rows: "
-              + ", ".join(f"{k} {w:.2f}" for k, w in weights.items()), flush=True)
+              + term_weights_text(weights), flush=True)
     if metrics["still_improving"]:
         print(f"[train] warning: {metrics['still_improving']}", flush=True)
     return metrics

@@ -201,6 +201,11 @@ def render_html(title: str, facts: list[tuple[str, Any]], sections: list[tuple[s
             f"<p id=\"render-check\">loading</p>{_CHECK_SCRIPT}</body></html>")
 
 
+def term_weights_text(weights: dict[str, float]) -> str:
+    """The calibrated score's term weights (manifest metrics.score_term_weights) as `recon 1.58, code 0.10, ...`."""
+    return ", ".join(f"{k} {w:.2f}" for k, w in weights.items())
+
+
 def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.ndarray, flags: np.ndarray,
                     truth: Optional[np.ndarray] = None, val_rows: Optional[int] = None) -> str:
     """The training run's report from its manifest, validation errors (or a sample of them, of `val_rows`)
@@ -220,8 +225,8 @@ def training_report(manifest: dict[str, Any], val_scores: np.ndarray, codes: np.
                    + (f"; {m['still_improving']}" if m.get("still_improving") else "")),
         ("best validation loss", f"{m.get('best_val_loss', float('nan')):.6g}"),
         ("threshold", f"{thr:.6g} (q{manifest.get('threshold_quantile')} of {val_rows or len(val_scores)} validation errors)"),
-        ("score term weights", ", ".join(f"{k} {w:.2f}" for k, w in m["score_term_weights"].items())
-         + " (each term by its spread over the validation rows)" if m.get("score_term_weights") else None),
+        ("score term weights", f"{term_weights_text(m['score_term_weights'])} (each term by its spread over the "
+                               "validation rows)" if m.get("score_term_weights") else None),
         ("code space", (manifest.get("code_alignment") or {}).get("line", manifest.get("code_space"))),
         ("created", manifest.get("created_at")),
     ]
