@@ -61,9 +61,10 @@ run: setup
 	$(PY) -m jobs.run --config jobs/configs/demo.yaml --overwrite \
 	  --set tracking.uri=$(MLFLOW_DB) --set tracking.registered_model=demo
 
-## make mlflow-ui: MLflow's UI on http://127.0.0.1:5000 over the runs and models `make run` tracked
+## make mlflow-ui: MLflow's UI on http://127.0.0.1:5000 over the runs and models `make run` tracked (without
+## MLflow 3's server job runner: a pool of polling processes that nothing here uses)
 mlflow-ui: mlflow-env
-	$(MLFLOW_VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(MLFLOW_VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
 ## make test: every test (unit and integration on a local Ray and a loopback S3 server), in TEST_PROCS pytest
 ## processes (one per core; each has its own session Ray and S3 server, and runs whole test files)
