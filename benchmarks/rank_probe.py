@@ -49,6 +49,16 @@ def scaling_stats(x: np.ndarray, how: str):
     raise ValueError(how)
 
 
+def protocol_validation(t, overrides=()) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
+    """(train, test, val, cfg): the protocol's training and test masks over `t`'s rows, and over the training
+    rows the pipeline's validation mask, resolved from their count as the job resolves it."""
+    train, test = protocol_masks(t)
+    cfg = load_config(None, ["data.input=x", "data.id_columns=[row_id]", *overrides])
+    data = resolve_validation(cfg.data, int(train.sum()))
+    ids = np.arange(len(t.y))[train]
+    return train, test, validation_mask(pa.table({"row_id": pa.array(ids, pa.int64())}), data), cfg
+
+
 def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mult=0.0, bag=0.0, save_train=False):
     t = load_table(name)
     d = t.X.shape[1]
@@ -57,12 +67,8 @@ def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mu
         overrides = [*overrides, f"model.latent_dim={lat}"]
     if hidden_mult:
         overrides = [*overrides, f"model.hidden_dims=[{max(2 * lat, 4, int(round(hidden_mult * d)))}]"]
-    train, test = protocol_masks(t)
-    ids = np.arange(len(t.y))
-    Xtr, idtr = t.X[train], ids[train]
-    cfg = load_config(None, ["data.input=x", "data.id_columns=[row_id]", *overrides])
-    data = resolve_validation(cfg.data, len(Xtr))  # the job resolves it from the input's row count
-    val = validation_mask(pa.table({"row_id": pa.array(idtr, pa.int64())}), data)
+    train, test, val, cfg = protocol_validation(t, overrides)
+    Xtr = t.X[train]
     fit_rows = Xtr[~val]
     mean, scale = scaling_stats(fit_rows, scaling)
     model = resolve_model(cfg.model, t.X.shape[1], cfg.train.algorithm)
