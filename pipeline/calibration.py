@@ -74,7 +74,8 @@ come from every rank's rows).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -133,6 +134,7 @@ class ScoreCalibration(nn.Module):
         self._keys = torch.Generator().manual_seed(0)
         self._knn_norm = None  # the sample's own mean kNN distance, computed when first needed
         self._counts: Optional[torch.Tensor] = None  # the terms' histograms while count_terms is on
+        self.held_out = False  # while True, each scored row is one of the observed rows: see held_out_stats
 
     def reset(self) -> None:
         for b in (self.count, self.sq_sum, self.code_sum, self.code_sq_sum, self.ref):
@@ -172,6 +174,19 @@ class ScoreCalibration(nn.Module):
         var = torch.where(seen, (self.code_sq_sum / n - mean * mean).clamp_min(0.0), torch.ones_like(mean))
         return feat, mean, var
 
+    def held_out_stats(self, sq: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`stats()` for rows that are among the observed ones, each without itself: (rows, d) per-feature mean
+        errors and (rows, k) code means and variances over the other count - 1 rows. A validation row scored
+        with statistics it helped make scores lower than an unseen row would (on 11 rows, a code unit's
+        variance from the row's own code is the sharpest case), so a threshold on those scores flags more than
+        its share of unseen rows; leaving the row out scores it as an unseen row."""
+        n = self.count - 1
+        sq64, h64 = sq.to(torch.float64), h.to(torch.float64)
+        feat = (self.sq_sum - sq64) / n
+        mean = (self.code_sum - h64) / n
+        var = ((self.code_sq_sum - h64 * h64) / n - mean * mean).clamp_min(0.0)
+        return feat, mean, var
+
     def reference(self) -> torch.Tensor:
         """The sampled validation codes (fewer than REFERENCE_ROWS when fewer rows were seen)."""
         return self.ref[torch.isfinite(self.ref_key)]
@@ -187,14 +202,15 @@ class ScoreCalibration(nn.Module):
 
     def terms(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """(rows, 4) the score's terms (TERMS), unweighted, float64, from per-feature squared errors and codes."""
-        feat, mean, var = self.stats()
-        # a feature (or code unit) that barely varies must not turn rounding noise into huge scores
-        feat = feat.clamp_min(FLOOR * float(feat.mean()) + EPS)
-        var = var.clamp_min(FLOOR * float(var.mean()) + EPS)
+        feat, mean, var = self.held_out_stats(sq, h) if self.held_out and self.count > 1 else self.stats()
+        # a feature (or code unit) that barely varies must not turn rounding noise into huge scores (per row
+        # where the statistics are per row)
+        feat = feat.clamp_min(FLOOR * feat.mean(dim=-1, keepdim=True) + EPS)
+        var = var.clamp_min(FLOOR * var.mean(dim=-1, keepdim=True) + EPS)
         sq64 = sq.to(torch.float64)
         recon = (sq64 / feat).mean(dim=1)
         code = ((h.to(torch.float64) - mean) ** 2 / var).mean(dim=1)
-        mse = sq64.mean(dim=1) / (feat.mean() + EPS)
+        mse = sq64.mean(dim=1) / (feat.mean(dim=-1) + EPS)
         return torch.stack([recon, code, mse, self.knn_term(h)], dim=1)
 
     def score(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -353,6 +369,20 @@ class SubspaceTerm(nn.Module):
         for name in ("center", "minor", "floor", "fitted", "val_sum", "val_count"):
             state_dict.setdefault(prefix + name, getattr(self, name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@contextmanager
+def held_out_rows(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """While open (and `on`), every calibrated score in `model` scores each row with its validation
+    statistics less that row (ScoreCalibration.held_out_stats): for passes over the very rows it observed."""
+    calibrations = [m for m in model.modules() if isinstance(m, ScoreCalibration)]
+    for c in calibrations:
+        c.held_out = on
+    try:
+        yield
+    finally:
+        for c in calibrations:
+            c.held_out = False
 
 
 def fitted_term_weights(state: dict[str, torch.Tensor]) -> Optional[dict[str, float]]:

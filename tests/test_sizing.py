@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.calibration import (BASE_WEIGHTS, KNN_WEIGHT, MAX_SPREAD, MAX_SUBSPACE_FEATURES, REFERENCE_ROWS, TERMS,
-                                  ScoreCalibration, SubspaceTerm, fitted_term_weights, histogram_quantile,
-                                  knn_distance, spread_weights, term_histogram)
+                                  ScoreCalibration, SubspaceTerm, fitted_term_weights, held_out_rows,
+                                  histogram_quantile, knn_distance, spread_weights, term_histogram)
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
@@ -321,6 +321,30 @@ def test_fitted_weights_score_the_terms_travel_in_the_state_and_an_older_model_k
              "members.1.calibration.term_weight": torch.tensor([2.0, 1.0, 0.25, 0.25], dtype=torch.float64)}
     assert fitted_term_weights(state) == {"recon": 1.5, "code": 1.5, "mse": 0.25, "knn": 0.25}
     assert fitted_term_weights({"encoder.0.weight": torch.zeros(1)}) is None
+
+def test_held_out_rows_are_scored_without_their_own_statistics_as_unseen_rows_are():
+    rng = np.random.default_rng(5)
+    sq, h = torch.from_numpy(rng.gamma(2, 0.5, (12, 3))), torch.from_numpy(rng.normal(size=(12, 2)))
+    cal = ScoreCalibration(n_features=3, latent_dim=2)
+    cal.observe(sq, h)
+    plain = cal.terms(sq, h)
+    model = torch.nn.Sequential(cal)
+    with held_out_rows(model):
+        held = cal.terms(sq, h)
+    assert not cal.held_out  # only while the block is open
+    torch.testing.assert_close(cal.terms(sq, h), plain)
+    for i in (0, 7):  # row i's terms equal those of a calibration that never saw it
+        others = ScoreCalibration(n_features=3, latent_dim=2)
+        keep = torch.arange(12) != i
+        others.observe(sq[keep], h[keep])
+        alone = others.terms(sq[i:i + 1], h[i:i + 1])
+        torch.testing.assert_close(held[i, :3], alone[0, :3])  # the kNN term skips each row's nearest already
+    torch.testing.assert_close(held[:, 3], plain[:, 3])
+    # on 12 rows a row's own code pulls the mean and variance its way: scored as unseen, its code term grows
+    assert float(held[:, 1].mean()) > 1.2 * float(plain[:, 1].mean())
+    with held_out_rows(model, on=False):
+        torch.testing.assert_close(cal.terms(sq, h), plain)
+
 
 def test_calibrated_model_ranks_far_out_rows_that_mse_misses():
     """A linear 1-D manifold in 2-D: rows far out ALONG it reconstruct well (MSE misses them), off it do not."""

@@ -114,11 +114,13 @@ def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_ran
     total = counts(x[:700]) + counts(x[700:])  # the reduction's sum over both ranks
     states = [TrainState(EarlyStopping(1, 0.0), best_state=s) for s in (rank0_state, other_state)]
     rank1 = []  # rank 1: scores its 300 rows with what rank 0 broadcast, hands its summary to the gather
+    # two ranks: rank 0's statistics are its first 200 rows, so neither rank scores its rows as held out
     finish_validation(wc, states[1], batches(x[700:]), torch.device("cpu"), rank=1,
                       gather=lambda mine: rank1.append(mine) or [], broadcast=lambda _: rank0_state,
-                      reduce=lambda _: total)
+                      reduce=lambda _: total, held_out=False)
     finish_validation(wc, states[0], batches(x[:700]), torch.device("cpu"), rank=0,
-                      gather=lambda mine: [mine, *rank1], broadcast=lambda s: s, reduce=lambda _: total)
+                      gather=lambda mine: [mine, *rank1], broadcast=lambda s: s, reduce=lambda _: total,
+                      held_out=False)
     assert states[1].validation is None
     weights = [s.best_state["calibration.term_weight"] for s in states]
     torch.testing.assert_close(weights[0], weights[1])
@@ -135,3 +137,39 @@ def test_the_workers_validation_pass_sketches_what_the_predictor_scores_with_ran
     # a rank without validation rows adds nothing
     empty = score_sketch(build_model(n_features, **settings), iter(()), n_features)
     assert ScoreSketch.merged(n_features, [empty.summary(), summary]).rows == 1000
+
+
+def test_one_rank_scores_its_validation_rows_as_held_out_for_the_weights_and_the_threshold():
+    """One rank (no group): its validation rows are the rows its calibration observed, so the last passes score
+    each without its own statistics, as an unseen row is scored; the threshold comes from those scores."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.calibration import held_out_rows, spread_weights, term_histogram
+    from pipeline.config import ModelSection, TrainSection
+    from pipeline.models import build_model
+    from pipeline.train.state import EarlyStopping, TrainState, WorkerConfig
+    from pipeline.train.validate import finish_validation
+
+    n_features, rows = 5, 24  # a small table's validation split, where a row's own statistics weigh most
+    model = ModelSection(hidden_dims=[8], latent_dim=2, ensemble=1)
+    wc = WorkerConfig(model=model, train=TrainSection(), n_features=n_features, mean=[0.0] * n_features,
+                      scale=[1.0] * n_features, batch_size=8, epochs=1, seed=0)
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.random.default_rng(6).normal(size=(rows, n_features)).astype(np.float32))
+    best = build_model(n_features, **dataclasses.asdict(model))
+    best.eval_loss(x)  # the best epoch's validation pass: the calibration observes these rows
+    state = TrainState(EarlyStopping(1, 0.0), best_state=best.state_dict())
+    finish_validation(wc, state, lambda: iter([x[:10], x[10:]]), torch.device("cpu"), rank=0)
+    kept = build_model(n_features, **dataclasses.asdict(model))
+    kept.load_state_dict(state.best_state)
+    with torch.inference_mode(), held_out_rows(kept):
+        held = kept.score(x).numpy()
+        terms = kept.calibration.terms(*reversed(kept.score_and_latent(x)[1:]))
+    torch.testing.assert_close(kept.calibration.term_weight, spread_weights(term_histogram(terms)))
+    with torch.inference_mode():
+        plain = kept.score(x).numpy()  # the same rows scored with statistics they are part of
+    sk = ScoreSketch.merged(n_features, [state.validation])
+    assert sk.rows == rows and sk.hi == pytest.approx(float(held.max()), rel=1e-5)
+    assert float(np.median(held)) > float(np.median(plain))

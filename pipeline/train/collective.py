@@ -16,6 +16,13 @@ def _in_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size() -> int:
+    """The number of ranks; 1 without a group."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _in_group() else 1
+
+
 def all_reduce_tensor(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
     """A CPU tensor reduced over the ranks (`op`: a torch.distributed.ReduceOp name), as a new CPU tensor; `t`
     itself without a group. Under NCCL, which reduces device tensors only, the reduction runs on the device."""

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from pipeline.calibration import ScoreCalibration
+from pipeline.calibration import ScoreCalibration, held_out_rows
 from pipeline.models import build_model
 from pipeline.sketch import ScoreSketch, summarize_block
 from pipeline.tensors import autocast_for
-from pipeline.train.collective import all_gather_objects, all_reduce_tensor, broadcast_object
+from pipeline.train.collective import all_gather_objects, all_reduce_tensor, broadcast_object, world_size
 from pipeline.train.state import TrainState, WorkerConfig
 from pipeline.train.step import state_to_cpu
 
@@ -65,17 +65,25 @@ def finish_validation(wc: WorkerConfig, state: TrainState, val_batches: Callable
                       device: torch.device, rank: int,
                       gather: Callable[[Any], list[Any]] = all_gather_objects,
                       broadcast: Callable[[Any], Any] = broadcast_object,
-                      reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_tensor) -> None:
+                      reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_tensor,
+                      held_out: Optional[bool] = None) -> None:
     """The run's end, on every rank: rank 0's best model (`state.best_state`) gets its term weights from the
     validation rows of all ranks, and scores them; `state.best_state` becomes that weighted model and
     `state.validation` its score sketch (rank 0; None on the others). Fitting again gives the same weights, so
-    a resumed run may repeat it."""
+    a resumed run may repeat it.
+
+    `held_out` (default: one rank, whose rows are the ones the calibration observed): each validation row is
+    scored with the calibration's statistics less itself (pipeline/calibration.py, `held_out_rows`), so the
+    weights and the threshold come from scores like those of rows the model has not seen. With several ranks
+    the statistics are rank 0's rows only: the other ranks' rows are unseen already, and a streamed rank 0 may
+    hold other rows than the ones it observed, so the scores stay as they are."""
     model = build_model(wc.n_features, layout=wc.layout, **dataclasses.asdict(wc.model))
     model.load_state_dict(broadcast(state.best_state))  # rank 0's on every rank
     model.to(device)
-    fit_term_weights(model, val_batches(), reduce)
+    with held_out_rows(model, world_size() == 1 if held_out is None else held_out):
+        fit_term_weights(model, val_batches(), reduce)
+        state.validation = validation_sketch(model, val_batches, wc, rank, gather)
     state.best_state = state_to_cpu(model)
-    state.validation = validation_sketch(model, val_batches, wc, rank, gather)
 
 
 def validation_sketch(model: torch.nn.Module, val_batches: Callable[[], Iterable[torch.Tensor]], wc: WorkerConfig,
