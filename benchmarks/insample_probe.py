@@ -11,7 +11,11 @@ validation rows' histograms), and averaged over the members. Per table and seed:
 - test AUROC (the unseen rows: `make eval`'s figure) against the AUROC over the training input (the training
   and validation rows together, labels included: what scoring the same table ranks);
 - the share of training rows and of test rows above the threshold (the validation scores' q0.99);
+- the share of the normal training and test rows flagged (the threshold's promise: about 1%), and the test
+  flags' precision;
 - the normal training rows' median score over the normal validation rows' (1: no in-sample shift).
+Each under both RULES for scoring the validation rows (the weights and the threshold come from them): with the
+statistics they are part of, and held out (the pipeline's `held_out_rows`, since issue 24's thirteenth round).
 
     python -m benchmarks.insample_probe --out /tmp/rp --tags TA,TB
 """
@@ -25,38 +29,53 @@ import numpy as np
 import torch
 
 from benchmarks.rank_probe import protocol_validation
-from benchmarks.spread_probe import member_terms
-from pipeline.calibration import spread_weights, term_histogram
+from pipeline.calibration import ScoreCalibration, held_out_rows, spread_weights, term_histogram
 from pipeline.evaluation import load_table, ranking_metrics
 
 PARTS = ("val", "test", "train")
+RULES = ("in-sample", "held out")
+"""How the validation rows are scored for the term weights and the threshold: with the statistics they are
+part of (before issue 24's thirteenth round), or each without its own share (`held_out_rows`, since)."""
 
 
-def part_scores(saved: dict) -> dict[str, np.ndarray]:
-    """The ensemble's score of each saved part's rows (PARTS), each member's terms at its spread weights."""
+def part_scores(saved: dict, rule: str) -> dict[str, np.ndarray]:
+    """The ensemble's score of each saved part's rows (PARTS) under `rule`: each member's terms at the spread
+    weights its validation terms give, averaged over the members."""
     out: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
-    for mv, mt, mf in zip(*(saved["scores"][p]["members"] for p in PARTS)):
-        tv, tt = member_terms(mv, mt)
-        _, tf = member_terms(mv, mf)
-        w = spread_weights(term_histogram(torch.as_tensor(tv / tv.mean(0)))).numpy()
-        for part, terms in zip(PARTS, (tv, tt, tf)):
-            out[part].append(terms @ w)
+    for members in zip(*(saved["scores"][p]["members"] for p in PARTS)):
+        mv = members[0]
+        cal = ScoreCalibration(mv["sq"].shape[1], mv["h"].shape[1])
+        cal.observe(torch.as_tensor(mv["sq"]), torch.as_tensor(mv["h"]))
+        with held_out_rows(cal, rule == "held out"):
+            tv = cal.terms(torch.as_tensor(mv["sq"]), torch.as_tensor(mv["h"])).numpy()
+        w = spread_weights(term_histogram(torch.as_tensor(tv))).numpy()
+        out["val"].append(tv @ w)
+        for part, m in zip(PARTS[1:], members[1:]):
+            out[part].append(cal.terms(torch.as_tensor(m["sq"]), torch.as_tensor(m["h"])).numpy() @ w)
     return {p: np.mean(s, 0) for p, s in out.items()}
 
 
-def table_rows(name: str, saved: dict) -> dict[str, float]:
+def _share(x: np.ndarray) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def table_rows(name: str, saved: dict, rule: str) -> dict[str, float]:
     t = load_table(name)
     train, _, val, _ = protocol_validation(t)
-    y_fit, y_val = t.y[train][~val], t.y[train][val]
-    s = part_scores(saved)
+    y_fit, y_val, y_test = t.y[train][~val], t.y[train][val], saved["y"]
+    s = part_scores(saved, rule)
     threshold = np.quantile(s["val"], 0.99)
-    normal_shift = np.median(s["train"][y_fit == 0]) / np.median(s["val"][y_val == 0])
+    flagged = s["test"] > threshold
     y_input = np.r_[y_fit, y_val]  # a novelty task's training rows are all normal: no AUROC over them
-    return {"test_auroc": ranking_metrics(s["test"], saved["y"])["auroc"],
+    test = ranking_metrics(s["test"], y_test)
+    return {"test_auroc": test["auroc"], "test_ap": test["ap"],
             "input_auroc": ranking_metrics(np.r_[s["train"], s["val"]], y_input)["auroc"]
             if 0 < y_input.sum() < len(y_input) else float("nan"),
-            "flagged_train": float(np.mean(s["train"] > threshold)),
-            "flagged_test": float(np.mean(s["test"] > threshold)), "normal_shift": float(normal_shift)}
+            "flagged_train": _share(s["train"] > threshold), "flagged_test": _share(flagged),
+            "normal_flagged_train": _share(s["train"][y_fit == 0] > threshold),
+            "normal_flagged_test": _share(flagged[y_test == 0]),
+            "precision": _share(y_test[flagged]),
+            "normal_shift": float(np.median(s["train"][y_fit == 0]) / np.median(s["val"][y_val == 0]))}
 
 
 def main() -> None:
@@ -65,7 +84,7 @@ def main() -> None:
     p.add_argument("--tags", default="", help="rank_probe --save-train runs' tags, comma-separated")
     a = p.parse_args()
     torch.set_num_threads(1)
-    rows = []
+    rows: dict[str, list[dict[str, float]]] = {rule: [] for rule in RULES}
     for tag in filter(None, a.tags.split(",")):
         for f in sorted(os.listdir(a.out)):
             if not (f.startswith(f"{tag}_") and f.endswith(".npy")):
@@ -74,21 +93,25 @@ def main() -> None:
             for seed, saved in enumerate(np.load(os.path.join(a.out, f), allow_pickle=True)):
                 if "train" not in saved["scores"]:
                     continue  # saved without --save-train
-                r = table_rows(name, saved)
-                rows.append(r)
-                print(f"{tag} {name:18s} run {seed}: test AUROC {r['test_auroc']:.3f}, training input "
-                      f"{r['input_auroc']:.3f}; flagged: training rows {r['flagged_train']:.3f}, test rows "
-                      f"{r['flagged_test']:.3f}; normal rows' median score, training / validation "
-                      f"{r['normal_shift']:.2f}", flush=True)
+                for rule in RULES:
+                    r = table_rows(name, saved, rule)
+                    rows[rule].append(r)
+                    print(f"{tag} {name:18s} run {seed} {rule:9s}: test AUROC {r['test_auroc']:.3f}, training input "
+                          f"{r['input_auroc']:.3f}; normal rows flagged: training {r['normal_flagged_train']:.3f}, "
+                          f"test {r['normal_flagged_test']:.3f}; precision {r['precision']:.3f}", flush=True)
     # the tables (anomalies among the training rows) and the novelty tasks (clean training rows) apart
-    for label, group in (("tables", [r for r in rows if r["input_auroc"] == r["input_auroc"]]),
-                         ("novelty tasks", [r for r in rows if r["input_auroc"] != r["input_auroc"]])):
-        if group:
-            mean = {k: np.mean([r[k] for r in group]) for k in group[0]}
-            print(f"{label}, mean over {len(group)} (table, seed): test AUROC {mean['test_auroc']:.3f}, training "
-                  f"input {mean['input_auroc']:.3f}; flagged: training rows {mean['flagged_train']:.3f}, test rows "
-                  f"{mean['flagged_test']:.3f}; normal rows' median score, training / validation "
-                  f"{mean['normal_shift']:.2f}")
+    for rule in RULES:
+        novelty = [np.isnan(r["input_auroc"]) for r in rows[rule]]
+        for label, group in (("tables", [r for r, n in zip(rows[rule], novelty) if not n]),
+                             ("novelty tasks", [r for r, n in zip(rows[rule], novelty) if n])):
+            if group:
+                m = {k: float(np.nanmean([r[k] for r in group])) for k in group[0]}
+                print(f"{rule}, {label} ({len(group)} table x seed): test AUROC {m['test_auroc']:.3f} AP "
+                      f"{m['test_ap']:.3f}, training input AUROC {m['input_auroc']:.3f}; flagged: training rows "
+                      f"{m['flagged_train']:.3f}, test rows {m['flagged_test']:.3f}; normal rows flagged: training "
+                      f"{m['normal_flagged_train']:.3f}, test {m['normal_flagged_test']:.3f}; precision "
+                      f"{m['precision']:.3f}; normal rows' median score, training / validation "
+                      f"{m['normal_shift']:.2f}")
 
 
 if __name__ == "__main__":

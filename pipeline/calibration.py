@@ -66,7 +66,9 @@ The statistics are gathered while the model is evaluated on the validation rows,
 does after every epoch (`eval_loss`); `begin_epoch` starts a fresh count. They live in buffers, so the best
 epoch's checkpoint carries the statistics of its own weights, and scoring needs nothing else. The term weights
 are buffers too, fitted by a pass of the kept model alone (pipeline/train/validate.py) before the pass that
-sets the threshold. Before any validation row has been seen, the score is plain MSE plus the code's squared
+sets the threshold. Both passes score the rows the statistics came from, so on one worker they score each row
+with the statistics less that row (`held_out_rows`, `ScoreCalibration.held_out_stats`), as an unseen row is
+scored. Before any validation row has been seen, the score is plain MSE plus the code's squared
 norm. With several training workers, each computes them from its own validation rows and rank 0's checkpoint
 carries rank 0's: a random share of the validation rows, which is all the statistics need (the term weights
 come from every rank's rows).
