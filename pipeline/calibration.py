@@ -90,6 +90,10 @@ KNN = 5  # neighbours per row (after the nearest, skipped)
 REFERENCE_ROWS = 256  # validation codes kept for the kNN term (a uniform random sample of them)
 EPS = 1e-12
 FLOOR = 1e-3  # of the mean over features (code units)
+MIN_HELD_OUT_ROWS = 5
+"""Held-out scoring (held_out_rows) needs this many observed rows: a row's statistics from fewer others (one
+other row: a code variance of 0) would put it arbitrarily far out; below it the rows score in-sample, and the
+job warns that the threshold rests on too few rows (pipeline/sizing.py, few_validation_rows)."""
 SUBSPACE_SHARE = 0.99  # of the training rows' variance the subspace keeps (SubspaceTerm)
 SUBSPACE_FLOOR = 1e-6  # of the training rows' total variance: the least validation mean SubspaceTerm divides by
 MAX_SUBSPACE_FEATURES = 2048  # input slots; wider inputs go without the subspace term
@@ -204,7 +208,8 @@ class ScoreCalibration(nn.Module):
 
     def terms(self, sq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """(rows, 4) the score's terms (TERMS), unweighted, float64, from per-feature squared errors and codes."""
-        feat, mean, var = self.held_out_stats(sq, h) if self.held_out and self.count > 1 else self.stats()
+        held_out = self.held_out and self.count >= MIN_HELD_OUT_ROWS
+        feat, mean, var = self.held_out_stats(sq, h) if held_out else self.stats()
         # a feature (or code unit) that barely varies must not turn rounding noise into huge scores (per row
         # where the statistics are per row)
         feat = feat.clamp_min(FLOOR * feat.mean(dim=-1, keepdim=True) + EPS)

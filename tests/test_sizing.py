@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import (BASE_WEIGHTS, KNN_WEIGHT, MAX_SPREAD, MAX_SUBSPACE_FEATURES, REFERENCE_ROWS, TERMS,
-                                  ScoreCalibration, SubspaceTerm, fitted_term_weights, held_out_rows,
-                                  histogram_quantile, knn_distance, spread_weights, term_histogram)
+from pipeline.calibration import (BASE_WEIGHTS, KNN_WEIGHT, MAX_SPREAD, MAX_SUBSPACE_FEATURES, MIN_HELD_OUT_ROWS,
+                                  REFERENCE_ROWS, TERMS, ScoreCalibration, SubspaceTerm, fitted_term_weights,
+                                  held_out_rows, histogram_quantile, knn_distance, spread_weights, term_histogram)
 from pipeline.config import ModelSection, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
@@ -344,6 +344,12 @@ def test_held_out_rows_are_scored_without_their_own_statistics_as_unseen_rows_ar
     assert float(held[:, 1].mean()) > 1.2 * float(plain[:, 1].mean())
     with held_out_rows(model, on=False):
         torch.testing.assert_close(cal.terms(sq, h), plain)
+    # under MIN_HELD_OUT_ROWS observed rows the rows score in-sample (from one other row, a variance of 0)
+    few = ScoreCalibration(n_features=3, latent_dim=2)
+    few.observe(sq[:MIN_HELD_OUT_ROWS - 1], h[:MIN_HELD_OUT_ROWS - 1])
+    with held_out_rows(few):
+        held_few = few.terms(sq[:MIN_HELD_OUT_ROWS - 1], h[:MIN_HELD_OUT_ROWS - 1])
+    torch.testing.assert_close(held_few, few.terms(sq[:MIN_HELD_OUT_ROWS - 1], h[:MIN_HELD_OUT_ROWS - 1]))
 
 
 def test_calibrated_model_ranks_far_out_rows_that_mse_misses():
