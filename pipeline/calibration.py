@@ -90,10 +90,7 @@ KNN = 5  # neighbours per row (after the nearest, skipped)
 REFERENCE_ROWS = 256  # validation codes kept for the kNN term (a uniform random sample of them)
 EPS = 1e-12
 FLOOR = 1e-3  # of the mean over features (code units)
-MIN_HELD_OUT_ROWS = 5
-"""Held-out scoring (held_out_rows) needs this many observed rows: a row's statistics from fewer others (one
-other row: a code variance of 0) would put it arbitrarily far out; below it the rows score in-sample, and the
-job warns that the threshold rests on too few rows (pipeline/sizing.py, few_validation_rows)."""
+MIN_HELD_OUT_ROWS = 5  # held_out_rows needs this many observed rows (from one other row a code variance is 0)
 SUBSPACE_SHARE = 0.99  # of the training rows' variance the subspace keeps (SubspaceTerm)
 SUBSPACE_FLOOR = 1e-6  # of the training rows' total variance: the least validation mean SubspaceTerm divides by
 MAX_SUBSPACE_FEATURES = 2048  # input slots; wider inputs go without the subspace term
@@ -181,11 +178,10 @@ class ScoreCalibration(nn.Module):
         return feat, mean, var
 
     def held_out_stats(self, sq: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`stats()` for rows that are among the observed ones, each without itself: (rows, d) per-feature mean
-        errors and (rows, k) code means and variances over the other count - 1 rows. A validation row scored
-        with statistics it helped make scores lower than an unseen row would (on 11 rows, a code unit's
-        variance from the row's own code is the sharpest case), so a threshold on those scores flags more than
-        its share of unseen rows; leaving the row out scores it as an unseen row."""
+        """`stats()` for rows among the observed ones, each without itself: (rows, d) per-feature mean errors,
+        (rows, k) code means and variances over the other count - 1 rows. A row scored with statistics it helped
+        make scores lower than an unseen row (a threshold on such scores flags more than its share of new rows);
+        left out, it scores as an unseen row. Under MIN_HELD_OUT_ROWS rows they score in-sample (`terms`)."""
         n = self.count - 1
         sq64, h64 = sq.to(torch.float64), h.to(torch.float64)
         feat = (self.sq_sum - sq64) / n
