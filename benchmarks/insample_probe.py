@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from benchmarks.rank_probe import protocol_validation
-from pipeline.calibration import ScoreCalibration, held_out_rows, spread_weights, term_histogram
+from benchmarks.spread_probe import member_terms
+from pipeline.calibration import spread_weights, term_histogram
 from pipeline.evaluation import load_table, ranking_metrics
 
 PARTS = ("val", "test", "train")
@@ -43,15 +44,10 @@ def part_scores(saved: dict, rule: str) -> dict[str, np.ndarray]:
     weights its validation terms give, averaged over the members."""
     out: dict[str, list[np.ndarray]] = {p: [] for p in PARTS}
     for members in zip(*(saved["scores"][p]["members"] for p in PARTS)):
-        mv = members[0]
-        cal = ScoreCalibration(mv["sq"].shape[1], mv["h"].shape[1])
-        cal.observe(torch.as_tensor(mv["sq"]), torch.as_tensor(mv["h"]))
-        with held_out_rows(cal, rule == "held out"):
-            tv = cal.terms(torch.as_tensor(mv["sq"]), torch.as_tensor(mv["h"])).numpy()
-        w = spread_weights(term_histogram(torch.as_tensor(tv))).numpy()
-        out["val"].append(tv @ w)
-        for part, m in zip(PARTS[1:], members[1:]):
-            out[part].append(cal.terms(torch.as_tensor(m["sq"]), torch.as_tensor(m["h"])).numpy() @ w)
+        terms = member_terms(*members, held_out=rule == "held out")
+        w = spread_weights(term_histogram(torch.as_tensor(terms[0]))).numpy()
+        for part, t in zip(PARTS, terms):
+            out[part].append(t @ w)
     return {p: np.mean(s, 0) for p, s in out.items()}
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.calibration import BASE_WEIGHTS, ScoreCalibration
+from pipeline.calibration import BASE_WEIGHTS, ScoreCalibration, held_out_rows
 from pipeline.evaluation import ranking_metrics
 
 
@@ -56,12 +56,15 @@ STATISTICS: dict[str, Callable[[np.ndarray], float]] = {
 """Each maps a term's validation values (over their mean) to the factor on its base weight."""
 
 
-def member_terms(val: dict, part: dict) -> tuple[np.ndarray, np.ndarray]:
-    """One member's four terms (rows, TERMS) on its validation rows and on `part`'s rows, computed by the
-    pipeline's own ScoreCalibration from the validation rows' errors and codes (its statistics and kNN sample)."""
+def member_terms(val: dict, *parts: dict, held_out: bool = False) -> tuple[np.ndarray, ...]:
+    """One member's four terms (rows, TERMS) on its validation rows and on each of `parts`' rows, computed by
+    the pipeline's own ScoreCalibration from the validation rows' errors and codes (its statistics and kNN
+    sample); with `held_out`, the validation rows' as the pipeline's last passes score them (held_out_rows)."""
     cal = ScoreCalibration(val["sq"].shape[1], val["h"].shape[1])
     cal.observe(torch.as_tensor(val["sq"]), torch.as_tensor(val["h"]))
-    return tuple(cal.terms(torch.as_tensor(m["sq"]), torch.as_tensor(m["h"])).numpy() for m in (val, part))
+    with held_out_rows(cal, held_out):
+        own = cal.terms(torch.as_tensor(val["sq"]), torch.as_tensor(val["h"])).numpy()
+    return own, *(cal.terms(torch.as_tensor(m["sq"]), torch.as_tensor(m["h"])).numpy() for m in parts)
 
 
 def scores(saved: dict) -> dict[str, np.ndarray]:

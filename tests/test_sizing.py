@@ -328,8 +328,7 @@ def test_held_out_rows_are_scored_without_their_own_statistics_as_unseen_rows_ar
     cal = ScoreCalibration(n_features=3, latent_dim=2)
     cal.observe(sq, h)
     plain = cal.terms(sq, h)
-    model = torch.nn.Sequential(cal)
-    with held_out_rows(model):
+    with held_out_rows(cal):
         held = cal.terms(sq, h)
     assert not cal.held_out  # only while the block is open
     torch.testing.assert_close(cal.terms(sq, h), plain)
@@ -342,7 +341,7 @@ def test_held_out_rows_are_scored_without_their_own_statistics_as_unseen_rows_ar
     torch.testing.assert_close(held[:, 3], plain[:, 3])
     # on 12 rows a row's own code pulls the mean and variance its way: scored as unseen, its code term grows
     assert float(held[:, 1].mean()) > 1.2 * float(plain[:, 1].mean())
-    with held_out_rows(model, on=False):
+    with held_out_rows(cal, on=False):
         torch.testing.assert_close(cal.terms(sq, h), plain)
     # under MIN_HELD_OUT_ROWS observed rows the rows score in-sample (from one other row, a variance of 0)
     few = ScoreCalibration(n_features=3, latent_dim=2)
