@@ -119,6 +119,12 @@ def knn_distance(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ((near.sum(dim=1) - near.min(dim=1).values) / (k - 1)).to(torch.float64)
 
 
+def _moments(sq_sum: torch.Tensor, code_sum: torch.Tensor, code_sq_sum: torch.Tensor, n: torch.Tensor):
+    """(per-feature mean error, code mean, code variance) of `n` rows from their sums (ScoreCalibration's)."""
+    mean = code_sum / n
+    return sq_sum / n, mean, (code_sq_sum / n - mean * mean).clamp_min(0.0)
+
+
 class ScoreCalibration(nn.Module):
     """Running validation statistics (float64 sums), a random sample of validation codes, and the score they
     define."""
@@ -170,24 +176,17 @@ class ScoreCalibration(nn.Module):
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-feature mean squared error, code mean, code variance); neutral values before any row."""
-        n = self.count.clamp_min(1.0)
+        feat, mean, var = _moments(self.sq_sum, self.code_sum, self.code_sq_sum, self.count.clamp_min(1.0))
         seen = self.count > 0
-        feat = torch.where(seen, self.sq_sum / n, torch.ones_like(self.sq_sum))
-        mean = self.code_sum / n
-        var = torch.where(seen, (self.code_sq_sum / n - mean * mean).clamp_min(0.0), torch.ones_like(mean))
-        return feat, mean, var
+        return torch.where(seen, feat, torch.ones_like(feat)), mean, torch.where(seen, var, torch.ones_like(var))
 
     def held_out_stats(self, sq: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`stats()` for rows among the observed ones, each without itself: (rows, d) per-feature mean errors,
         (rows, k) code means and variances over the other count - 1 rows. A row scored with statistics it helped
         make scores lower than an unseen row (a threshold on such scores flags more than its share of new rows);
         left out, it scores as an unseen row. Under MIN_HELD_OUT_ROWS rows they score in-sample (`terms`)."""
-        n = self.count - 1
         sq64, h64 = sq.to(torch.float64), h.to(torch.float64)
-        feat = (self.sq_sum - sq64) / n
-        mean = (self.code_sum - h64) / n
-        var = ((self.code_sq_sum - h64 * h64) / n - mean * mean).clamp_min(0.0)
-        return feat, mean, var
+        return _moments(self.sq_sum - sq64, self.code_sum - h64, self.code_sq_sum - h64 * h64, self.count - 1)
 
     def reference(self) -> torch.Tensor:
         """The sampled validation codes (fewer than REFERENCE_ROWS when fewer rows were seen)."""
