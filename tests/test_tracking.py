@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +30,13 @@ from pipeline.sample import write_mixed_sample
 from pipeline.storage import Storage
 from tests.conftest import unit_tier_refuses
 from tests.loopback_s3 import FAKE_SECRET, free_port
-from mlflow import MlflowClient
 from tests.loopback_mlflow import LoopbackMlflow
 from tests.procs import read_parquet_dir
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+# MLflow is imported where a test needs it: at module level it cost `make test-unit`'s collection 2.7 s,
+# and no test here is in the unit tier
 
 pytestmark = pytest.mark.integration
 
@@ -126,6 +131,8 @@ def lifecycle(ray_cluster, mlflow_server, sample):
     with recorded():
         poor = train_job(config(sample, uri, "poor", "train.epochs=1", "train.lr=0.00001"))
         good = train_job(config(sample, uri, "good", "train.epochs=4"))
+    from mlflow import MlflowClient
+
     client = MlflowClient(uri, uri)
     first = promote(MODEL, "1", "--tracking-uri", uri)
     second = promote(MODEL, "2", "--tracking-uri", uri)
@@ -332,6 +339,8 @@ def test_unreachable_server_from_the_environment_is_a_warning(monkeypatch, capsy
 
 def test_server_stopped_mid_training_leaves_a_finished_model_and_one_warning(ray_cluster, sample, tmp_path,
                                                                             mlflow_credentials):
+    from mlflow import MlflowClient
+
     server = LoopbackMlflow(tmp_path / "mlflow").start()
     try:
         client = MlflowClient(server.uri, server.uri)
