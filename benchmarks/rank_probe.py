@@ -36,8 +36,11 @@ from pipeline.train import WorkerConfig, build_trainee, run_training
 
 
 def scaling_stats(x: np.ndarray, how: str):
-    if how == "zscore":
+    if how == "zscore":  # the pipeline's own (two-valued columns by half their range)
         return normalization_stats(ColumnMoments.of(x))
+    if how == "std":  # the pipeline's before the fourteenth round: every column by its standard deviation
+        m = ColumnMoments.of(x)
+        return m.mean, np.where(m.std > 1e-6 * np.maximum(1.0, np.abs(m.mean)), m.std, 1.0)
     if how == "minmax":
         lo, hi = x.min(0), x.max(0)
         return lo, np.where(hi > lo, hi - lo, 1.0)

@@ -23,7 +23,8 @@ from pipeline.featurizer import Featurizer
 from pipeline.inputs import InputSpec
 from pipeline.read import read_dataset
 from pipeline.rows import RejectWriter, batch_rows, validation_mask
-from pipeline.stats import ColumnMoments, LevelCounts, TableStats, counter_capacity, normalization_stats
+from pipeline.stats import (ColumnMoments, LevelCounts, TableStats, counter_capacity,
+                            normalization_stats, rare_flags)
 from pipeline.storage import Storage
 from pipeline.uri import join_uri
 from pipeline.watchdog import beating
@@ -122,6 +123,8 @@ def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
             "features": featurizer.to_dict(), "train_rows": n_train,
             "validation_rows": n_val, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}
     storage.write_json(uri, prep)
+    flags = int(rare_flags(stats.numeric).sum())
     print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {n_train} train, {n_val} validation, "
-          f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s", flush=True)
+          f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s"
+          + (f"; a table of flags: {flags} rare flags scaled by half their range" if flags else ""), flush=True)
     return prep

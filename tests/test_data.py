@@ -12,7 +12,7 @@ from pipeline.featurizer import Featurizer
 from pipeline.inputs import inspect_input
 from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
 from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, row_keys, validation_mask
-from pipeline.stats import ColumnMoments, normalization_stats
+from pipeline.stats import ColumnMoments, TableStats, normalization_stats, rare_flags
 from pipeline.errors import InputError
 from pipeline.storage import Storage
 from tests.models import vector_data
@@ -179,6 +179,46 @@ def test_moments_merge_matches_numpy_on_wild_scales():
     assert np.isfinite(z).all()
     np.testing.assert_allclose(z[:, :3].std(0), 1.0, rtol=1e-2)
     np.testing.assert_allclose(z[:, 3], 0.0)
+
+
+def test_in_a_table_of_flags_rare_flags_are_scaled_by_half_their_range():
+    rng = np.random.default_rng(3)
+    n = 20_000
+    third = (rng.random(n) < 0.005).astype(float)
+    third[123] = 0.5  # one value between the two: no longer two-valued
+    x = np.stack([
+        (rng.random(n) < 0.005).astype(float),  # a rare flag
+        1e3 + (rng.random(n) > 0.995),  # a rare flag far from 0
+        5.0 + 2.0 * (rng.random(n) > 0.004),  # a rare flag whose rarer value is the smaller, 5 (7 otherwise)
+        (rng.random(n) < 0.5).astype(float),  # a balanced flag
+        (rng.random(n) > 0.5).astype(float),
+        (rng.random(n) < 0.05).astype(float),  # rare, but not under 1% of rows
+        third,
+        rng.integers(0, 3, n).astype(float),  # three values
+        rng.normal(size=n),
+    ], axis=1)
+    x[::5, 0] = np.nan  # missing values are not a value
+    whole = ColumnMoments.of(x)
+    blocks = [x[:0], x[:1], *(x[i:i + 997] for i in range(1, n, 997))]  # an empty block, a one-row block
+    merged = ColumnMoments.empty(x.shape[1])
+    for b in blocks:
+        merged = merged.merge(ColumnMoments.of(b))
+    stored = TableStats.from_json(TableStats(merged, np.zeros(x.shape[1], np.int64), []).to_json()).numeric
+    std = np.nanstd(x, axis=0, ddof=1)
+    for m in (whole, merged, stored):
+        assert m.two_valued.tolist() == [True] * 6 + [False] * 3
+        # rows carry 0.005 * 3 + 0.5 + 0.5 + 0.05 = 1.065 rarer flag values on average: a table of flags
+        assert rare_flags(m).tolist() == [True] * 3 + [False] * 6
+        mean, scale = normalization_stats(m)
+        np.testing.assert_allclose(scale[:3], [0.5, 0.5, 1.0], rtol=1e-4)
+        np.testing.assert_allclose(scale[3:], std[3:], rtol=1e-6)
+        z = (x - mean) / scale
+        # the rare flag, set, stands 2 from unset, not sqrt(1 / 0.005) = 14 standard deviations
+        assert np.nanmax(z[:, 0]) - np.nanmin(z[:, 0]) == pytest.approx(2.0, rel=1e-4)
+    # the same rare flags among measurements (0.015 rarer values a row): events, kept at their standard deviation
+    few = ColumnMoments.of(x[:, [0, 1, 2, 6, 7, 8]])
+    assert few.two_valued.tolist() == [True] * 3 + [False] * 3 and not rare_flags(few).any()
+    np.testing.assert_allclose(normalization_stats(few)[1], std[[0, 1, 2, 6, 7, 8]], rtol=1e-6)
 
 
 def test_batch_stats_rows_merge_to_train_split_stats():
