@@ -28,7 +28,7 @@ from sklearn.neighbors import NearestNeighbors
 from pipeline.calibration import REFERENCE_ROWS, knn_distance
 from pipeline.config import load_config
 from pipeline.rows import validation_mask
-from pipeline.stats import ColumnMoments, normalization_stats
+from pipeline.stats import ColumnMoments, normalization_stats, std_scale
 from pipeline.evaluation import load_table, protocol_masks, ranking_metrics, suite_tables
 from pipeline.tensors import Normalizer
 from pipeline.sizing import resolve_model, resolve_validation, step_budget
@@ -36,11 +36,11 @@ from pipeline.train import WorkerConfig, build_trainee, run_training
 
 
 def scaling_stats(x: np.ndarray, how: str):
-    if how == "zscore":  # the pipeline's own (two-valued columns by half their range)
+    if how == "zscore":  # the pipeline's own (in a table of flags, rare flags by half their range)
         return normalization_stats(ColumnMoments.of(x))
     if how == "std":  # the pipeline's before the fourteenth round: every column by its standard deviation
         m = ColumnMoments.of(x)
-        return m.mean, np.where(m.std > 1e-6 * np.maximum(1.0, np.abs(m.mean)), m.std, 1.0)
+        return m.mean, std_scale(m)
     if how == "minmax":
         lo, hi = x.min(0), x.max(0)
         return lo, np.where(hi > lo, hi - lo, 1.0)

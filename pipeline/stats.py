@@ -164,11 +164,13 @@ def normalization_stats(m: ColumnMoments) -> tuple[np.ndarray, np.ndarray]:
     those a model cannot learn would rule its training loss and its errors through whichever of them a row
     happens to carry (docs/evaluation.md, fourteenth round). One-hot categorical slots are 0/1 as they are,
     never z-scored: the same footing."""
-    std = m.std
-    tiny = 1e-6 * np.maximum(1.0, np.abs(m.mean))
-    scale = np.where(std > tiny, std, 1.0)
-    scale = np.maximum(scale, np.where(rare_flags(m), (m.hi - m.lo) / 2, 0.0))
+    scale = np.maximum(std_scale(m), np.where(rare_flags(m), (m.hi - m.lo) / 2, 0.0))
     return m.mean.astype(np.float32), scale.astype(np.float32)
+
+
+def std_scale(m: ColumnMoments) -> np.ndarray:
+    """Each input's standard deviation, or 1 where it is constant (to rounding of its mean)."""
+    return np.where(m.std > 1e-6 * np.maximum(1.0, np.abs(m.mean)), m.std, 1.0)
 
 
 def rarer_share(m: ColumnMoments) -> np.ndarray:
