@@ -29,7 +29,7 @@ from pipeline.calibration import REFERENCE_ROWS, knn_distance
 from pipeline.config import load_config
 from pipeline.rows import validation_mask
 from pipeline.stats import ColumnMoments, normalization_stats, std_scale
-from pipeline.evaluation import load_table, protocol_masks, ranking_metrics, suite_tables
+from pipeline.evaluation import Table, load_table, protocol_masks, ranking_metrics, suite_tables
 from pipeline.tensors import Normalizer
 from pipeline.sizing import resolve_model, resolve_validation, step_budget
 from pipeline.train import WorkerConfig, build_trainee, run_training
@@ -63,7 +63,7 @@ def protocol_validation(t, overrides=()) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def run_table(name, overrides, seed, scaling, shuffle, latent_div=0.0, hidden_mult=0.0, bag=0.0, save_train=False):
-    t = load_table(name)
+    t = name if isinstance(name, Table) else load_table(name)  # a Table: e.g. benchmarks/anomaly_types.py's
     d = t.X.shape[1]
     lat = max(1, min(d - 1, int(np.ceil(d / (latent_div or 4)))))  # uncapped, unlike the pipeline's auto rule
     if latent_div:  # sizing variants: code ceil(d / latent_div), one hidden layer hidden_mult x d
