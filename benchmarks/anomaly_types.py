@@ -18,6 +18,7 @@ the model is trained as `benchmarks/rank_probe.py` trains it (the pipeline's mod
 AUROC and AP per table and type, and per type the means and wins/losses against each baseline.
 
     python -m benchmarks.anomaly_types [--tables 6_cardio,...] [--types local,...] [--seeds 0] [--json out.json]
+    python -m benchmarks.anomaly_types --types clustered --save /tmp/at/AT     # then code_term_probe --out /tmp/at
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def evaluate(t: Table, seeds: list[int], variants: tuple[str, ...] = (), overrid
     res = {name: ranking_metrics(f(t.X[train], t.X[test]), t.y[test])
            for name, f in (("iforest", iforest_scores), ("pca", pca_scores))}
     runs = [rank_probe.run_table(t, list(overrides), s, scaling, False) for s in seeds]
-    if out:  # rank_probe's layout (TAG_TABLE.npy, one entry per seed): spread_probe and --load rescore them
+    if out:  # rank_probe's layout (TAG_TABLE.npy, a run per seed), which code_term_probe rescores
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         np.save(f"{out}_{t.name.replace(':', '-')}.npy", np.array(runs, dtype=object), allow_pickle=True)
     scores = [{"pipeline": r["scores"]["test"]["score"]} for r in runs]
