@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from pipeline.evaluation import Table, iforest_scores, load_table, pca_scores, protocol_masks, ranking_metrics
+from pipeline.evaluation import BASELINES, Table, load_table, protocol_masks, ranking_metrics
 
 TYPES = ("local", "global", "dependency", "clustered", "few_extreme")
 BASES = ("6_cardio", "7_Cardiotocography", "14_glass", "18_Ionosphere", "20_letter", "27_PageBlocks",
@@ -106,8 +106,7 @@ def evaluate(t: Table, seeds: list[int], variants: tuple[str, ...] = (), overrid
     from benchmarks import rank_probe
 
     train, test = protocol_masks(t)
-    res = {name: ranking_metrics(f(t.X[train], t.X[test]), t.y[test])
-           for name, f in (("iforest", iforest_scores), ("pca", pca_scores))}
+    res = {name: ranking_metrics(f(t.X[train], t.X[test]), t.y[test]) for name, f in BASELINES.items()}
     runs = [rank_probe.run_table(t, list(overrides), s, scaling, False) for s in seeds]
     if out:  # rank_probe's layout (TAG_TABLE.npy, a run per seed), which code_term_probe rescores
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

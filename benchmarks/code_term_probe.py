@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 import pipeline.calibration as calibration
-from benchmarks.spread_probe import STATISTICS, member_terms
+from benchmarks.spread_probe import STATISTICS, member_terms, weighted_score
 from pipeline.evaluation import ranking_metrics
 
 SPREAD = STATISTICS["q99cap100"]  # the pipeline's: the 99th percentile over the median, at most 100
@@ -29,8 +29,7 @@ HINGES = (0.5, 0.75, 0.9, 0.95)
 
 
 def weighted(tv: np.ndarray, tt: np.ndarray) -> np.ndarray:
-    w = np.array([b * SPREAD(tv[:, k] / tv[:, k].mean()) for k, b in enumerate(calibration.BASE_WEIGHTS)])
-    return tt @ (w * sum(calibration.BASE_WEIGHTS) / w.sum())
+    return weighted_score(tv, tt, SPREAD)
 
 
 def robust_code(hv: np.ndarray, ht: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -74,9 +74,15 @@ def scores(saved: dict) -> dict[str, np.ndarray]:
     for mv, mt in zip(val["members"], test["members"]):
         tv, tt = member_terms(mv, mt)
         for name, stat in STATISTICS.items():
-            w = np.array([b * stat(tv[:, k] / tv[:, k].mean()) for k, b in enumerate(BASE_WEIGHTS)])
-            out[name].append(tt @ (w * sum(BASE_WEIGHTS) / w.sum()))
+            out[name].append(weighted_score(tv, tt, stat))
     return {name: np.mean(s, 0) for name, s in out.items()}
+
+
+def weighted_score(tv: np.ndarray, tt: np.ndarray, stat: Callable[[np.ndarray], float]) -> np.ndarray:
+    """`tt`'s rows scored by one member's four terms, each weighted by BASE_WEIGHTS times `stat` of the term's
+    validation values `tv` (over their mean), rescaled to the base weights' sum."""
+    w = np.array([b * stat(tv[:, k] / tv[:, k].mean()) for k, b in enumerate(BASE_WEIGHTS)])
+    return tt @ (w * sum(BASE_WEIGHTS) / w.sum())
 
 
 def summary(res: dict[str, dict[str, list[float]]]) -> list[str]:
