@@ -7,7 +7,7 @@ import datetime as dt
 from typing import Optional
 
 from pipeline.config import Config
-from pipeline.inputs import inspect_input
+from pipeline.inputs import input_notes, inspect_input
 from pipeline.manifest import read_manifest
 from pipeline.preflight import check_features_match, for_model
 from pipeline.schedule import model_run_uri, parse_run_date, plan_incremental, run_date_uri
@@ -31,6 +31,7 @@ def dry_run(cfg: Config, storage: Optional[Storage] = None, model_run: Optional[
     held = f", {spec.data.validation_fraction:.0%} held out for validation" if train else ""
     lines.append(f"input ok: {spec.uri}: {spec.num_rows} rows in {len(spec.files)} files, "
                  f"{spec.num_features} features{held}")
+    lines += [f"input: {note}" for note in input_notes(cfg.data, spec)]
     if model_run or not train:
         run_uri = model_run_uri(cfg, storage, model_run)
         manifest = read_manifest(storage, run_uri)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from pipeline.config import AUTO, DataSection
 from pipeline.errors import InputError, StorageError
 from pipeline.featurizer import Featurizer
-from pipeline.roles import ColumnRole, column_roles, vector_roles
+from pipeline.roles import ColumnRole, column_roles, type_family, vector_roles
 from pipeline.shards import PATH_COLUMN, ROW_KEY
 from pipeline.sizing import resolve_validation
 from pipeline.storage import Storage, map_io
@@ -44,6 +44,8 @@ class InputSpec:
     """Each feature's role (numeric, categorical) and type family; a vector column's elements are numeric."""
     schema: Optional[pa.Schema] = None
     """The first file's schema (every file has the same types in the columns read)."""
+    left_out: list[str] = field(default_factory=list)
+    """`data.features: auto`: the columns that cannot be features, as `name (type)`; the job names them."""
 
     @property
     def num_features(self) -> int:
@@ -155,8 +157,10 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     if not data.ids and ROW_KEY in footers[0][1].names:
         raise InputError(f"file {footers[0][0]}: column {ROW_KEY!r} is reserved for the row keys of an input "
                          "without id columns; set data.id_columns or rename it")
+    left_out: list[str] = []
     if data.features == AUTO:
-        data = dataclasses.replace(data, features=auto_features(data, footers[0][1], footers[0][0]))
+        features, left_out = auto_features(data, footers[0][1], footers[0][0])
+        data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
     ref_types: dict[str, tuple[pa.DataType, str]] = {}
@@ -170,7 +174,8 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
         roles = vector_roles(col, _vector_length(uri, storage, col, ref_types[col][0], file_rows))
     data = resolve_validation(data, num_rows)
     return InputSpec(uri=uri, files=list(files), feature_names=[r.name for r in roles], num_rows=num_rows,
-                     columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1])
+                     columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1],
+                     left_out=left_out)
 
 
 def auto_ids(schema: pa.Schema) -> list[str]:
@@ -178,27 +183,60 @@ def auto_ids(schema: pa.Schema) -> list[str]:
     return [ID_COLUMN] if ID_COLUMN in schema.names else []
 
 
+def _temporal(t: pa.DataType) -> bool:
+    return pa.types.is_timestamp(t) or pa.types.is_date(t)
+
+
 def auto_timestamp(data: DataSection, schema: pa.Schema) -> Optional[str]:
     """`data.timestamp_column: auto`: the input's one timestamp or date column outside the ids, the exclusions
     and a listed `data.features`, where there is exactly one; else none. (Several are left as they are: under
-    `features: auto` each is then refused as a feature, naming it.)"""
-    taken = set(data.ids) | set(data.exclude_columns) | (set(data.features) if isinstance(data.features, list)
-                                                          else set())
-    found = [f.name for f in schema if f.name not in taken
-             and (pa.types.is_timestamp(f.type) or pa.types.is_date(f.type))]
+    `features: auto` they are then left out of the features, and the job names them.)"""
+    found = timestamp_candidates(data, schema)
     return found[0] if len(found) == 1 else None
 
 
-def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> Union[str, list[str]]:
+def timestamp_candidates(data: DataSection, schema: pa.Schema) -> list[str]:
+    """The columns `data.timestamp_column: auto` chooses from (it takes one only where there is one)."""
+    taken = set(data.ids) | set(data.exclude_columns) | (set(data.features) if isinstance(data.features, list)
+                                                          else set())
+    return [f.name for f in schema if f.name not in taken and _temporal(f.type)]
+
+
+def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> tuple[Union[str, list[str]], list[str]]:
     """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
     input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
-    left is the vector form."""
+    left is the vector form.
+
+    Columns that cannot be features (timestamps and dates other than the event time, binary, nested: a list of
+    floats beside other columns) are left out rather than refused, so that a table goes in as it is; returns
+    (features, the columns left out as `name (type)`). A listed `data.features` is taken as it is, and such a
+    column in it is refused, naming it."""
     ids = auto_ids(schema) if data.id_columns == AUTO else data.ids
     skip = set(ids) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
     cols = [name for name in schema.names if name not in skip]
-    if not cols:
-        raise InputError(f"file {f_uri}: data.features auto: no columns left besides ids, timestamp and exclusions")
     if len(cols) == 1 and _is_list(schema.field(cols[0]).type):
-        return cols[0]
-    return cols
+        return cols[0], []
+    usable = [name for name in cols if type_family(schema.field(name).type) is not None]
+    left_out = [f"{name} ({schema.field(name).type})" for name in cols if name not in usable]
+    if not usable:
+        what = f" ({', '.join(left_out)} cannot be features)" if left_out else ""
+        raise InputError(f"file {f_uri}: data.features auto: no columns left besides ids, timestamp and "
+                         f"exclusions{what}")
+    return usable, left_out
 
+
+def input_notes(requested: DataSection, spec: InputSpec) -> list[str]:
+    """What the autos chose that a user should read: the event time, and the columns left out of the features."""
+    data, notes = spec.data or requested, []
+    if requested.timestamp_column == AUTO and spec.schema is not None:
+        found = [data.timestamp_column] if data.timestamp_column else timestamp_candidates(data, spec.schema)
+        if data.timestamp_column:
+            notes.append(f"event time: column {data.timestamp_column!r} (data.timestamp_column auto: the input's "
+                         "one timestamp column), copied to event_timestamp")
+        elif len(found) > 1:
+            notes.append(f"event time: the run's as-of time (data.timestamp_column auto: the input has "
+                         f"{len(found)} timestamp/date columns, {', '.join(found)}; set it to one of them)")
+    if spec.left_out:
+        notes.append(f"left out of the features: {', '.join(spec.left_out)} (data.features auto: a timestamp, "
+                     "binary or nested column is no feature; name them in data.exclude_columns to silence this)")
+    return notes

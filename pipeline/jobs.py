@@ -21,7 +21,7 @@ from pipeline.code_space import align_codes, alignment_target
 from pipeline.config import AUTO, Config
 from pipeline.errors import ConfigError, InputError
 from pipeline.featurizer import Featurizer
-from pipeline.inputs import InputSpec, inspect_input
+from pipeline.inputs import InputSpec, input_notes, inspect_input
 from pipeline.models import build_model
 from pipeline.metrics import flagged_share_note, output_error_counts
 from pipeline.multinode import check_shared_storage
@@ -153,9 +153,8 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
         print(f"[train] validation rows: {cfg.data.validation_fraction:.0%} of the {spec.num_rows:,} input rows "
               f"(data.validation_fraction auto: about {VALIDATION_ROWS} rows on a small input, from "
               f"{VALIDATION_FRACTION:.0%} up to {MAX_VALIDATION_FRACTION:.0%})", flush=True)
-    if requested.data.timestamp_column == AUTO and cfg.data.timestamp_column:
-        print(f"[train] event time: column {cfg.data.timestamp_column!r} (data.timestamp_column auto: the input's "
-              "one timestamp column), copied to event_timestamp", flush=True)
+    for note in input_notes(requested.data, spec):
+        print(f"[train] {note}", flush=True)
     lap("checks")
     connect(cfg.run.num_cpus)  # only once the cheap checks (config, storage, schema) have passed
     lap("ray_start")  # ~0 when the job has its Ray already (a cluster)

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import DataSection, StorageSection
 from pipeline.featurizer import Featurizer
-from pipeline.inputs import inspect_input
+from pipeline.inputs import input_notes, inspect_input
 from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
 from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, row_keys, validation_mask
 from pipeline.stats import ColumnMoments, TableStats, normalization_stats, rare_flags
@@ -86,7 +86,7 @@ def test_auto_features_and_ids_are_the_defaults(tmp_path):
     spec = inspect_input(DataSection(input=str(keyless)), LOCAL)
     assert (spec.data.features, spec.data.id_columns, spec.columns) == (["x"], [], ["x"])
     assert inspect_input(DataSection(input=str(keyed), id_columns=[]), LOCAL).feature_names == ["id", "a", "s"]
-    # the input's one timestamp (or date) column is the event time; with two, neither (each then a refused feature)
+    # the input's one timestamp (or date) column is the event time; with two, neither (both left out of the features)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     when = pa.array([1, 2], pa.timestamp("ms"))
@@ -95,8 +95,33 @@ def test_auto_features_and_ids_are_the_defaults(tmp_path):
     assert (spec.data.timestamp_column, spec.feature_names) == ("at", ["a"])
     write(two, "a.parquet", pa.table({"a": [1.0, 2.0], "at": when, "on": pa.array([1, 2], pa.date32())}))
     assert inspect_input(DataSection(input=str(two), features=["a"]), LOCAL).data.timestamp_column is None
-    with pytest.raises(InputError, match="feature column 'at' is timestamp"):
-        inspect_input(DataSection(input=str(two)), LOCAL)
+    spec = inspect_input(DataSection(input=str(two)), LOCAL)
+    assert (spec.data.timestamp_column, spec.feature_names) == (None, ["a"])
+    assert spec.left_out == ["at (timestamp[ms])", "on (date32[day])"]
+    notes = input_notes(DataSection(input=str(two)), spec)
+    assert notes[0].startswith("event time: the run's as-of time") and "2 timestamp/date columns, at, on" in notes[0]
+    assert notes[1].startswith("left out of the features: at (timestamp[ms]), on (date32[day])")
+    assert input_notes(DataSection(input=str(one)), inspect_input(DataSection(input=str(one)), LOCAL)) == [
+        "event time: column 'at' (data.timestamp_column auto: the input's one timestamp column), copied to "
+        "event_timestamp"]
+
+
+def test_columns_that_cannot_be_features_are_left_out_under_auto_and_refused_when_listed(tmp_path):
+    """Under `data.features: auto` a table goes in as it is: binary and nested columns (a list of floats beside
+    other columns too) are left out and named; listed in `data.features`, each is refused, naming it; a table of
+    nothing else is refused, naming them all."""
+    table = pa.table({"id": [1, 2], "a": [1.0, 2.0], "raw": pa.array([b"x", b"y"]), "tags": [["p"], ["q", "r"]],
+                      "emb": [[1.0, 2.0], [3.0, 4.0]], "s": ["u", "v"]})
+    write(tmp_path, "a.parquet", table)
+    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    assert spec.feature_names == ["a", "s"] and spec.columns == ["a", "s", "id"]
+    assert spec.left_out == ["raw (binary)", "tags (list<element: string>)", "emb (list<element: double>)"]
+    with pytest.raises(InputError, match=r"a\.parquet: feature column 'raw' is binary \(binary\)"):
+        inspect_input(DataSection(input=str(tmp_path), features=["a", "raw"]), LOCAL)
+    write(tmp_path, "a.parquet", table.select(["id", "raw", "tags"]))
+    with pytest.raises(InputError, match=r"no columns left besides ids, timestamp and exclusions \(raw \(binary\), "
+                                         r"tags \(list<element: string>\) cannot be features\)"):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
 
 
 def test_schema_must_agree_across_shards(tmp_path):

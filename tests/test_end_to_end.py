@@ -114,10 +114,11 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_only_the_input_set_on_a_one_column_table_without_ids(ray_cluster, storage, tmp_path):
-    """A user sets the input and nothing else, on the narrowest table: one numeric column and no id column.
-    Every column is a feature, the rows are split by their place, the code is as wide as the input, and the
-    planted extreme values rank first."""
+def test_only_the_input_set_on_a_one_feature_table_without_ids(ray_cluster, storage, tmp_path, capsys):
+    """A user sets the input and nothing else, on the narrowest table: one numeric column, no id column, and
+    columns that cannot be features (two dates, so no event time either, and bytes). Those are left out and
+    named, the rows are split by their place, the code is as wide as the input, and the planted extreme values
+    rank first."""
     from pipeline.config import config_from_dict
 
     rng = np.random.default_rng(1)
@@ -125,16 +126,23 @@ def test_only_the_input_set_on_a_one_column_table_without_ids(ray_cluster, stora
     planted = rng.choice(3000, 30, replace=False)
     truth[planted], x[planted] = True, rng.choice([-1, 1], 30) * rng.uniform(3.5, 6, 30)
     (tmp_path / "in").mkdir()
-    pq.write_table(pa.table({"x": x}), tmp_path / "in" / "part-0.parquet")
+    days = pa.array(rng.integers(0, 9000, 3000).astype("datetime64[D]"))
+    seen = pa.array(rng.integers(0, 10**12, 3000), pa.timestamp("ms"))
+    pq.write_table(pa.table({"x": x, "opened": days, "seen": seen, "blob": pa.array([b"\x00"] * 3000)}),
+                   tmp_path / "in" / "part-0.parquet")
     cfg = config_from_dict({"data": {"input": str(tmp_path / "in")}, "artifacts": {"uri": str(tmp_path / "a")},
                             "output": {"uri": str(tmp_path / "o")}, "train": {"cpus_per_worker": 0.5}})
     t = train_job(cfg, storage)
     assert t.manifest["feature_names"] == ["x"] and t.manifest["latent_dim"] == 1
     assert 0.07 < t.manifest["data"]["validation_rows"] / 3000 < 0.13  # about 10%, not clumped
+    printed = capsys.readouterr().out
+    assert "[train] left out of the features: opened (date32[day]), seen (timestamp[ms]), blob (binary)" in printed
+    assert "[train] event time: the run's as-of time (data.timestamp_column auto: the input has 2" in printed
     s = score_job(cfg, storage)
     assert s.scored_rows == 3000 and s.flagged_note is None  # about the threshold's 1% flagged, and the planted 1%
     out = read_parquet_dir(storage, str(tmp_path / "o"))
     assert out.column_names[0] == "latent"  # no id columns to copy
+    assert len(set(out.column("event_timestamp").to_pylist())) == 1  # the run's as-of time, not a column's
     assert auroc(out.column("anomaly_score").to_numpy(), truth) > 0.99  # one file, so the output keeps its order
     # an input shifted since training: far more rows flagged than the threshold expects, and the job says so
     (tmp_path / "shifted").mkdir()

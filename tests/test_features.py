@@ -69,7 +69,7 @@ def test_roles_come_from_arrow_types_and_bad_types_get_one_line():
         column_roles(t.schema, ["amount"], ["amount"], "f.parquet")
     auto = auto_features(DataSection(features="auto", timestamp_column="event_time",
                                      exclude_columns=["anomaly_kind", "is_anomaly_truth"]), t.schema, "f")
-    assert auto == FEATURES
+    assert auto == (FEATURES, [])
 
 
 def test_statistics_merge_to_the_same_featurizer_under_any_block_split():
