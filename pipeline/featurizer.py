@@ -76,6 +76,17 @@ class Drops:
         return list(self.why[~self.keep]) if self.why is not None and not self.keep.all() else None
 
 
+def beyond_float32(column: Union[pa.Array, pa.ChunkedArray]) -> int:
+    """How many of a numeric (or list of numbers) column's values are finite but beyond float32's range, which
+    the model's input turns into infinities (called on the error path only)."""
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    while isinstance(values.type, (pa.ListType, pa.LargeListType, pa.FixedSizeListType)):
+        values = values.flatten()
+    v = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        return int((np.isfinite(v) & (np.abs(v) > np.finfo(np.float32).max)).sum())
+
+
 def vector_values(table: pa.Table, column: str, length: int) -> np.ndarray:
     """(rows, length) float32 of a list<float> column's elements, without a copy where the layout allows.
     A vector has no missing element: null vectors, vectors of another length and null values are refused."""
@@ -268,7 +279,8 @@ class Featurizer:
                     raise InputError(f"file {source_of(table)}: column {c.name!r} has {col.null_count} null values "
                                      "(set data.missing=impute or drop)")
                 col = col.cast(pa.float64())
-            out[:, j] = col.to_numpy()
+            with np.errstate(over="ignore"):  # a finite value beyond float32 becomes inf: refused with the rest
+                out[:, j] = col.to_numpy()
         return out
 
     def matrix(self, table: pa.Table, missing_policy: str,
@@ -298,9 +310,11 @@ class Featurizer:
         if bad.any():
             rows = bad.any(axis=1)
             if nan_policy == "error":
-                raise InputError(f"file {source_of(table, rows)}: column {self._source(bad)!r} has "
-                                 f"{int(rows.sum())} rows with NaN or infinite values "
-                                 "(set data.nan_policy=drop to skip them)")
+                name = self._source(bad)
+                what = ("values beyond float32's range (+-3.4e38, the model's precision; rescale the column)"
+                        if beyond_float32(table.column(name)) else "NaN or infinite values")
+                raise InputError(f"file {source_of(table, rows)}: column {name!r} has {int(rows.sum())} rows with "
+                                 f"{what} (set data.nan_policy=drop to skip them)")
             drops.drop(rows, lambda new: [f"NaN or infinite value in {num[j].name}" for j in bad[new].argmax(axis=1)])
         if not missing.any():
             return

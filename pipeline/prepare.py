@@ -119,6 +119,9 @@ def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
         print(f"[prepare] warning: {w.message}", flush=True)
     if n_train == 0:
         raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
+    if n_val == 0:  # before training, not after it: the threshold and the score's weights are fitted on them
+        raise InputError(f"data.input {spec.uri}: no validation rows ({n_train} training, {n_rej} rejected, "
+                         f"data.validation_fraction {data.validation_fraction:g}); raise it, or give the job more rows")
     prep = {"key": key, "mean": featurizer.offset.tolist(), "scale": featurizer.scale.tolist(),
             "features": featurizer.to_dict(), "train_rows": n_train,
             "validation_rows": n_val, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}

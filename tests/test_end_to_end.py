@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
+from pipeline.errors import InputError
 from pipeline.jobs import score_job, train_job
 from pipeline.metrics import auroc, evaluate_against_truth
 from pipeline.sample import write_sample
@@ -167,3 +168,14 @@ def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):
     assert t.manifest["metrics"]["batch_size"] < cfg.train.batch_size
     assert t.best_val_loss < t.first_val_loss
     assert score_job(cfg, storage).scored_rows == 400
+    # three rows whose ids all hash to training: none left for validation, refused after the statistics pass and
+    # before any training
+    (tmp_path / "one").mkdir()
+    pq.write_table(pa.table({"id": [0, 1, 2], "x": [1.0, 2.0, 4.0], "y": [2.0, 1.0, 0.0]}),
+                   tmp_path / "one" / "part-0.parquet")
+    one = config_from_dict({"data": {"input": str(tmp_path / "one")}, "artifacts": {"uri": str(tmp_path / "a1")},
+                            "output": {"uri": str(tmp_path / "o1")}, "train": {"cpus_per_worker": 0.5}})
+    with pytest.raises(InputError, match=r"one: no validation rows \(3 training, 0 rejected, "
+                                         r"data.validation_fraction 0.3\); raise it, or give the job more rows"):
+        train_job(one, storage)
+    assert not storage.exists(str(tmp_path / "a1" / one.run.name / "model"))

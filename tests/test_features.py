@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import DataSection
 from pipeline.errors import InputError
-from pipeline.featurizer import MISSING, OTHER, CategoricalColumn, Featurizer, NumericColumn
+from pipeline.featurizer import MISSING, OTHER, CategoricalColumn, Featurizer, NumericColumn, beyond_float32
 from pipeline.inputs import auto_features
 from pipeline.prepare import BatchStats, merge_stat_rows
 from pipeline.roles import column_roles, vector_roles
@@ -177,6 +177,13 @@ def test_unseen_levels_and_nulls_never_fail_and_land_in_other_and_missing():
         fz.matrix(inf, "impute", "error")  # infinities stay bad input under every missing policy
     _, keep, reasons, _ = fz.matrix(inf, "impute", "drop")
     assert keep.tolist() == [True, False, True, True] and reasons == ["NaN or infinite value in a"]
+    # finite in the file, but beyond float32 (the model's input): said as such, not as an infinity
+    vast = t.set_column(1, "a", pa.array([1.0, 1e300, -1e39, 3.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning from the cast either
+        with pytest.raises(InputError, match=r"column 'a' has 2 rows with values beyond float32's range"):
+            fz.matrix(vast, "impute", "error")
+    assert beyond_float32(pa.chunked_array([[[1e300, 1.0]], [[2.0, -1e39]]])) == 2  # a vector column's too
 
 
 def test_level_counters_are_bounded_and_keep_the_frequent_levels():
