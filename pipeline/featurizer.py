@@ -256,8 +256,8 @@ class Featurizer:
                 raise InputError(f"{where}: missing column {c.name!r} (the model was trained on it)")
             t = schema.field(idx).type
             fam = type_family(t)
-            same = fam == c.family or (isinstance(c, NumericColumn) and fam in ("float", "integer")
-                                       and c.family in ("float", "integer"))
+            same = fam == c.family or pa.types.is_null(t) or (  # nulls only: missing values (data.missing)
+                isinstance(c, NumericColumn) and fam in ("float", "integer") and c.family in ("float", "integer"))
             if not same:
                 raise InputError(f"{where}: column {c.name!r} is {t} ({fam or 'unsupported'}), but the model was "
                                  f"trained on it as {c.family}")

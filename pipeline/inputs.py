@@ -102,31 +102,64 @@ def _list_files(uri: str, storage: Storage) -> list[str]:
 
 
 def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list[str],
-                ref_types: dict[str, tuple[pa.DataType, str]]) -> list[ColumnRole]:
-    """One file's footer: every column read present, with the type the first file has, of a usable kind.
-    Returns the scalar feature columns' roles (none for a vector column)."""
+                ref_types: dict[str, tuple[pa.DataType, str]]) -> None:
+    """One file's footer: every column read present, with the type the files before it have (a feature column:
+    one that holds the same kind of values, `merged_type`), of a usable kind."""
+    features = set(data.feature_columns)
     for col in required:
         idx = schema.get_field_index(col)
         if idx < 0:
             raise InputError(f"file {f_uri}: missing column {col!r}")
         t = schema.field(idx).type
-        if col in ref_types and ref_types[col][0] != t:
-            raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_types[col][1]} has "
-                             f"{ref_types[col][0]} (shards must share one schema)")
-        ref_types.setdefault(col, (t, f_uri))
+        if col in ref_types:
+            ref, ref_uri = ref_types[col]
+            merged = merged_type(ref, t) if col in features and not data.vector_column else (ref if ref == t else None)
+            if merged is None:
+                raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_uri} has {ref} (shards must share "
+                                 "one schema; a feature column's types may differ only in width or nulls)")
+            t = merged
+        ref_types[col] = (t, ref_types.get(col, (t, f_uri))[1])
     if data.vector_column:
         col = data.feature_columns[0]
         t = schema.field(col).type
         if not (_is_list(t) and _is_numeric(t.value_type)):
             raise InputError(f"file {f_uri}: feature column {col!r} is {t}, expected a list of floats")
-    roles = [] if data.vector_column else column_roles(schema, data.feature_columns, data.categorical_columns,
-                                                       f"file {f_uri}")
     if data.timestamp_column:
         t = schema.field(data.timestamp_column).type
         if not (pa.types.is_timestamp(t) or pa.types.is_date(t)):
             raise InputError(f"file {f_uri}: timestamp column {data.timestamp_column!r} is {t}, "
                              "expected a timestamp or date")
-    return roles
+
+
+def merged_type(a: pa.DataType, b: pa.DataType) -> Optional[pa.DataType]:
+    """The type of a feature column whose shards hold `a` and `b`, where the pipeline reads both alike (each
+    shard is read in its own type; the featurizer takes any numeric type as numbers and any string type as
+    levels): integers of any width (int64), integers and floats or decimals (float64), a string in any of its
+    forms (string), and a column of nulls only (a shard where every value was missing: the other type).
+    None where they are not one kind of value."""
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    fa, fb = type_family(a), type_family(b)
+    if fa is None or fb is None:
+        return None
+    if {fa, fb} <= {"integer", "float"}:
+        return pa.int64() if fa == fb == "integer" else pa.float64()
+    if fa == fb == "string":
+        return pa.string()
+    return None
+
+
+def merged_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """The first shard's columns, each with its type merged over the shards that have it (`merged_type`;
+    where two do not merge, the first shard's: the file check then names the file)."""
+    types = {f.name: f.type for f in schemas[0]}
+    for schema in schemas[1:]:
+        for f in schema:
+            if f.name in types:
+                types[f.name] = merged_type(types[f.name], f.type) or types[f.name]
+    return pa.schema([pa.field(name, t) for name, t in types.items()])
 
 
 def _vector_length(uri: str, storage: Storage, col: str, t: pa.DataType, file_rows: dict[str, int]) -> int:
@@ -150,21 +183,25 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     if not files:
         raise InputError(f"data.input {uri}: no Parquet files found")
     footers = map_io(lambda u: _read_footer(storage, u), files)
+    schema = merged_schema([s for _, s, _ in footers])
     if data.id_columns == AUTO:
-        data = dataclasses.replace(data, id_columns=auto_ids(footers[0][1]))
+        data = dataclasses.replace(data, id_columns=auto_ids(schema))
     if data.timestamp_column == AUTO:
-        data = dataclasses.replace(data, timestamp_column=auto_timestamp(data, footers[0][1]))
-    if not data.ids and ROW_KEY in footers[0][1].names:
+        data = dataclasses.replace(data, timestamp_column=auto_timestamp(data, schema))
+    if not data.ids and ROW_KEY in schema.names:
         raise InputError(f"file {footers[0][0]}: column {ROW_KEY!r} is reserved for the row keys of an input "
                          "without id columns; set data.id_columns or rename it")
     left_out: list[str] = []
     if data.features == AUTO:
-        features, left_out = auto_features(data, footers[0][1], footers[0][0])
+        features, left_out = auto_features(data, schema, footers[0][0])
         data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
     ref_types: dict[str, tuple[pa.DataType, str]] = {}
-    roles = [_check_file(data, f_uri, schema, required, ref_types) for f_uri, schema, _ in footers][0]
+    for f_uri, file_schema, _ in footers:
+        _check_file(data, f_uri, file_schema, required, ref_types)
+    roles = [] if data.vector_column else column_roles(schema, data.feature_columns, data.categorical_columns,
+                                                       f"file {footers[0][0]}")
     file_rows = {f_uri: nrows for f_uri, _, nrows in footers}
     num_rows = sum(file_rows.values())
     if num_rows == 0:
@@ -174,7 +211,7 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
         roles = vector_roles(col, _vector_length(uri, storage, col, ref_types[col][0], file_rows))
     data = resolve_validation(data, num_rows)
     return InputSpec(uri=uri, files=list(files), feature_names=[r.name for r in roles], num_rows=num_rows,
-                     columns=required, file_rows=file_rows, data=data, roles=roles, schema=footers[0][1],
+                     columns=required, file_rows=file_rows, data=data, roles=roles, schema=schema,
                      left_out=left_out)
 
 

@@ -19,6 +19,8 @@ def type_family(t: pa.DataType) -> Optional[str]:
     """The family a column's type belongs to, as the model remembers it; None for a type that is no feature."""
     if pa.types.is_dictionary(t):
         return type_family(t.value_type)
+    if pa.types.is_null(t):  # nulls only (a shard where every value was missing): numbers, all missing
+        return "float"
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
         return "float"
     if pa.types.is_integer(t):

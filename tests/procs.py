@@ -266,8 +266,11 @@ def read_parquet_dir(storage, uri: str):
     parts = []
     for f in storage.list_files(uri, suffix=".parquet"):
         with storage.open_parquet(f) as pf:
-            parts.append(pf.read())
-    return pa.concat_tables(parts)
+            t = pf.read()
+        # an input's shards may differ in integer width or dictionary encoding (the same values)
+        parts.append(t.cast(pa.schema([pa.field(c.name, c.type.value_type if pa.types.is_dictionary(c.type)
+                                                 else c.type) for c in t.schema])))
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def two_ranks(target: Callable, *args, timeout: float = 120) -> object:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import DataSection, StorageSection
 from pipeline.featurizer import Featurizer
-from pipeline.inputs import input_notes, inspect_input
+from pipeline.inputs import input_notes, inspect_input, merged_type
 from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
 from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, row_keys, validation_mask
 from pipeline.stats import ColumnMoments, TableStats, normalization_stats, rare_flags
@@ -129,6 +129,32 @@ def test_schema_must_agree_across_shards(tmp_path):
     write(tmp_path, "b.parquet", vec_table(3, 4, fixed=True))
     with pytest.raises(InputError, match=r"b\.parquet: column 'features' is fixed_size_list.*a\.parquet"):
         inspect_input(vector_data(input=str(tmp_path)), LOCAL)
+
+
+def test_feature_columns_may_differ_across_shards_in_width_or_nulls_only(tmp_path):
+    """Shards written apart (one a day, by pandas) differ in ways that hold the same values: integer widths,
+    integers where another day has floats (a day with a null), a column of nulls only (a day where every value
+    was missing), dictionary-encoded strings. Those are one feature; ids, and values of another kind, are not."""
+    day1 = pa.table({"id": pa.array([1, 2], pa.int64()), "k": pa.array([1, 2], pa.int64()), "x": [1.0, 2.0],
+                     "note": ["a", "b"], "c": pa.array(["u", "v"]).dictionary_encode()})
+    day2 = pa.table({"id": pa.array([3, 4], pa.int64()), "k": pa.array([1, None], pa.float64()),
+                     "x": pa.array([1, 2], pa.int32()), "note": pa.nulls(2), "c": ["v", "w"]})
+    write(tmp_path, "a.parquet", day2)  # the first file's nulls do not decide the column's role
+    write(tmp_path, "b.parquet", day1)
+    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    assert [(r.name, r.role, r.family) for r in spec.roles] == [
+        ("k", "numeric", "float"), ("x", "numeric", "float"), ("note", "categorical", "string"),
+        ("c", "categorical", "string")]
+    assert spec.left_out == [] and spec.schema.field("note").type == pa.string()
+    assert merged_type(pa.int8(), pa.uint32()) == pa.int64() and merged_type(pa.null(), pa.null()) == pa.null()
+    assert merged_type(pa.int64(), pa.string()) is None and merged_type(pa.bool_(), pa.int64()) is None
+    write(tmp_path, "b.parquet", day1.set_column(0, "id", pa.array([3, 4], pa.int32())))
+    with pytest.raises(InputError, match=r"column 'id' is int32, but .*a\.parquet has int64 \(shards must share "
+                                         r"one schema; a feature column's types may differ only in width or nulls\)"):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    write(tmp_path, "b.parquet", day1.set_column(1, "k", pa.array(["1", "2"])))
+    with pytest.raises(InputError, match=r"b\.parquet: column 'k' is string, but .*a\.parquet has double"):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
 
 
 def test_empty_and_missing_input(tmp_path):

@@ -73,6 +73,16 @@ def numeric_only_auroc(table: pa.Table, hidden: list[int], latent: int, epochs: 
 
 def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, storage, capsys):
     write_mixed_sample(f"s3://{bucket}/mixed", storage, rows=ROWS, shards=2, anomaly_fraction=0.04, seed=1)
+    # the second shard as another writer leaves it: the same values in narrower integers and dictionary-encoded
+    # strings (one feature each across the shards: every read takes a shard in its own types)
+    fs, path = storage.resolve(f"s3://{bucket}/mixed/part-00001.parquet")
+    with fs.open_input_file(path) as f:
+        second = pq.read_table(f)
+    for name, column in (("items", second.column("items").cast(pa.int32())),
+                         ("merchant", second.column("merchant").dictionary_encode())):
+        second = second.set_column(second.schema.get_field_index(name), name, column)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(second, f)
     cfg = config(bucket, s3_server)
     torch.set_num_threads(1)  # the comparison model below; the shared 2-core box is busy enough
 
@@ -85,6 +95,8 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
     assert roles["account_age_days"] == ("numeric", True, 0) and roles["amount"] == ("numeric", False, 0)
     assert roles["currency"][0] == roles["card_present"][0] == "categorical" and roles["card_present"][2] == 2
     assert 48 < roles["merchant"][2] <= 64  # 300 merchants: the most frequent, 64 at most (a tie at the cut: none)
+    families = {c["name"]: c["family"] for c in manifest["features"]["columns"]}
+    assert families["items"] == "integer" and families["merchant"] == "string"  # int64 and int32; plain and encoded
 
     s = score_job(cfg, storage, run_date=RUN_DATE)
     assert s.input_rows == s.scored_rows == ROWS and s.rejected_rows == 0
