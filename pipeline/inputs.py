@@ -43,7 +43,8 @@ class InputSpec:
     roles: list[ColumnRole] = field(default_factory=list)
     """Each feature's role (numeric, categorical) and type family; a vector column's elements are numeric."""
     schema: Optional[pa.Schema] = None
-    """The first file's schema (every file has the same types in the columns read)."""
+    """The input's columns as the first file has them, each feature column's type merged over every file
+    (`merged_schema`): what the roles, and scoring's check against the model, are decided on."""
     left_out: list[str] = field(default_factory=list)
     """`data.features: auto`: the columns that cannot be features, as `name (type)`; the job names them."""
 
@@ -117,8 +118,9 @@ def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list
             if merged is None:
                 raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_uri} has {ref} (shards must share "
                                  "one schema; a feature column's types may differ only in width or nulls)")
-            t = merged
-        ref_types[col] = (t, ref_types.get(col, (t, f_uri))[1])
+            ref_types[col] = (merged, ref_uri)
+        else:
+            ref_types[col] = (t, f_uri)
     if data.vector_column:
         col = data.feature_columns[0]
         t = schema.field(col).type
@@ -266,7 +268,7 @@ def input_notes(requested: DataSection, spec: InputSpec) -> list[str]:
     """What the autos chose that a user should read: the event time, and the columns left out of the features."""
     data, notes = spec.data or requested, []
     if requested.timestamp_column == AUTO and spec.schema is not None:
-        found = [data.timestamp_column] if data.timestamp_column else timestamp_candidates(data, spec.schema)
+        found = timestamp_candidates(data, spec.schema)
         if data.timestamp_column:
             notes.append(f"event time: column {data.timestamp_column!r} (data.timestamp_column auto: the input's "
                          "one timestamp column), copied to event_timestamp")
