@@ -103,7 +103,7 @@ def _list_files(uri: str, storage: Storage) -> list[str]:
 
 
 def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list[str],
-                ref_types: dict[str, tuple[pa.DataType, str]]) -> None:
+                ref_types: dict[str, tuple[pa.DataType, str, pa.DataType]]) -> None:
     """One file's footer: every column read present, with the type the files before it have (a feature column:
     one that holds the same kind of values, `merged_type`), of a usable kind."""
     features = set(data.feature_columns)
@@ -113,14 +113,17 @@ def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list
             raise InputError(f"file {f_uri}: missing column {col!r}")
         t = schema.field(idx).type
         if col in ref_types:
-            ref, ref_uri = ref_types[col]
+            ref, ref_uri, first = ref_types[col]
             merged = merged_type(ref, t) if col in features and not data.vector_column else (ref if ref == t else None)
+            codes = col in data.categorical_columns and not (pa.types.is_null(t) or pa.types.is_null(ref))
+            if codes and type_family(ref) != type_family(t):
+                merged = None  # integer codes that become floats: 3 and 3.0 would be two levels
             if merged is None:
-                raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_uri} has {ref} (shards must share "
+                raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_uri} has {first} (shards must share "
                                  "one schema; a feature column's types may differ only in width or nulls)")
-            ref_types[col] = (merged, ref_uri)
+            ref_types[col] = (merged, ref_uri, first)
         else:
-            ref_types[col] = (t, f_uri)
+            ref_types[col] = (t, f_uri, t)
     if data.vector_column:
         col = data.feature_columns[0]
         t = schema.field(col).type
@@ -199,7 +202,7 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
         data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
-    ref_types: dict[str, tuple[pa.DataType, str]] = {}
+    ref_types: dict[str, tuple[pa.DataType, str, pa.DataType]] = {}  # merged type, first file, its type
     for f_uri, file_schema, _ in footers:
         _check_file(data, f_uri, file_schema, required, ref_types)
     roles = [] if data.vector_column else column_roles(schema, data.feature_columns, data.categorical_columns,

@@ -155,6 +155,16 @@ def test_feature_columns_may_differ_across_shards_in_width_or_nulls_only(tmp_pat
     write(tmp_path, "b.parquet", day1.set_column(1, "k", pa.array(["1", "2"])))
     with pytest.raises(InputError, match=r"b\.parquet: column 'k' is string, but .*a\.parquet has double"):
         inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    # integer codes (data.categorical_columns) may change width, not become floats: 3 and 3.0 are two levels
+    coded = DataSection(input=str(tmp_path), categorical_columns=["k"], features=["k"])
+    write(tmp_path, "b.parquet", day1)
+    with pytest.raises(InputError, match=r"b\.parquet: column 'k' is int64, but .*a\.parquet has double"):
+        inspect_input(coded, LOCAL)
+    # a third shard that breaks a merged column: the message names the first file with that file's own type
+    write(tmp_path, "b.parquet", day1)
+    write(tmp_path, "c.parquet", day1.set_column(2, "x", pa.array(["1", "2"])))
+    with pytest.raises(InputError, match=r"c\.parquet: column 'x' is string, but .*a\.parquet has int32 \("):
+        inspect_input(DataSection(input=str(tmp_path)), LOCAL)
 
 
 def test_empty_and_missing_input(tmp_path):
