@@ -102,28 +102,19 @@ def _list_files(uri: str, storage: Storage) -> list[str]:
     return [f for f in storage.list_files(uri) if not f.endswith((".crc", ".json", ".txt"))]
 
 
-def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list[str],
-                ref_types: dict[str, tuple[pa.DataType, str, pa.DataType]]) -> None:
-    """One file's footer: every column read present, with the type the files before it have (a feature column:
-    one that holds the same kind of values, `merged_type`), of a usable kind."""
-    features = set(data.feature_columns)
+def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list[str], merged: pa.Schema,
+                first: tuple[str, pa.Schema]) -> None:
+    """One file's footer: every column read present, of a usable kind, with the first file's type, or for a
+    feature column one that holds the same kind of values (`merged_type`: it folds into the merged type)."""
+    first_uri, first_schema = first
     for col in required:
         idx = schema.get_field_index(col)
         if idx < 0:
             raise InputError(f"file {f_uri}: missing column {col!r}")
-        t = schema.field(idx).type
-        if col in ref_types:
-            ref, ref_uri, first = ref_types[col]
-            merged = merged_type(ref, t) if col in features and not data.vector_column else (ref if ref == t else None)
-            codes = col in data.categorical_columns and not (pa.types.is_null(t) or pa.types.is_null(ref))
-            if codes and type_family(ref) != type_family(t):
-                merged = None  # integer codes that become floats: 3 and 3.0 would be two levels
-            if merged is None:
-                raise InputError(f"file {f_uri}: column {col!r} is {t}, but {ref_uri} has {first} (shards must share "
-                                 "one schema; a feature column's types may differ only in width or nulls)")
-            ref_types[col] = (merged, ref_uri, first)
-        else:
-            ref_types[col] = (t, f_uri, t)
+        t, ref = schema.field(idx).type, first_schema.field(col).type
+        if not _alike(data, col, t, ref, merged.field(col).type):
+            raise InputError(f"file {f_uri}: column {col!r} is {t}, but {first_uri} has {ref} (shards must share "
+                             "one schema; a feature column's types may differ only in width or nulls)")
     if data.vector_column:
         col = data.feature_columns[0]
         t = schema.field(col).type
@@ -131,9 +122,20 @@ def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list
             raise InputError(f"file {f_uri}: feature column {col!r} is {t}, expected a list of floats")
     if data.timestamp_column:
         t = schema.field(data.timestamp_column).type
-        if not (pa.types.is_timestamp(t) or pa.types.is_date(t)):
+        if not _temporal(t):
             raise InputError(f"file {f_uri}: timestamp column {data.timestamp_column!r} is {t}, "
                              "expected a timestamp or date")
+
+
+def _alike(data: DataSection, col: str, t: pa.DataType, first: pa.DataType, merged: pa.DataType) -> bool:
+    """A shard's type `t` for `col` is one the pipeline reads as it reads the first shard's: the same type (ids,
+    the timestamp, a vector column), or for a scalar feature one that folds into the column's merged type;
+    integer codes (data.categorical_columns) where another shard has floats are refused, since 3 and 3.0 would
+    be two levels."""
+    if col not in data.feature_columns or data.vector_column:
+        return t == first
+    codes = col in data.categorical_columns and not (pa.types.is_null(t) or pa.types.is_null(merged))
+    return not (codes and type_family(t) != type_family(merged)) and merged_type(merged, t) == merged
 
 
 def merged_type(a: pa.DataType, b: pa.DataType) -> Optional[pa.DataType]:
@@ -202,9 +204,8 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
         data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
-    ref_types: dict[str, tuple[pa.DataType, str, pa.DataType]] = {}  # merged type, first file, its type
     for f_uri, file_schema, _ in footers:
-        _check_file(data, f_uri, file_schema, required, ref_types)
+        _check_file(data, f_uri, file_schema, required, schema, footers[0][:2])
     roles = [] if data.vector_column else column_roles(schema, data.feature_columns, data.categorical_columns,
                                                        f"file {footers[0][0]}")
     file_rows = {f_uri: nrows for f_uri, _, nrows in footers}
@@ -213,7 +214,7 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
         raise InputError(f"data.input {uri}: the input is empty ({len(files)} files, 0 rows)")
     if data.vector_column:
         col = data.feature_columns[0]
-        roles = vector_roles(col, _vector_length(uri, storage, col, ref_types[col][0], file_rows))
+        roles = vector_roles(col, _vector_length(uri, storage, col, schema.field(col).type, file_rows))
     data = resolve_validation(data, num_rows)
     return InputSpec(uri=uri, files=list(files), feature_names=[r.name for r in roles], num_rows=num_rows,
                      columns=required, file_rows=file_rows, data=data, roles=roles, schema=schema,
