@@ -7,6 +7,7 @@ variable-length vector column; a bad input stops the job with one line naming th
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -22,8 +23,16 @@ from pipeline.sizing import resolve_validation
 from pipeline.storage import Storage, map_io
 from pipeline.uri import normalize_uri, scheme_of
 
-ID_COLUMN = "id"
-"""The column `data.id_columns: auto` takes as the rows' key, where the input has it."""
+KEY_NAMES = (re.compile(r"(?:^|[_\-. ])(?:id|uuid|guid)$", re.IGNORECASE),
+             re.compile(r"[a-z0-9](?:Id|ID|Uuid|UUID|Guid|GUID)$"))
+"""Names that mark a column as a row or entity key for `data.id_columns: auto`: `id`, `ID`, `user_id`,
+`CUSTOMER-ID`, `order uuid`, and in camel case `userId`, `customerID`; not `paid`, `valid`, `grid` or `PID`."""
+KEY_FAMILIES = ("integer", "string", "float")
+"""The types a key-named column is taken as an id in (a float: pandas writes an integer key with nulls so)."""
+
+
+def is_key_name(name: str) -> bool:
+    return any(pattern.search(name) for pattern in KEY_NAMES)
 
 
 @dataclass
@@ -191,8 +200,9 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
         raise InputError(f"data.input {uri}: no Parquet files found")
     footers = map_io(lambda u: _read_footer(storage, u), files)
     schema = merged_schema([s for _, s, _ in footers])
-    if data.id_columns == AUTO:
-        data = dataclasses.replace(data, id_columns=auto_ids(schema))
+    ids_auto = data.id_columns == AUTO
+    if ids_auto:
+        data = dataclasses.replace(data, id_columns=auto_ids(schema, data))
     if data.timestamp_column == AUTO:
         data = dataclasses.replace(data, timestamp_column=auto_timestamp(data, schema))
     if not data.ids and ROW_KEY in schema.names:
@@ -200,7 +210,7 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
                          "without id columns; set data.id_columns or rename it")
     left_out: list[str] = []
     if data.features == AUTO:
-        features, left_out = auto_features(data, schema, footers[0][0])
+        features, left_out = auto_features(data, schema, footers[0][0], ids_auto)
         data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
@@ -221,9 +231,21 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
                      left_out=left_out)
 
 
-def auto_ids(schema: pa.Schema) -> list[str]:
-    """`data.id_columns: auto`: the column named `id` where the input has one, else none."""
-    return [ID_COLUMN] if ID_COLUMN in schema.names else []
+def auto_ids(schema: pa.Schema, data: Optional[DataSection] = None) -> list[str]:
+    """`data.id_columns: auto`: the columns whose names mark them as keys (`is_key_name`: `id`, `user_id`,
+    `customerId`, ...) and whose values are integers, strings or floats, in the input's order; none where no
+    column is so named (the split then hashes each row's place). A column `data` gives another role (listed in
+    `data.features`, `data.categorical_columns` or `data.exclude_columns`, or the timestamp) is not taken.
+
+    A key is no feature: as a number its magnitude means nothing, and a key that grows over time (new customers)
+    would put every new row outside the training range; the output carries it, for joining the rows back."""
+    taken: set = set()
+    if data is not None:
+        taken = set(data.exclude_columns) | set(data.categorical_columns) | {data.timestamp_column}
+        if isinstance(data.features, list):
+            taken |= set(data.features)
+    return [f.name for f in schema if f.name not in taken and is_key_name(f.name)
+            and type_family(f.type) in KEY_FAMILIES]
 
 
 def _temporal(t: pa.DataType) -> bool:
@@ -245,7 +267,8 @@ def timestamp_candidates(data: DataSection, schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if f.name not in taken and _temporal(f.type)]
 
 
-def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> tuple[Union[str, list[str]], list[str]]:
+def auto_features(data: DataSection, schema: pa.Schema, f_uri: str,
+                  ids_auto: bool = False) -> tuple[Union[str, list[str]], list[str]]:
     """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
     input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
     left is the vector form.
@@ -254,7 +277,8 @@ def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> tuple[Uni
     floats beside other columns) are left out rather than refused, so that a table goes in as it is; returns
     (features, the columns left out as `name (type)`). A listed `data.features` is taken as it is, and such a
     column in it is refused, naming it."""
-    ids = auto_ids(schema) if data.id_columns == AUTO else data.ids
+    ids_auto = ids_auto or data.id_columns == AUTO
+    ids = auto_ids(schema, data) if data.id_columns == AUTO else data.ids
     skip = set(ids) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
     cols = [name for name in schema.names if name not in skip]
     if len(cols) == 1 and _is_list(schema.field(cols[0]).type):
@@ -263,14 +287,20 @@ def auto_features(data: DataSection, schema: pa.Schema, f_uri: str) -> tuple[Uni
     left_out = [f"{name} ({schema.field(name).type})" for name in cols if name not in usable]
     if not usable:
         what = f" ({', '.join(left_out)} cannot be features)" if left_out else ""
+        keys = (f"; data.id_columns auto took {', '.join(ids)} as keys (their names): set data.id_columns"
+                if ids_auto and ids else "")
         raise InputError(f"file {f_uri}: data.features auto: no columns left besides ids, timestamp and "
-                         f"exclusions{what}")
+                         f"exclusions{what}{keys}")
     return usable, left_out
 
 
 def input_notes(requested: DataSection, spec: InputSpec) -> list[str]:
-    """What the autos chose that a user should read: the event time, and the columns left out of the features."""
+    """What the autos chose that a user should read: ids other than a plain `id`, the event time, and the columns
+    left out of the features."""
     data, notes = spec.data or requested, []
+    if requested.id_columns == AUTO and data.id_columns not in (AUTO, [], ["id"]):
+        notes.append(f"ids: {', '.join(data.id_columns)} (data.id_columns auto: the columns named as keys; "
+                     "copied to the output and hashed for the split, not features; set data.id_columns to choose)")
     if requested.timestamp_column == AUTO and spec.schema is not None:
         found = timestamp_candidates(data, spec.schema)
         if data.timestamp_column:

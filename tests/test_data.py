@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import DataSection, StorageSection
 from pipeline.featurizer import Featurizer
-from pipeline.inputs import input_notes, inspect_input, merged_type
+from pipeline.inputs import input_notes, inspect_input, is_key_name, merged_type
 from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
 from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, row_keys, validation_mask
 from pipeline.stats import ColumnMoments, TableStats, normalization_stats, rare_flags
@@ -104,6 +104,42 @@ def test_auto_features_and_ids_are_the_defaults(tmp_path):
     assert input_notes(DataSection(input=str(one)), inspect_input(DataSection(input=str(one)), LOCAL)) == [
         "event time: column 'at' (data.timestamp_column auto: the input's one timestamp column), copied to "
         "event_timestamp"]
+
+
+def test_auto_ids_are_the_columns_named_as_keys_and_never_features(tmp_path):
+    """`data.id_columns: auto` takes every column named as a key (`user_id`, `customerId`, `ID`, ...) with integer,
+    string or float values; they are copied to the output and are no features, and the job names them."""
+    names = ["id", "ID", "user_id", "USER-ID", "Patient ID", "order.uuid", "userId", "customerID", "device7Id",
+             "row_guid"]
+    not_keys = ["paid", "valid", "grid", "PID", "ids", "idle", "id_card", "Valid", "PAID", "identity"]
+    assert [n for n in names if not is_key_name(n)] == [] and [n for n in not_keys if is_key_name(n)] == []
+    write(tmp_path, "a.parquet", pa.table({
+        "customer_id": [7, 9], "amount": [1.0, 2.0], "paid": [True, False], "store_id": ["s1", "s2"],
+        "device_id": pa.array([1.0, None]), "flag_id": [True, False], "blob_id": [b"a", b"b"]}))
+    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    # a bool or binary column named as a key is no key; the binary one is left out of the features as binary
+    assert spec.data.id_columns == ["customer_id", "store_id", "device_id"]
+    assert spec.feature_names == ["amount", "paid", "flag_id"] and spec.left_out == ["blob_id (binary)"]
+    assert spec.columns[:3] == ["amount", "paid", "flag_id"] and set(spec.columns[3:]) == set(spec.data.ids)
+    assert input_notes(DataSection(input=str(tmp_path)), spec)[0] == (
+        "ids: customer_id, store_id, device_id (data.id_columns auto: the columns named as keys; copied to the "
+        "output and hashed for the split, not features; set data.id_columns to choose)")
+    # a column given another role keeps it; set ids are taken as they are and named by no note
+    spec = inspect_input(DataSection(input=str(tmp_path), categorical_columns=["customer_id"],
+                                     exclude_columns=["device_id", "blob_id"]), LOCAL)
+    assert spec.data.id_columns == ["store_id"] and spec.feature_names == ["customer_id", "amount", "paid", "flag_id"]
+    spec = inspect_input(DataSection(input=str(tmp_path), id_columns=["customer_id"], exclude_columns=["blob_id"]),
+                         LOCAL)
+    assert spec.feature_names == ["amount", "paid", "store_id", "device_id", "flag_id"]
+    assert input_notes(DataSection(input=str(tmp_path), id_columns=["customer_id"]), spec) == []
+    # keys and nothing else: refused, saying that auto took them and how to choose
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    write(keys, "a.parquet", pa.table({"user_id": [1, 2], "item_id": [3, 4]}))
+    with pytest.raises(InputError, match=r"no columns left besides ids, timestamp and exclusions; data.id_columns "
+                                         r"auto took user_id, item_id as keys \(their names\): set data.id_columns"):
+        inspect_input(DataSection(input=str(keys)), LOCAL)
+    assert inspect_input(DataSection(input=str(keys), id_columns=["user_id"]), LOCAL).feature_names == ["item_id"]
 
 
 def test_columns_that_cannot_be_features_are_left_out_under_auto_and_refused_when_listed(tmp_path):

@@ -40,7 +40,7 @@ RUN_DATE = dt.date(2026, 3, 4)
 def config(bucket: str, endpoint: str, data: str = "mixed", out: str = "out", *extra: str):
     return load_config("jobs/configs/tiny.yaml", [
         f"data.input=s3://{bucket}/{data}", f"artifacts.uri=s3://{bucket}/artifacts",
-        f"output.uri=s3://{bucket}/{out}", f"storage.endpoint_url={endpoint}", "run.name=mixed",
+        f"output.uri=s3://{bucket}/{out}", f"storage.endpoint_url={endpoint}", "run.name=mixed", "data.id_columns=auto",
         "train.epochs=10", "train.lr=0.01", "train.patience=10", "train.checkpoint_every=10",
         "train.num_workers=1", "train.cpus_per_worker=0.5",
         "output.feature_errors=true", "output.top_k_features=2", *extra])
@@ -73,16 +73,20 @@ def numeric_only_auroc(table: pa.Table, hidden: list[int], latent: int, epochs: 
 
 def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, storage, capsys):
     write_mixed_sample(f"s3://{bucket}/mixed", storage, rows=ROWS, shards=2, anomaly_fraction=0.04, seed=1)
-    # the second shard as another writer leaves it: the same values in narrower integers and dictionary-encoded
-    # strings (one feature each across the shards: every read takes a shard in its own types)
-    fs, path = storage.resolve(f"s3://{bucket}/mixed/part-00001.parquet")
-    with fs.open_input_file(path) as f:
-        second = pq.read_table(f)
-    for name, column in (("items", second.column("items").cast(pa.int32())),
-                         ("merchant", second.column("merchant").dictionary_encode())):
-        second = second.set_column(second.schema.get_field_index(name), name, column)
-    with fs.open_output_stream(path) as f:
-        pq.write_table(second, f)
+    # a customer key (named as one, so data.id_columns auto takes it beside `id`: copied, no feature); the second
+    # shard as another writer leaves it: the same values in narrower integers and dictionary-encoded strings (one
+    # feature each across the shards: every read takes a shard in its own types)
+    for shard in ("part-00000", "part-00001"):
+        fs, path = storage.resolve(f"s3://{bucket}/mixed/{shard}.parquet")
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        table = table.append_column("customerId", pa.array([f"c{i % 500}" for i in table.column("id").to_pylist()]))
+        if shard == "part-00001":
+            for name, column in (("items", table.column("items").cast(pa.int32())),
+                                 ("merchant", table.column("merchant").dictionary_encode())):
+                table = table.set_column(table.schema.get_field_index(name), name, column)
+        with fs.open_output_stream(path) as f:
+            pq.write_table(table, f)
     cfg = config(bucket, s3_server)
     torch.set_num_threads(1)  # the comparison model below; the shared 2-core box is busy enough
 
@@ -90,6 +94,7 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
     assert t.train_rows + t.validation_rows == ROWS and t.rejected_rows == 0
     manifest = t.manifest
     assert manifest["feature_names"] == NUMERIC + CATEGORICAL  # data.features auto, in the input's order
+    assert "[train] ids: id, customerId (data.id_columns auto" in capsys.readouterr().out
     roles = {c["name"]: (c["role"], c.get("indicator"), len(c.get("levels", [])))
              for c in manifest["features"]["columns"]}
     assert roles["account_age_days"] == ("numeric", True, 0) and roles["amount"] == ("numeric", False, 0)
@@ -103,6 +108,8 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
     out = read_parquet_dir(storage, s.output_uri)
     ids = out.column("id").to_numpy()
     assert len(np.unique(ids)) == ROWS == out.num_rows  # every row scored exactly once
+    assert out.column_names[:2] == ["id", "customerId"]
+    assert out.column("customerId").to_pylist() == [f"c{i % 500}" for i in ids]
     assert out.schema.field("feature_errors").type == pa.list_(pa.float32())
     assert {len(v) for v in out.column("feature_errors").to_pylist()} == {len(NUMERIC + CATEGORICAL)}
     assert set(sum(out.column("top_features").to_pylist(), [])) <= set(NUMERIC + CATEGORICAL)

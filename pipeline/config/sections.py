@@ -52,8 +52,9 @@ class DataSection:
     """Levels one-hot encoded per categorical column at most: the most frequent in training (each seen twice or
     more, none tied at the cut: stats.LevelCounts.top); rarer and unseen levels share an `other` level."""
     id_columns: Union[list[str], Literal["auto"]] = AUTO
-    """Columns copied unchanged to the output; also hashed for the train/validation split. `auto` (the
-    default): `[id]` where the input has a column named `id`, else none (the split then hashes each row's
+    """Columns copied unchanged to the output; also hashed for the train/validation split; never features.
+    `auto` (the default): the columns whose names mark them as keys (`id`, `user_id`, `customerId`, ...:
+    pipeline.inputs.auto_ids) with integer, string or float values, else none (the split then hashes each row's
     place, its file and position: rows.row_keys; the output rows carry no key)."""
     timestamp_column: Optional[str] = AUTO
     """Event-time column copied to the output's `event_timestamp`; unset (null) means the run's as-of time.
