@@ -223,6 +223,9 @@ def test_still_improving_only_at_the_epoch_limit_with_a_falling_loss():
     assert still_improving(falling, epoch_limit=10, min_delta=1e-4) is None      # stopped early: fine
     assert still_improving(_history([0.2, 0.1, 0.1, 0.11]), epoch_limit=4, min_delta=1e-4) is None  # flat
     assert still_improving(_history([0.2, 0.1, 0.09999999]), epoch_limit=3, min_delta=1e-4) is None  # tiny
+    # a gain early stopping counts but that is not worth a warning: 0.5% in the last epoch
+    assert still_improving(_history([0.2, 0.1, 0.0995]), epoch_limit=3, min_delta=1e-4) is None
+    assert still_improving(_history([0.2, 0.1, 0.098]), epoch_limit=3, min_delta=1e-4) is not None  # 2%
 
 
 def test_calibrated_score_puts_features_on_one_scale_and_sees_far_out_codes():
