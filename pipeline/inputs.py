@@ -7,6 +7,7 @@ variable-length vector column; a bad input stops the job with one line naming th
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -210,7 +211,8 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
                          "without id columns; set data.id_columns or rename it")
     left_out: list[str] = []
     if data.features == AUTO:
-        features, left_out = auto_features(data, schema, footers[0][0], ids_auto)
+        features, left_out = auto_features(data, schema, footers[0][0], ids_auto,
+                                           pandas_index_columns([s for _, s, _ in footers]))
         data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
@@ -229,6 +231,21 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     return InputSpec(uri=uri, files=list(files), feature_names=[r.name for r in roles], num_rows=num_rows,
                      columns=required, file_rows=file_rows, data=data, roles=roles, schema=schema,
                      left_out=left_out)
+
+
+def pandas_index_columns(schemas: list[pa.Schema]) -> list[str]:
+    """The columns that pandas' `to_parquet` wrote from a DataFrame's index (`__index_level_0__` after a filter,
+    or the index's own name), as the files' pandas metadata lists them; their order over the files."""
+    found: dict[str, None] = {}
+    for schema in schemas:
+        try:
+            meta = json.loads((schema.metadata or {}).get(b"pandas", b"{}"))
+        except ValueError:
+            continue
+        for col in meta.get("index_columns", []) if isinstance(meta, dict) else []:
+            if isinstance(col, str) and col in schema.names:  # a RangeIndex is stored as a range, not a column
+                found[col] = None
+    return list(found)
 
 
 def auto_ids(schema: pa.Schema, data: Optional[DataSection] = None) -> list[str]:
@@ -267,8 +284,8 @@ def timestamp_candidates(data: DataSection, schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if f.name not in taken and _temporal(f.type)]
 
 
-def auto_features(data: DataSection, schema: pa.Schema, f_uri: str,
-                  ids_auto: bool = False) -> tuple[Union[str, list[str]], list[str]]:
+def auto_features(data: DataSection, schema: pa.Schema, f_uri: str, ids_auto: bool = False,
+                  pandas_index: tuple[str, ...] | list[str] = ()) -> tuple[Union[str, list[str]], list[str]]:
     """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
     input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
     left is the vector form.
@@ -276,15 +293,21 @@ def auto_features(data: DataSection, schema: pa.Schema, f_uri: str,
     Columns that cannot be features (timestamps and dates other than the event time, binary, nested: a list of
     floats beside other columns) are left out rather than refused, so that a table goes in as it is; returns
     (features, the columns left out as `name (type)`). A listed `data.features` is taken as it is, and such a
-    column in it is refused, naming it."""
+    column in it is refused, naming it.
+
+    So is a DataFrame's index that pandas wrote beside the data (`pandas_index`, from the files' metadata:
+    `__index_level_0__` after a filter), unless it is an id: row labels, not a measurement, and a row number
+    grows from one partition to the next."""
     ids_auto = ids_auto or data.id_columns == AUTO
     ids = auto_ids(schema, data) if data.id_columns == AUTO else data.ids
     skip = set(ids) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
     cols = [name for name in schema.names if name not in skip]
+    index = [f"{name} (pandas index)" for name in cols if name in pandas_index]
+    cols = [name for name in cols if name not in pandas_index]
     if len(cols) == 1 and _is_list(schema.field(cols[0]).type):
-        return cols[0], []
+        return cols[0], index
     usable = [name for name in cols if type_family(schema.field(name).type) is not None]
-    left_out = [f"{name} ({schema.field(name).type})" for name in cols if name not in usable]
+    left_out = [f"{name} ({schema.field(name).type})" for name in cols if name not in usable] + index
     if not usable:
         what = f" ({', '.join(left_out)} cannot be features)" if left_out else ""
         keys = (f"; data.id_columns auto took {', '.join(ids)} as keys (their names): set data.id_columns"
@@ -311,5 +334,6 @@ def input_notes(requested: DataSection, spec: InputSpec) -> list[str]:
                          f"{len(found)} timestamp/date columns, {', '.join(found)}; set it to one of them)")
     if spec.left_out:
         notes.append(f"left out of the features: {', '.join(spec.left_out)} (data.features auto: a timestamp, "
-                     "binary or nested column is no feature; name them in data.exclude_columns to silence this)")
+                     "binary or nested column, or a DataFrame index pandas wrote, is no feature; name them in "
+                     "data.exclude_columns to silence this)")
     return notes

@@ -142,6 +142,32 @@ def test_auto_ids_are_the_columns_named_as_keys_and_never_features(tmp_path):
     assert inspect_input(DataSection(input=str(keys), id_columns=["user_id"]), LOCAL).feature_names == ["item_id"]
 
 
+def test_a_dataframe_index_pandas_wrote_is_no_feature(tmp_path):
+    """`df.to_parquet()` after a filter writes the index as `__index_level_0__`: row labels that grow from one
+    partition to the next. Under `data.features: auto` it is left out and named; a named index that is a key is
+    an id; a RangeIndex is no column at all."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": [0.5, 0.1, 0.2, 0.3]})
+    filtered, named, ranged = tmp_path / "filtered", tmp_path / "named", tmp_path / "ranged"
+    for d in (filtered, named, ranged):
+        d.mkdir()
+    frame.iloc[[0, 2, 3]].to_parquet(filtered / "a.parquet")  # not a range any more
+    frame.set_axis(pd.Index([7, 3, 9, 1], name="user_id")).to_parquet(named / "a.parquet")
+    frame.to_parquet(ranged / "a.parquet")
+    spec = inspect_input(DataSection(input=str(filtered)), LOCAL)
+    assert spec.feature_names == ["a", "b"] and spec.left_out == ["__index_level_0__ (pandas index)"]
+    assert "__index_level_0__" not in spec.columns
+    assert input_notes(DataSection(input=str(filtered)), spec)[0].startswith(
+        "left out of the features: __index_level_0__ (pandas index) (data.features auto: ")
+    spec = inspect_input(DataSection(input=str(named)), LOCAL)
+    assert (spec.data.id_columns, spec.feature_names, spec.left_out) == (["user_id"], ["a", "b"], [])
+    assert inspect_input(DataSection(input=str(ranged)), LOCAL).left_out == []
+    # listed, it is a feature like any other column
+    assert inspect_input(DataSection(input=str(filtered), features=["a", "__index_level_0__"]), LOCAL).feature_names \
+        == ["a", "__index_level_0__"]
+
+
 def test_columns_that_cannot_be_features_are_left_out_under_auto_and_refused_when_listed(tmp_path):
     """Under `data.features: auto` a table goes in as it is: binary and nested columns (a list of floats beside
     other columns too) are left out and named; listed in `data.features`, each is refused, naming it; a table of

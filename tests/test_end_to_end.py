@@ -117,9 +117,9 @@ def test_cli_run_through_s3(s3_server, bucket, storage, tmp_path):
 
 def test_only_the_input_set_on_a_one_feature_table_without_ids(ray_cluster, storage, tmp_path, capsys):
     """A user sets the input and nothing else, on the narrowest table: one numeric column, no id column, and
-    columns that cannot be features (two dates, so no event time either, and bytes). Those are left out and
-    named, the rows are split by their place, the code is as wide as the input, and the planted extreme values
-    rank first."""
+    columns that cannot be features (two dates, so no event time either, bytes, and a DataFrame index pandas
+    wrote). Those are left out and named, the rows are split by their place, the code is as wide as the input,
+    and the planted extreme values rank first."""
     from pipeline.config import config_from_dict
 
     rng = np.random.default_rng(1)
@@ -129,7 +129,11 @@ def test_only_the_input_set_on_a_one_feature_table_without_ids(ray_cluster, stor
     (tmp_path / "in").mkdir()
     days = pa.array(rng.integers(0, 9000, 3000).astype("datetime64[D]"))
     seen = pa.array(rng.integers(0, 10**12, 3000), pa.timestamp("ms"))
-    pq.write_table(pa.table({"x": x, "opened": days, "seen": seen, "blob": pa.array([b"\x00"] * 3000)}),
+    # and the index pandas writes beside a filtered frame's columns, as its metadata lists it
+    table = pa.table({"x": x, "opened": days, "seen": seen, "blob": pa.array([b"\x00"] * 3000),
+                      "__index_level_0__": np.arange(3000) * 2})
+    pandas_meta = {"index_columns": ["__index_level_0__"], "columns": [], "pandas_version": "3.0.0"}
+    pq.write_table(table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()}),
                    tmp_path / "in" / "part-0.parquet")
     cfg = config_from_dict({"data": {"input": str(tmp_path / "in")}, "artifacts": {"uri": str(tmp_path / "a")},
                             "output": {"uri": str(tmp_path / "o")}, "train": {"cpus_per_worker": 0.5}})
@@ -137,7 +141,8 @@ def test_only_the_input_set_on_a_one_feature_table_without_ids(ray_cluster, stor
     assert t.manifest["feature_names"] == ["x"] and t.manifest["latent_dim"] == 1
     assert 0.07 < t.manifest["data"]["validation_rows"] / 3000 < 0.13  # about 10%, not clumped
     printed = capsys.readouterr().out
-    assert "[train] left out of the features: opened (date32[day]), seen (timestamp[ms]), blob (binary)" in printed
+    assert ("[train] left out of the features: opened (date32[day]), seen (timestamp[ms]), blob (binary), "
+            "__index_level_0__ (pandas index)") in printed
     assert "[train] event time: the run's as-of time (data.timestamp_column auto: the input has 2" in printed
     s = score_job(cfg, storage)
     assert s.scored_rows == 3000 and s.flagged_note is None  # about the threshold's 1% flagged, and the planted 1%
