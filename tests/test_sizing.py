@@ -150,7 +150,12 @@ def test_auto_is_the_default_and_parses():
 
 
 def test_step_budget_lowers_the_batch_then_raises_the_epochs():
-    assert step_budget(1024, 100_000_000, "auto", 2000) == (1024, 20)   # a big table keeps its settings
+    assert step_budget(1024, 1_000_000, "auto", 2000) == (1024, 20)     # a big table keeps its settings
+    # a very large one: the epochs that reach 10x the steps, at least one (2M rows: 1,954 steps an epoch)
+    assert step_budget(1024, 2_000_000, "auto", 2000) == (1024, 11)
+    assert step_budget(1024, 100_000_000, "auto", 2000) == (1024, 1)
+    assert step_budget(1024, 100_000_000, "auto", 0) == (1024, 20)      # steps 0: no step budget, no cap
+    assert step_budget(1024, 100_000_000, 20, 2000) == (1024, 20)       # explicit epochs: as set
     batch, epochs = step_budget(1024, 4_000, "auto", 2000)             # pendigits-sized: smaller batches
     assert batch == 40 and epochs == 20 and epochs * (4_000 // batch) >= 2000
     batch, epochs = step_budget(1024, 900, "auto", 2000)               # tiny: batch floor 16, more epochs

@@ -15,7 +15,8 @@ from pipeline.sizing import AUTO
 class TrainSection:
     epochs: Union[int, Literal["auto"]] = AUTO
     """Maximum passes over the training data (early stopping may end sooner). `auto`: 20, and on a small
-    table enough to reach train.steps (the batch size is lowered first); a number is a hard limit."""
+    table enough to reach train.steps (the batch size is lowered first); on a very large table only those that
+    reach 10x train.steps, at least one (pipeline/sizing.py `large_table_epochs`); a number is a hard limit."""
     steps: Union[int, Literal["auto"]] = AUTO
     """With epochs `auto`: optimizer steps per worker the run aims for; a small table gets smaller batches
     (down to 16 rows) and then more epochs until it reaches them. `auto`: 2000, or 4000 when the input has

@@ -14,7 +14,7 @@ import torch
 from pipeline.cluster import ray_log_level, torch_trainer_class, train_loop_with_ray_log_level
 from pipeline.read import read_dataset, stream_execution_options
 from pipeline.rows import SplitFeatures
-from pipeline.sizing import auto_steps, step_budget
+from pipeline.sizing import AUTO_EPOCHS, LARGE_TABLE_STEPS, auto_steps, step_budget
 from pipeline.sketch import ScoreSketch
 from pipeline.train.batches import DirectSplits
 from pipeline.train.state import VALIDATION_KEY, WorkerConfig
@@ -62,9 +62,11 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
     steps = auto_steps(tr.steps, bool(featurizer.categorical_columns))
     batch_size, epochs = step_budget(tr.batch_size, n_train // tr.num_workers, tr.epochs, steps)
     if batch_size != tr.batch_size or tr.epochs == "auto":
+        capped = (f"; a very large table: the epochs that reach {LARGE_TABLE_STEPS}x the steps"
+                  if tr.epochs == "auto" and epochs < AUTO_EPOCHS else "")  # sizing.large_table_epochs
         print(f"[train] batch size {batch_size}, up to {epochs} epochs (train.epochs {tr.epochs}, train.steps "
               f"{steps}{' (auto)' if tr.steps == 'auto' else ''}; {n_train} training "
-              f"rows, {tr.num_workers} workers)", flush=True)
+              f"rows, {tr.num_workers} workers{capped})", flush=True)
     worker = WorkerConfig(model=cfg.model, train=tr, n_features=featurizer.width, mean=featurizer.offset.tolist(),
                           scale=featurizer.scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
                           layout=featurizer.layout(),
