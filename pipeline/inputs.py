@@ -295,9 +295,10 @@ def auto_features(data: DataSection, schema: pa.Schema, f_uri: str, ids_auto: bo
     (features, the columns left out as `name (type)`). A listed `data.features` is taken as it is, and such a
     column in it is refused, naming it.
 
-    So is a DataFrame's index that pandas wrote beside the data (`pandas_index`, from the files' metadata:
-    `__index_level_0__` after a filter), unless it is an id: row labels, not a measurement, and a row number
-    grows from one partition to the next."""
+    A DataFrame's index that pandas wrote beside the data (`pandas_index`, from the files' metadata:
+    `__index_level_0__` after a filter) is left out too, as `name (pandas index)`, unless it is an id: row
+    labels, not a measurement, and a row number grows from one partition to the next. Listed in
+    `data.features`, it is a feature like any other column."""
     ids_auto = ids_auto or data.id_columns == AUTO
     ids = auto_ids(schema, data) if data.id_columns == AUTO else data.ids
     skip = set(ids) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
