@@ -191,6 +191,11 @@ class Featurizer:
         return self.vector is None
 
     @property
+    def _bad_values(self) -> str:
+        """What a bad value is, for the messages: in a scalar column NaN is missing, so only an infinity is."""
+        return "infinite value" if self.nan_is_missing else "NaN or infinite value"
+
+    @property
     def width(self) -> int:
         num = self.numeric_columns
         return len(num) + sum(c.indicator for c in num) + sum(c.width for c in self.categorical_columns)
@@ -312,16 +317,16 @@ class Featurizer:
             if nan_policy == "error":
                 name = self._source(bad)
                 what = ("values beyond float32's range (+-3.4e38, the model's precision; rescale the column)"
-                        if beyond_float32(table.column(name)) else "NaN or infinite values")
+                        if beyond_float32(table.column(name)) else self._bad_values + "s")
                 raise InputError(f"file {source_of(table, rows)}: column {name!r} has {int(rows.sum())} rows with "
                                  f"{what} (set data.nan_policy=drop to skip them)")
-            drops.drop(rows, lambda new: [f"NaN or infinite value in {num[j].name}" for j in bad[new].argmax(axis=1)])
+            drops.drop(rows, lambda new: [f"{self._bad_values} in {num[j].name}" for j in bad[new].argmax(axis=1)])
         if not missing.any():
             return
         rows = missing.any(axis=1)
         if missing_policy == "error":
             raise InputError(f"file {source_of(table, rows)}: column {self._source(missing)!r} has "
-                             f"{int(rows.sum())} rows with NaN or infinite values (set data.missing=impute or drop)")
+                             f"{int(rows.sum())} rows with NaN values (set data.missing=impute or drop)")
         if missing_policy == "drop":
             drops.drop(rows, lambda new: [f"missing value in {num[j].name}" for j in missing[new].argmax(axis=1)])
         k = len(num)

@@ -53,7 +53,7 @@ class InputSpec:
     roles: list[ColumnRole] = field(default_factory=list)
     """Each feature's role (numeric, categorical) and type family; a vector column's elements are numeric."""
     schema: Optional[pa.Schema] = None
-    """The input's columns as the first file has them, each feature column's type merged over every file
+    """The input's columns over every file, each feature column's type merged over the files that have it
     (`merged_schema`): what the roles, and scoring's check against the model, are decided on."""
     left_out: list[str] = field(default_factory=list)
     """`data.features: auto`: the columns that cannot be features, as `name (type)`; the job names them."""
@@ -169,14 +169,27 @@ def merged_type(a: pa.DataType, b: pa.DataType) -> Optional[pa.DataType]:
 
 
 def merged_schema(schemas: list[pa.Schema]) -> pa.Schema:
-    """The first shard's columns, each with its type merged over the shards that have it (`merged_type`;
-    where two do not merge, the first shard's: the file check then names the file)."""
-    types = {f.name: f.type for f in schemas[0]}
-    for schema in schemas[1:]:
+    """Every shard's columns, in the order first seen, each with its type merged over the shards that have it
+    (`merged_type`; where two do not merge, the first seen: the file check then names the file)."""
+    types: dict[str, pa.DataType] = {}
+    for schema in schemas:
         for f in schema:
-            if f.name in types:
+            if f.name not in types:
+                types[f.name] = f.type
+            else:
                 types[f.name] = merged_type(types[f.name], f.type) or types[f.name]
     return pa.schema([pa.field(name, t) for name, t in types.items()])
+
+
+def partial_columns(schemas: list[pa.Schema]) -> dict[str, str]:
+    """The columns some shards lack, each as `in k of n files`: a column added to a table over time (newer
+    partitions have it, older ones do not). Under the autos such a column is no feature, key or event time,
+    whichever file is read first; listed in the config, the file that lacks it is named."""
+    counts: dict[str, int] = {}
+    for schema in schemas:
+        for name in dict.fromkeys(schema.names):
+            counts[name] = counts.get(name, 0) + 1
+    return {name: f"in {k} of {len(schemas)} files" for name, k in counts.items() if k < len(schemas)}
 
 
 def _vector_length(uri: str, storage: Storage, col: str, t: pa.DataType, file_rows: dict[str, int]) -> int:
@@ -201,18 +214,20 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
         raise InputError(f"data.input {uri}: no Parquet files found")
     footers = map_io(lambda u: _read_footer(storage, u), files)
     schema = merged_schema([s for _, s, _ in footers])
+    partial = partial_columns([s for _, s, _ in footers])
+    everywhere = pa.schema([f for f in schema if f.name not in partial])  # what the autos choose from
     ids_auto = data.id_columns == AUTO
     if ids_auto:
-        data = dataclasses.replace(data, id_columns=auto_ids(schema, data))
+        data = dataclasses.replace(data, id_columns=auto_ids(everywhere, data))
     if data.timestamp_column == AUTO:
-        data = dataclasses.replace(data, timestamp_column=auto_timestamp(data, schema))
+        data = dataclasses.replace(data, timestamp_column=auto_timestamp(data, everywhere))
     if not data.ids and ROW_KEY in schema.names:
         raise InputError(f"file {footers[0][0]}: column {ROW_KEY!r} is reserved for the row keys of an input "
                          "without id columns; set data.id_columns or rename it")
     left_out: list[str] = []
     if data.features == AUTO:
         features, left_out = auto_features(data, schema, footers[0][0], ids_auto,
-                                           pandas_index_columns([s for _, s, _ in footers]))
+                                           pandas_index_columns([s for _, s, _ in footers]), partial)
         data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
@@ -285,7 +300,8 @@ def timestamp_candidates(data: DataSection, schema: pa.Schema) -> list[str]:
 
 
 def auto_features(data: DataSection, schema: pa.Schema, f_uri: str, ids_auto: bool = False,
-                  pandas_index: tuple[str, ...] | list[str] = ()) -> tuple[Union[str, list[str]], list[str]]:
+                  pandas_index: tuple[str, ...] | list[str] = (),
+                  partial: Optional[dict[str, str]] = None) -> tuple[Union[str, list[str]], list[str]]:
     """`data.features: auto`: every column but the ids, the timestamp and `data.exclude_columns` (names the
     input lacks are skipped: one config serves tables with and without, say, a label). One list<float> column
     left is the vector form.
@@ -298,13 +314,17 @@ def auto_features(data: DataSection, schema: pa.Schema, f_uri: str, ids_auto: bo
     A DataFrame's index that pandas wrote beside the data (`pandas_index`, from the files' metadata:
     `__index_level_0__` after a filter) is left out too, as `name (pandas index)`, unless it is an id: row
     labels, not a measurement, and a row number grows from one partition to the next. Listed in
-    `data.features`, it is a feature like any other column."""
+    `data.features`, it is a feature like any other column. A column some files lack (`partial`, from
+    `partial_columns`) is left out too, as `name (in k of n files)`, whichever file is read first; listed in
+    `data.features`, the file that lacks it is refused."""
+    partial = partial or {}
     ids_auto = ids_auto or data.id_columns == AUTO
     ids = auto_ids(schema, data) if data.id_columns == AUTO else data.ids
     skip = set(ids) | set(data.exclude_columns) | {data.timestamp_column, PATH_COLUMN}
     cols = [name for name in schema.names if name not in skip]
     index = [f"{name} (pandas index)" for name in cols if name in pandas_index]
-    cols = [name for name in cols if name not in pandas_index]
+    index += [f"{name} ({partial[name]})" for name in cols if name in partial and name not in pandas_index]
+    cols = [name for name in cols if name not in pandas_index and name not in partial]
     if len(cols) == 1 and _is_list(schema.field(cols[0]).type):
         return cols[0], index
     usable = [name for name in cols if type_family(schema.field(name).type) is not None]
@@ -335,6 +355,6 @@ def input_notes(requested: DataSection, spec: InputSpec) -> list[str]:
                          f"{len(found)} timestamp/date columns, {', '.join(found)}; set it to one of them)")
     if spec.left_out:
         notes.append(f"left out of the features: {', '.join(spec.left_out)} (data.features auto: a timestamp, "
-                     "binary or nested column, or a DataFrame index pandas wrote, is no feature; name them in "
-                     "data.exclude_columns to silence this)")
+                     "binary or nested column, a DataFrame index pandas wrote, or a column some files lack, is no "
+                     "feature; name them in data.exclude_columns to silence this)")
     return notes

@@ -142,6 +142,29 @@ def test_auto_ids_are_the_columns_named_as_keys_and_never_features(tmp_path):
     assert inspect_input(DataSection(input=str(keys), id_columns=["user_id"]), LOCAL).feature_names == ["item_id"]
 
 
+def test_a_column_some_files_lack_is_left_out_under_auto_whichever_file_comes_first(tmp_path):
+    """A table that gained columns over time: newer partitions have `extra` (and a key, `user_id`), older ones
+    do not. Under the autos neither is taken, and the job names the column, whether the file that has it is
+    read first or last (before, the first file decided: the column was dropped silently, or refused). Listed
+    in the config, the file that lacks it is named."""
+    old = pa.table({"a": [1.0, 2.0], "b": [3.0, 4.0]})
+    new = old.append_column("extra", pa.array([5.0, 6.0])).append_column("user_id", pa.array([1, 2]))
+    for first, last in ((old, new), (new, old)):
+        d = tmp_path / f"first{first.num_columns}"
+        d.mkdir()
+        write(d, "a.parquet", first)
+        write(d, "b.parquet", last)
+        spec = inspect_input(DataSection(input=str(d)), LOCAL)
+        assert (spec.feature_names, spec.data.id_columns, sorted(spec.columns)) == (["a", "b"], [], ["a", "b"])
+        assert spec.left_out == ["extra (in 1 of 2 files)", "user_id (in 1 of 2 files)"]
+        assert input_notes(DataSection(input=str(d)), spec)[0].startswith(
+            "left out of the features: extra (in 1 of 2 files), user_id (in 1 of 2 files) (data.features auto: ")
+        lacking = "a.parquet" if first is old else "b.parquet"
+        with pytest.raises(InputError, match=rf"file .*{lacking}: missing column 'extra'"):
+            inspect_input(DataSection(input=str(d), features=["a", "extra"]), LOCAL)
+    assert inspect_input(DataSection(input=str(d), exclude_columns=["extra", "user_id"]), LOCAL).left_out == []
+
+
 def test_a_dataframe_index_pandas_wrote_is_no_feature(tmp_path):
     """`df.to_parquet()` after a filter writes the index as `__index_level_0__`: row labels that grow from one
     partition to the next. Under `data.features: auto` it is left out and named; a named index that is a key is

@@ -142,7 +142,7 @@ def test_mixed_table_with_nulls_through_s3(ray_cluster, s3_server, bucket, stora
                                   pa.array(np.zeros(ROWS, "datetime64[s]"))), "feature column 'country' is timestamp"),
         "infs": (good.set_column(good.schema.get_field_index("balance"), "balance",
                                  pa.array(np.where(np.arange(ROWS) == 7, np.inf, good.column("balance").to_numpy()))),
-                 "column 'balance' has 1 rows with NaN or infinite values"),
+                 "column 'balance' has 1 rows with infinite values"),
     }
     for name, (table, message) in cases.items():
         uri = f"s3://{bucket}/bad-{name}/part-00000.parquet"
