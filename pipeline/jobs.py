@@ -138,6 +138,16 @@ def _save_model(cfg: Config, requested: Config, storage: Storage, spec: InputSpe
     return manifest, model
 
 
+def _split_as_prepared(cfg: Config, spec: InputSpec, prep: dict[str, Any]) -> tuple[Config, InputSpec]:
+    """The config and input with the split's cut the prepare pass used: data.validation_fraction, or on a tiny
+    input that it left one-sided, the cut it moved to (prepare.compute_stats), for every later pass."""
+    cut = prep.get("validation_cut", cfg.data.validation_fraction)
+    if cut == cfg.data.validation_fraction:
+        return cfg, spec
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, validation_fraction=cut))
+    return cfg, dataclasses.replace(spec, data=cfg.data)
+
+
 @tracked_training
 def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = False,
               check_output: bool = False) -> TrainSummary:
@@ -164,6 +174,7 @@ def train_job(cfg: Config, storage: Optional[Storage] = None, overwrite: bool = 
     with watch(stall_s, "prepare", data_phase(cfg, "the normalization pass")):
         prep = prepare(cfg, storage, spec)
     lap("prepare")
+    cfg, spec = _split_as_prepared(cfg, spec, prep)
     featurizer = Featurizer.from_dict(prep["features"])
     cfg, auto = _sized(cfg, requested, featurizer)
     with watch(stall_s, "training", training_phase(cfg)):

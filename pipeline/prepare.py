@@ -22,7 +22,7 @@ from pipeline.errors import InputError
 from pipeline.featurizer import Featurizer
 from pipeline.inputs import InputSpec
 from pipeline.read import read_dataset
-from pipeline.rows import RejectWriter, batch_rows, validation_mask
+from pipeline.rows import RejectWriter, batch_rows, split_cut, split_position
 from pipeline.stats import (ColumnMoments, LevelCounts, TableStats, counter_capacity,
                             normalization_stats, rare_flags)
 from pipeline.storage import Storage
@@ -45,8 +45,10 @@ class BatchStats:
         rows = batch_rows(table, data, fz)
         if self.on_reject is not None:
             self.on_reject(table, rows)
-        val = validation_mask(table, data, rows.split_key)
+        u = split_position(table, data, rows.split_key)
+        val = u < data.validation_fraction
         train = rows.keep & ~val
+        kept = np.sort(u[rows.keep])
         cap = counter_capacity(data.max_categories)
         xnum = rows.raw[train]
         stats = TableStats(ColumnMoments.of(xnum), np.isnan(xnum).sum(axis=0).astype(np.int64),
@@ -57,6 +59,10 @@ class BatchStats:
             "stats": np.array([stats.to_json()], dtype=object),
             "n_val": np.array([int((rows.keep & val).sum())], dtype=np.int64),
             "n_rejected": np.array([int((~rows.keep).sum())], dtype=np.int64),
+            # the kept rows' lowest two and highest split places: a tiny input's split_cut
+            "u_low": np.array([kept[0] if len(kept) else 1.0]),
+            "u_second": np.array([kept[1] if len(kept) > 1 else 1.0]),
+            "u_high": np.array([kept[-1] if len(kept) else -1.0]),
         }
 
 
@@ -71,19 +77,43 @@ def merge_stat_rows(rows: Iterable[dict[str, Any]], featurizer: Featurizer,
     return total, n, n_val, n_rej
 
 
+def split_ends(rows: Iterable[dict[str, Any]]) -> tuple[float, float, float]:
+    """The kept rows' lowest two and highest split places over BatchStats' rows (`rows.split_cut`)."""
+    lows, high = [1.0, 1.0], -1.0
+    for r in rows:
+        lows, high = sorted([*lows, float(r["u_low"]), float(r["u_second"])])[:2], max(high, float(r["u_high"]))
+    return lows[0], lows[1], high
+
+
 def compute_stats(spec: InputSpec, data: DataSection, storage: Storage,
-                  rejects_uri: Optional[str] = None) -> tuple[TableStats, int, int, int]:
-    """One distributed pass: (statistics of the training rows, train, validation, rejected rows). With
-    `rejects_uri` (and a `drop` policy), the dropped rows are written there with the reason."""
-    fz = spec.featurizer
+                  rejects_uri: Optional[str] = None) -> tuple[TableStats, int, int, int, float]:
+    """One distributed pass: (statistics of the training rows, train, validation, rejected rows, the split's
+    cut). With `rejects_uri` (and a `drop` policy), the dropped rows are written there with the reason.
+
+    On a tiny input whose split left no validation or no training rows (a few rows, each hashed to one side),
+    the cut moves so that one row is on the empty side (`rows.split_cut`), and the pass runs again with it:
+    the statistics are of the training rows."""
+    rows = _stat_rows(spec, data, storage, rejects_uri)
+    n_train, n_val = (sum(int(r[k]) for r in rows) for k in ("n", "n_val"))
+    cut = split_cut(data.validation_fraction, n_train, n_val, split_ends(rows))
+    if cut != data.validation_fraction:
+        if rejects_uri:
+            storage.delete_dir(rejects_uri)  # the pass writes them again
+        rows = _stat_rows(spec, dataclasses.replace(data, validation_fraction=cut), storage, rejects_uri)
+    return (*merge_stat_rows(rows, spec.featurizer, data.max_categories), cut)
+
+
+def _stat_rows(spec: InputSpec, data: DataSection, storage: Storage,
+               rejects_uri: Optional[str]) -> list[dict[str, Any]]:
+    """BatchStats' rows over the input, one per block."""
     on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri and data.drops_rows else None
-    ds = read_dataset(spec, storage, row_keys=True).map_batches(BatchStats(data, fz, on_reject),
+    ds = read_dataset(spec, storage, row_keys=True).map_batches(BatchStats(data, spec.featurizer, on_reject),
                                                                 batch_format="pyarrow", batch_size=None)
     rows = []
     for batch in beating(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i in range(len(batch["n"])):
             rows.append({k: batch[k][i] for k in batch})
-    return merge_stat_rows(rows, fz, data.max_categories)
+    return rows
 
 
 def prepare_key(spec: InputSpec, data: DataSection) -> dict[str, Any]:
@@ -110,24 +140,27 @@ def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     rejects_uri = join_uri(cfg.run_uri, REJECTS)
     storage.delete_dir(rejects_uri)  # a recomputed pass rewrites them all
-    stats, n_train, n_val, n_rej = compute_stats(spec, data, storage, rejects_uri)
+    stats, n_train, n_val, n_rej, cut = compute_stats(spec, data, storage, rejects_uri)
     offset, scale = normalization_stats(stats.numeric)
     with warnings.catch_warnings(record=True) as caught:  # a column's warning, in the job's own words
         warnings.simplefilter("always")
         featurizer = spec.featurizer.fit(stats, offset, scale, data.max_categories, data.missing)
     for w in caught:
         print(f"[prepare] warning: {w.message}", flush=True)
-    if n_train == 0:
-        raise InputError(f"data.input {spec.uri}: no training rows ({n_val} validation, {n_rej} rejected)")
-    if n_val == 0:  # before training, not after it: the threshold and the score's weights are fitted on them
-        raise InputError(f"data.input {spec.uri}: no validation rows ({n_train} training, {n_rej} rejected, "
-                         f"data.validation_fraction {data.validation_fraction:g}); raise it, or give the job more rows")
+    if not (n_train and n_val):  # before training: the threshold and the score's weights are fitted on them
+        n = n_train + n_val
+        raise InputError(f"data.input {spec.uri}: {n} row{'s' * (n != 1)} to learn from ({n_rej} rejected); the "
+                         "job needs two or more, at least one to train on and one to validate on")
     prep = {"key": key, "mean": featurizer.offset.tolist(), "scale": featurizer.scale.tolist(),
-            "features": featurizer.to_dict(), "train_rows": n_train,
-            "validation_rows": n_val, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}
+            "features": featurizer.to_dict(), "train_rows": n_train, "validation_rows": n_val,
+            "validation_cut": cut, "rejected_rows": n_rej, "rejects": rejects_uri if n_rej else None}
     storage.write_json(uri, prep)
     flags = int(rare_flags(stats.numeric).sum())
     print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {n_train} train, {n_val} validation, "
           f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s"
           + (f"; a table of flags: {flags} rare flags scaled by half their range" if flags else ""), flush=True)
+    if cut != data.validation_fraction:
+        print(f"[prepare] data.validation_fraction {data.validation_fraction:g} put all {n_train + n_val} rows on one "
+              f"side of the split, so the row at its end is on the other ({n_train} train, {n_val} validation)",
+              flush=True)
     return prep

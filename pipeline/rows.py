@@ -87,14 +87,30 @@ def row_hash(table: pa.Table, id_columns: list[str], features: Optional[np.ndarr
     return h
 
 
+def split_position(table: pa.Table, data: DataSection, features: Optional[np.ndarray] = None) -> np.ndarray:
+    """Each row's place in [0, 1) for the split, from its hash: below `data.validation_fraction` is validation."""
+    h = row_hash(table, data.ids, features)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def validation_mask(table: pa.Table, data: DataSection, features: Optional[np.ndarray] = None) -> np.ndarray:
     """True for rows in the validation split."""
     if data.validation_fraction == AUTO:
         raise ValueError("data.validation_fraction: auto is resolved from the input's row count "
                          "(pipeline.inputs.inspect_input)")
-    h = row_hash(table, data.ids, features)
-    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return u < data.validation_fraction
+    return split_position(table, data, features) < data.validation_fraction
+
+
+def split_cut(fraction: float, n_train: int, n_val: int, ends: tuple[float, float, float]) -> float:
+    """The split's cut for a tiny input where `fraction` left one side empty: the kept rows' lowest two places
+    and highest (`ends`) put the one lowest row in validation, or the one highest in training. `fraction`
+    where both sides have rows, or where fewer than two rows are kept (nothing to split)."""
+    low, second, high = ends
+    if n_train + n_val < 2 or (n_train and n_val) or low == high:
+        return fraction
+    if not n_val:
+        return (low + second) / 2 if second > low else np.nextafter(low, 1.0)
+    return high
 
 
 @dataclass

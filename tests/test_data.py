@@ -384,6 +384,38 @@ def test_batch_stats_rows_merge_to_train_split_stats():
     np.testing.assert_allclose(m.mean, x[~val].astype(np.float64).mean(0), rtol=1e-9)
 
 
+def test_a_tiny_inputs_split_moves_its_cut_so_that_both_sides_have_rows():
+    """A few rows may all hash to one side of data.validation_fraction; the cut then moves to put the row at that
+    end on the other side (`split_cut`), from the kept rows' lowest two and highest places that BatchStats
+    gathers per block (`split_ends`). Two or more rows always split; one row, or rows that all share a key,
+    cannot."""
+    from pipeline.prepare import split_ends
+    from pipeline.rows import split_cut, split_position
+
+    data = vector_data(validation_fraction=0.3)
+    fz = raw_featurizer(data, 3)
+    place = {i: split_position(pa.table({"id": pa.array([i], pa.int64())}), data)[0] for i in range(200)}
+    all_val = [i for i in range(199) if place[i] < 0.3 and place[i + 1] < 0.3][0]
+    for ids, side in (([0, 1, 2], "train"), ([all_val, all_val + 1], "validation"), (list(range(10)), "both")):
+        t = pa.table({"id": pa.array(ids, pa.int64()), "features": vec_table(len(ids), 3).column("features")})
+        u = split_position(t, data)
+        rows = [{k: v[0] for k, v in BatchStats(data, fz)(part).items()} for part in (t.slice(0, 1), t.slice(1))]
+        low, second, high = split_ends(rows)
+        assert (low, second, high) == tuple(sorted(u)[:2]) + (max(u),)
+        n_val = int((u < 0.3).sum())
+        cut = split_cut(0.3, len(ids) - n_val, n_val, (low, second, high))
+        val = u < cut
+        assert 0 < val.sum() < len(ids)
+        assert n_val == {"train": 0, "validation": len(ids)}.get(side, n_val) and (side != "both" or 0 < n_val < 10)
+        if 0 < n_val < len(ids):
+            assert cut == 0.3  # both sides had rows: the setting stands
+        else:  # one row moved: the lowest to validation, or the highest to training
+            assert val.sum() == (1 if n_val == 0 else len(ids) - 1)
+    assert split_cut(0.3, 1, 0, (0.5, 1.0, 0.5)) == 0.3  # one row: nothing to split
+    assert split_cut(0.3, 4, 0, (0.7, 0.7, 0.7)) == 0.3  # every row one key: one place
+    assert split_cut(0.3, 0, 3, (0.1, 0.1, 0.2)) == 0.2  # the highest, alone, trains
+
+
 def test_prepare_key_changes_with_every_data_setting(tmp_path):
     """The prepare pass's cache key comes from the data section itself: a setting added to it later is in the
     key without anyone remembering to add it (the list below must name every field)."""

@@ -173,14 +173,22 @@ def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):
     assert t.manifest["metrics"]["batch_size"] < cfg.train.batch_size
     assert t.best_val_loss < t.first_val_loss
     assert score_job(cfg, storage).scored_rows == 400
-    # three rows whose ids all hash to training: none left for validation, refused after the statistics pass and
-    # before any training
-    (tmp_path / "one").mkdir()
+    # three rows whose ids all hash to training (the default's 30%): the row at the split's end is held out for
+    # validation instead, and the job trains and scores them; a single row has nothing to split and is refused
+    (tmp_path / "three").mkdir()
     pq.write_table(pa.table({"id": [0, 1, 2], "x": [1.0, 2.0, 4.0], "y": [2.0, 1.0, 0.0]}),
-                   tmp_path / "one" / "part-0.parquet")
+                   tmp_path / "three" / "part-0.parquet")
+    three = config_from_dict({"data": {"input": str(tmp_path / "three")}, "artifacts": {"uri": str(tmp_path / "a3")},
+                              "output": {"uri": str(tmp_path / "o3")}, "train": {"cpus_per_worker": 0.5, "epochs": 2}})
+    t3 = train_job(three, storage)
+    assert (t3.manifest["data"]["train_rows"], t3.manifest["data"]["validation_rows"]) == (2, 1)
+    assert 0.3 < t3.manifest["data"]["validation_fraction"] < 1
+    assert score_job(three, storage).scored_rows == 3
+    (tmp_path / "one").mkdir()
+    pq.write_table(pa.table({"id": [0], "x": [1.0], "y": [2.0]}), tmp_path / "one" / "part-0.parquet")
     one = config_from_dict({"data": {"input": str(tmp_path / "one")}, "artifacts": {"uri": str(tmp_path / "a1")},
                             "output": {"uri": str(tmp_path / "o1")}, "train": {"cpus_per_worker": 0.5}})
-    with pytest.raises(InputError, match=r"one: no validation rows \(3 training, 0 rejected, "
-                                         r"data.validation_fraction 0.3\); raise it, or give the job more rows"):
+    with pytest.raises(InputError, match=r"one: 1 row to learn from \(0 rejected\); the job needs two or more, at "
+                                         r"least one to train on and one to validate on"):
         train_job(one, storage)
     assert not storage.exists(str(tmp_path / "a1" / one.run.name / "model"))
