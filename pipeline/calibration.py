@@ -13,11 +13,8 @@ The terms' weights (`spread_weights`) are fitted once, at the end of training, b
 terms over every validation row, on a fixed log2 histogram (all-reduced over the workers; 4.4% bins), give each
 term's spread, its 99th percentile over its median (at most 100), and the base weights (1, CODE_WEIGHT, MSE_WEIGHT,
 KNN_WEIGHT) are scaled by it. A term whose top 1% stand far above its bulk is the one that sets some rows apart on
-this table; one whose values sit close together adds mostly noise to the ranking. Which term that is differs by
-table: the code terms find the anomalies that lie far out along the learned manifold (45_wine, 6_cardio), and rank
-central ones low where the reconstruction terms find them (18_Ionosphere, whose anomalies are a third of the rows).
-Measured on issue 24's 26 tables under 200,000 rows (docs/evaluation.md, twelfth round). A model saved before the
-fitted weights scores with BASE_WEIGHTS.
+this table; one whose values sit close together adds mostly noise to the ranking (docs/evaluation.md, twelfth
+round). A model saved before the fitted weights scores with BASE_WEIGHTS.
 
 e_j is feature j's reconstruction error and h the code. Plain mean squared error lets the features the
 model reconstructs worst dominate every row's score, and it misses rows that lie on the learned manifold but
@@ -29,17 +26,15 @@ mean test AUROC on cardio, pendigits, thyroid and vowels 0.800 with plain MSE, 0
 
 The third term is plain mean squared error over its validation mean (every term then averages 1 on the
 validation rows). It gives back what the first two lose where anomalies sit in sparse pockets inside the
-data and are simply reconstructed badly on the features that vary most: measured with 3 seeds on the eight
-tables of `make eval` (benchmarks/rank_probe.py, ensembles of 3), vowels 0.795 -> 0.880 (PCA 0.907), with
-the mean over the eight tables about level (0.841 -> 0.844).
+data and are simply reconstructed badly on the features that vary most: vowels 0.795 -> 0.880, the mean
+over the eight tables of `make eval` level (0.841 -> 0.844; benchmarks/rank_probe.py, 3 seeds).
 
 The fourth term is the code's distance to its nearest validation codes: the mean squared distance to the
 KNN nearest of a fixed-size random sample of the validation rows' codes (REFERENCE_ROWS, kept in the model),
-skipping the nearest one, over the same quantity for the sample's own rows (so it too averages about 1 on the
-validation rows). Skipping the nearest makes a row's term the same whether or not the row is in the sample
-(a sampled row's nearest is itself). It catches rows in sparse regions of the code space that the
-standardized distance misses, because it makes no assumption about the codes' shape: measured with 5-member
-ensembles on the eight tables of `make eval` (benchmarks/rank_probe.py, README Evaluation, fourth round),
+a sampled row's own code left out, over the same quantity for the sample's own rows (so it too averages about
+1 on the validation rows, and on unseen rows alike: `knn_distance`). It catches rows in sparse regions of the
+code space that the standardized distance misses, because it makes no assumption about the codes' shape:
+measured with 5-member ensembles on the eight tables of `make eval` (benchmarks/rank_probe.py, fourth round),
 mean test AUROC 0.858 -> 0.866 at weight 1 (satellite +0.03, pendigits +0.01, mnist +0.01) and 0.864 at
 KNN_WEIGHT 0.5. The weight is 0.5 because the term costs elsewhere: on the mixed-type sample table of
 tests/test_mixed_table.py (110 input slots, 64 of them one merchant's levels) it lowers the AUROC of the
@@ -50,17 +45,12 @@ as well as one of 512 (0.866 both) and costs half its time in scoring: a 4,096 x
 batch and member, about 6 ms on one CPU thread (5 members: 30 ms per 4,096 rows, against 6-75 ms for the
 rest of the score on 16-200 features).
 
-The optional fifth term (SubspaceTerm, `model.subspace_weight` > 0) is how far the normalized input lies
-outside the principal subspace that keeps SUBSPACE_SHARE (99%) of the training rows' variance, i.e. its
-squared length along the minor components: what a linear autoencoder as wide as the data's variance would
-fail to reconstruct, so it ranks rows that break near-linear relations between the columns. It is one term
-for the whole model (an ensemble does not average it over members). Off by default (issue 24's ninth round,
-docs/evaluation.md): at weight 1, `make eval`'s 31 tables rank 0.805 against 0.804 (AP 0.426 against
-0.430; 17_InternetAds +0.014, 18_Ionosphere +0.020, 15_Hepatitis +0.025, 22_magic.gamma +0.019 against
-8_celeba -0.025, 46_WPBC -0.015, 6_cardio -0.013), and four seeds of the 26 smaller tables, rescored,
-+0.004 (AP -0.002): within noise, and the simpler score stays. The components are fitted once, from the
-first epoch's training rows (d x d sums, all-reduced over the workers), and then fixed; inputs wider than
-MAX_SUBSPACE_FEATURES slots go without the term.
+The optional fifth term (SubspaceTerm, `model.subspace_weight` > 0) is the normalized input's squared length
+along the minor components, outside the principal subspace that keeps SUBSPACE_SHARE (99%) of the training
+rows' variance: it ranks rows that break near-linear relations between the columns. One term for the whole
+model. Off by default: within noise on the 31 tables of `make eval`, with AP lower (docs/evaluation.md, ninth
+round). The components are fitted once, from the first epoch's training rows (d x d sums, all-reduced over
+the workers), and then fixed; inputs wider than MAX_SUBSPACE_FEATURES slots go without the term.
 
 The statistics are gathered while the model is evaluated on the validation rows, which the training loop
 does after every epoch (`eval_loss`); `begin_epoch` starts a fresh count. They live in buffers, so the best
@@ -86,7 +76,9 @@ from torch import nn
 CODE_WEIGHT = 1.0
 MSE_WEIGHT = 1.0
 KNN_WEIGHT = 0.5
-KNN = 5  # neighbours per row (after the nearest, skipped)
+KNN = 5  # neighbours per row (the row itself, where it is in the sample, skipped)
+SAME_CODE = 1e-10  # a squared distance under this share of 1 + the code's squared norm: the same code (knn_distance)
+NEAR_ZERO = 1e-4  # the same share for cdist's squared distance: a row maybe in the sample, checked exactly
 REFERENCE_ROWS = 256  # validation codes kept for the kNN term (a uniform random sample of them)
 EPS = 1e-12
 FLOOR = 1e-3  # of the mean over features (code units)
@@ -104,10 +96,13 @@ N_BINS = (LOG2_RANGE[1] - LOG2_RANGE[0]) * BINS_PER_OCTAVE + 1
 
 
 def knn_distance(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """(rows,) mean squared distance from each row to its KNN nearest `ref` rows after the nearest one.
+    """(rows,) mean squared distance from each row to its KNN nearest `ref` rows other than itself: the nearest
+    is skipped only where it is the row's own code (a sampled row, or a row identical to one), so unseen rows
+    score as the sampled rows do (docs/evaluation.md, sixteenth round: skipping every row's nearest scored
+    unseen rows 8% to 37% higher, and a threshold set on the sampled rows flagged more than its share).
 
-    Float32 distances (the ranking needs no more). The k nearest per row: numpy's partition on CPU (about
-    4x faster than torch.topk for a 4,096 x 256 matrix, the cost that matters in scoring), topk elsewhere."""
+    Float32 distances; the k nearest by numpy's partition on CPU (about 4x faster than torch.topk for a 4,096 x
+    256 matrix), topk elsewhere; "its own code" from exact distances, for rows whose nearest is about 0."""
     rows, ref = rows.detach().float(), ref.detach().float()
     k = min(KNN + 1, ref.shape[0])
     with torch.autocast(rows.device.type, enabled=False):  # bf16 distances would be noise
@@ -116,7 +111,14 @@ def knn_distance(rows: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         near = torch.from_numpy(np.partition(d.numpy(), k - 1, axis=1)[:, :k]).square()  # unordered
     else:
         near = d.topk(k, dim=1, largest=False).values.square()
-    return ((near.sum(dim=1) - near.min(dim=1).values) / (k - 1)).to(torch.float64)
+    nearest, norm = near.min(dim=1).values, 1.0 + rows.square().sum(dim=1)
+    itself = torch.zeros_like(nearest, dtype=torch.bool)
+    maybe = nearest <= NEAR_ZERO * norm  # cdist's error at 0 is far below this; few rows but sampled ones
+    if maybe.any():
+        exact = (rows[maybe].unsqueeze(1) - ref.unsqueeze(0)).square().sum(dim=2).min(dim=1).values
+        itself[maybe] = exact <= SAME_CODE * norm[maybe]
+    dropped = torch.where(itself, nearest, near.max(dim=1).values)  # itself, or the (k+1)th nearest
+    return ((near.sum(dim=1) - dropped) / (k - 1)).to(torch.float64)
 
 
 def _moments(sq_sum: torch.Tensor, code_sum: torch.Tensor, code_sq_sum: torch.Tensor, n: torch.Tensor):

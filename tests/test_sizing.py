@@ -127,6 +127,28 @@ def test_knn_term_sees_codes_in_the_gap_between_clusters():
     assert float(old.count) == 3000 and old.reference().shape[0] == 0
 
 
+def test_knn_term_scores_unseen_rows_as_it_scores_the_sampled_rows():
+    """A sampled row's term leaves its own code out (its 5 nearest other codes); an unseen row keeps its nearest
+    (its 5 nearest codes), so both average about 1. Skipping every row's nearest scored unseen rows on their 2nd
+    to 6th neighbours: about 29% higher here, and a threshold set on the (mostly sampled) validation rows of a small
+    input flagged 1.2% to 3.7% of its other rows instead of 1%."""
+    torch.manual_seed(0)
+    cal = ScoreCalibration(n_features=1, latent_dim=2)
+    cal.observe(torch.ones(300, 1), torch.randn(300, 2))
+    ref, unseen = cal.reference(), torch.randn(4000, 2)
+    exact = lambda a: torch.cdist(a.double(), ref.double(), compute_mode="donot_use_mm_for_euclid_dist").square()
+    assert float(cal.knn_term(ref).mean()) == pytest.approx(1.0, rel=1e-6)
+    term = float(cal.knn_term(unseen).mean())
+    skipped = float((exact(unseen).topk(6, largest=False).values[:, 1:].mean(1) / knn_distance(ref, ref).mean()).mean())
+    assert 0.8 < term < 1.1 and skipped > 1.2 * term  # every row's nearest skipped: unseen rows score higher
+    torch.testing.assert_close(knn_distance(unseen, ref), exact(unseen).topk(5, largest=False).values.mean(1),
+                               rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(knn_distance(ref, ref), exact(ref).topk(6, largest=False).values[:, 1:].mean(1),
+                               rtol=1e-4, atol=1e-9)
+    # a row whose code is a sampled one (a duplicate of a validation row) is scored as that row
+    assert float(knn_distance(ref[7:8].clone(), ref)) == pytest.approx(float(knn_distance(ref, ref)[7]))
+
+
 def test_ensemble_auto_is_five_models_with_backprop_and_one_with_recirculation():
     assert resolve_model(ModelSection(), 6).ensemble == 5
     assert resolve_model(ModelSection(ensemble=2), 6).ensemble == 2
