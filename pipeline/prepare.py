@@ -149,6 +149,10 @@ def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
         print(f"[prepare] warning: {w.message}", flush=True)
     if not (n_train and n_val):  # before training: the threshold and the score's weights are fitted on them
         n = n_train + n_val
+        if n > 1:  # rows the split cannot tell apart: one key for all of them
+            raise InputError(f"data.input {spec.uri}: all {n} rows share one key in data.id_columns "
+                             f"({', '.join(data.ids)}), so the split cannot hold any out; set data.id_columns to "
+                             "columns that tell the rows apart")
         raise InputError(f"data.input {spec.uri}: {n} row{'s' * (n != 1)} to learn from ({n_rej} rejected); the "
                          "job needs two or more, at least one to train on and one to validate on")
     prep = {"key": key, "mean": featurizer.offset.tolist(), "scale": featurizer.scale.tolist(),

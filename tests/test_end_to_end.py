@@ -191,4 +191,8 @@ def test_defaults_work_on_a_few_hundred_rows(ray_cluster, storage, tmp_path):
     with pytest.raises(InputError, match=r"one: 1 row to learn from \(0 rejected\); the job needs two or more, at "
                                          r"least one to train on and one to validate on"):
         train_job(one, storage)
+    pq.write_table(pa.table({"id": [4, 4, 4], "x": [1.0, 2.0, 4.0]}), tmp_path / "one" / "part-0.parquet")
+    with pytest.raises(InputError, match=r"one: all 3 rows share one key in data.id_columns \(id\), so the split "
+                                         r"cannot hold any out; set data.id_columns"):
+        train_job(one, storage)
     assert not storage.exists(str(tmp_path / "a1" / one.run.name / "model"))
