@@ -213,8 +213,8 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     if not files:
         raise InputError(f"data.input {uri}: no Parquet files found")
     footers = map_io(lambda u: _read_footer(storage, u), files)
-    schema = merged_schema([s for _, s, _ in footers])
-    partial = partial_columns([s for _, s, _ in footers])
+    schemas = [s for _, s, _ in footers]
+    schema, partial = merged_schema(schemas), partial_columns(schemas)
     everywhere = pa.schema([f for f in schema if f.name not in partial])  # what the autos choose from
     ids_auto = data.id_columns == AUTO
     if ids_auto:
@@ -227,7 +227,7 @@ def inspect_input(data: DataSection, storage: Storage, files: Optional[list[str]
     left_out: list[str] = []
     if data.features == AUTO:
         features, left_out = auto_features(data, schema, footers[0][0], ids_auto,
-                                           pandas_index_columns([s for _, s, _ in footers]), partial)
+                                           pandas_index_columns(schemas), partial)
         data = dataclasses.replace(data, features=features)
     required = list(dict.fromkeys(data.feature_columns + data.ids
                                   + ([data.timestamp_column] if data.timestamp_column else [])))
