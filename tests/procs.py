@@ -274,11 +274,16 @@ def read_parquet_dir(storage, uri: str):
 
 
 def two_ranks(target: Callable, *args, timeout: float = 120) -> object:
-    """Runs `target(rank, world, port, *args, out)` in two spawned processes (a gloo group on a free loopback
-    port) and returns what rank 0 put on `out`; both must exit cleanly."""
+    """Runs `target(rank, world, port, *args, out)` in two fresh processes (a gloo group on a free loopback
+    port) and returns what rank 0 put on `out`; both must exit cleanly.
+
+    The processes fork from a server process that imported torch once, for every call this test process makes
+    (Python's `forkserver`): a spawned process would import torch again each time (about 3 s per call), and a
+    fork of this one would inherit its thread pools."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", target.__module__])  # before its first start only
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=target, args=(r, 2, port, *args, out)) for r in range(2)]
