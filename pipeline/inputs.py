@@ -112,6 +112,14 @@ def _list_files(uri: str, storage: Storage) -> list[str]:
     return [f for f in storage.list_files(uri) if not f.endswith((".crc", ".json", ".txt"))]
 
 
+def _in_path(f_uri: str, col: str) -> str:
+    """A hint where the column is a partition in the file's path (`date=2026-01-01/`): the job reads the
+    columns in the files, not values in directory names."""
+    seg = next((s for s in f_uri.split("/")[:-1] if s.startswith(f"{col}=")), None)
+    return (f" ({seg} is a directory in its path: the job reads the columns in the files, not partition values "
+            "in paths; write the column into the files)") if seg else ""
+
+
 def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list[str], merged: pa.Schema,
                 first: tuple[str, pa.Schema]) -> None:
     """One file's footer: every column read present, of a usable kind, with the first file's type, or for a
@@ -120,7 +128,7 @@ def _check_file(data: DataSection, f_uri: str, schema: pa.Schema, required: list
     for col in required:
         idx = schema.get_field_index(col)
         if idx < 0:
-            raise InputError(f"file {f_uri}: missing column {col!r}")
+            raise InputError(f"file {f_uri}: missing column {col!r}{_in_path(f_uri, col)}")
         t, ref = schema.field(idx).type, first_schema.field(col).type
         if not _alike(data, col, t, ref, merged.field(col).type):
             raise InputError(f"file {f_uri}: column {col!r} is {t}, but {first_uri} has {ref} (shards must share "

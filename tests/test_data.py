@@ -165,6 +165,21 @@ def test_a_column_some_files_lack_is_left_out_under_auto_whichever_file_comes_fi
     assert inspect_input(DataSection(input=str(d), exclude_columns=["extra", "user_id"]), LOCAL).left_out == []
 
 
+def test_a_partition_in_the_path_is_no_column_and_the_error_says_so(tmp_path):
+    """A Hive-style table (`date=.../part.parquet`): its files are read as they are, and a key named after a
+    directory in the path is refused with the reason, not only as a missing column."""
+    for day in ("2026-01-01", "2026-01-02"):
+        (tmp_path / f"date={day}").mkdir()
+        write(tmp_path / f"date={day}", "part-0.parquet", pa.table({"user_id": [1, 2], "a": [1.0, 2.0]}))
+    spec = inspect_input(DataSection(input=str(tmp_path)), LOCAL)
+    assert (spec.feature_names, spec.data.id_columns, len(spec.files)) == (["a"], ["user_id"], 2)
+    with pytest.raises(InputError, match=r"date=2026-01-01/part-0\.parquet: missing column 'date' \(date=2026-01-01 "
+                                         r"is a directory in its path: the job reads the columns in the files"):
+        inspect_input(DataSection(input=str(tmp_path), id_columns=["date", "user_id"]), LOCAL)
+    with pytest.raises(InputError, match=r"missing column 'day'$"):  # no such directory: no hint
+        inspect_input(DataSection(input=str(tmp_path), id_columns=["day"]), LOCAL)
+
+
 def test_a_dataframe_index_pandas_wrote_is_no_feature(tmp_path):
     """`df.to_parquet()` after a filter writes the index as `__index_level_0__`: row labels that grow from one
     partition to the next. Under `data.features: auto` it is left out and named; a named index that is a key is

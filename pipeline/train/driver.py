@@ -65,8 +65,8 @@ def fit(cfg, storage, spec, featurizer, n_train: int) -> FitResult:
         capped = (f"; a very large table: the epochs that reach {LARGE_TABLE_STEPS}x the steps"
                   if tr.epochs == "auto" and epochs < AUTO_EPOCHS else "")  # sizing.large_table_epochs
         print(f"[train] batch size {batch_size}, up to {epochs} epochs (train.epochs {tr.epochs}, train.steps "
-              f"{steps}{' (auto)' if tr.steps == 'auto' else ''}; {n_train} training "
-              f"rows, {tr.num_workers} workers{capped})", flush=True)
+              f"{steps}{' (auto)' if tr.steps == 'auto' else ''}; {n_train:,} training "
+              f"rows, {tr.num_workers} worker{'s' if tr.num_workers > 1 else ''}{capped})", flush=True)
     worker = WorkerConfig(model=cfg.model, train=tr, n_features=featurizer.width, mean=featurizer.offset.tolist(),
                           scale=featurizer.scale.tolist(), batch_size=batch_size, epochs=epochs, seed=cfg.run.seed,
                           layout=featurizer.layout(),
