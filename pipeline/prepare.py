@@ -23,7 +23,7 @@ from pipeline.featurizer import Featurizer
 from pipeline.inputs import InputSpec
 from pipeline.read import read_dataset
 from pipeline.rows import RejectWriter, batch_rows, split_cut, split_position
-from pipeline.stats import (ColumnMoments, LevelCounts, TableStats, counter_capacity,
+from pipeline.stats import (ColumnMoments, DistinctKeys, LevelCounts, TableStats, counter_capacity,
                             normalization_stats, rare_flags)
 from pipeline.storage import Storage
 from pipeline.uri import join_uri
@@ -63,6 +63,8 @@ class BatchStats:
             "u_low": np.array([kept[0] if len(kept) else 1.0]),
             "u_second": np.array([kept[1] if len(kept) > 1 else 1.0]),
             "u_high": np.array([kept[-1] if len(kept) else -1.0]),
+            # with id columns a row's place is its key's hash: the smallest distinct ones count the keys
+            "keys": np.array([DistinctKeys.of(kept).smallest.tobytes() if data.ids else b""], dtype=object),
         }
 
 
@@ -85,35 +87,47 @@ def split_ends(rows: Iterable[dict[str, Any]]) -> tuple[float, float, float]:
     return lows[0], lows[1], high
 
 
+def distinct_keys(rows: Iterable[dict[str, Any]], total: Optional[DistinctKeys] = None) -> DistinctKeys:
+    """The kept rows' distinct keys over BatchStats' rows (none without id columns), added to `total`."""
+    total = total or DistinctKeys()
+    for r in rows:
+        total = total.merge(DistinctKeys(np.frombuffer(r["keys"], dtype=np.float64)))
+    return total
+
+
 def compute_stats(spec: InputSpec, data: DataSection, storage: Storage,
-                  rejects_uri: Optional[str] = None) -> tuple[TableStats, int, int, int, float]:
+                  rejects_uri: Optional[str] = None) -> tuple[TableStats, int, int, int, float, DistinctKeys]:
     """One distributed pass: (statistics of the training rows, train, validation, rejected rows, the split's
-    cut). With `rejects_uri` (and a `drop` policy), the dropped rows are written there with the reason.
+    cut, the distinct keys). With `rejects_uri` (and a `drop` policy), the dropped rows are written there with
+    the reason.
 
     On a tiny input whose split left no validation or no training rows (a few rows, each hashed to one side),
     the cut moves so that one row is on the empty side (`rows.split_cut`), and the pass runs again with it:
     the statistics are of the training rows."""
-    rows = _stat_rows(spec, data, storage, rejects_uri)
+    rows, keys = _stat_rows(spec, data, storage, rejects_uri)
     n_train, n_val = (sum(int(r[k]) for r in rows) for k in ("n", "n_val"))
     cut = split_cut(data.validation_fraction, n_train, n_val, split_ends(rows))
     if cut != data.validation_fraction:
         if rejects_uri:
             storage.delete_dir(rejects_uri)  # the pass writes them again
-        rows = _stat_rows(spec, dataclasses.replace(data, validation_fraction=cut), storage, rejects_uri)
-    return (*merge_stat_rows(rows, spec.featurizer, data.max_categories), cut)
+        rows, keys = _stat_rows(spec, dataclasses.replace(data, validation_fraction=cut), storage, rejects_uri)
+    return (*merge_stat_rows(rows, spec.featurizer, data.max_categories), cut, keys)
 
 
 def _stat_rows(spec: InputSpec, data: DataSection, storage: Storage,
-               rejects_uri: Optional[str]) -> list[dict[str, Any]]:
-    """BatchStats' rows over the input, one per block."""
+               rejects_uri: Optional[str]) -> tuple[list[dict[str, Any]], DistinctKeys]:
+    """BatchStats' rows over the input, one per block, and their distinct keys (merged as the rows arrive, so
+    the driver holds one key sample, not one per block)."""
     on_reject = RejectWriter(storage, rejects_uri, data) if rejects_uri and data.drops_rows else None
     ds = read_dataset(spec, storage, row_keys=True).map_batches(BatchStats(data, spec.featurizer, on_reject),
                                                                 batch_format="pyarrow", batch_size=None)
-    rows = []
+    rows, keys = [], DistinctKeys()
     for batch in beating(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i in range(len(batch["n"])):
-            rows.append({k: batch[k][i] for k in batch})
-    return rows
+            row = {k: batch[k][i] for k in batch if k != "keys"}
+            keys = distinct_keys([{"keys": batch["keys"][i]}], keys)
+            rows.append(row)
+    return rows, keys
 
 
 def prepare_key(spec: InputSpec, data: DataSection) -> dict[str, Any]:
@@ -140,7 +154,7 @@ def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     t0 = time.perf_counter()
     rejects_uri = join_uri(cfg.run_uri, REJECTS)
     storage.delete_dir(rejects_uri)  # a recomputed pass rewrites them all
-    stats, n_train, n_val, n_rej, cut = compute_stats(spec, data, storage, rejects_uri)
+    stats, n_train, n_val, n_rej, cut, keys = compute_stats(spec, data, storage, rejects_uri)
     offset, scale = normalization_stats(stats.numeric)
     with warnings.catch_warnings(record=True) as caught:  # a column's warning, in the job's own words
         warnings.simplefilter("always")
@@ -163,8 +177,27 @@ def prepare(cfg: Config, storage: Storage, spec: InputSpec) -> dict[str, Any]:
     print(f"[prepare] {spec.num_rows} rows in {len(spec.files)} files: {n_train} train, {n_val} validation, "
           f"{n_rej} rejected; statistics in {time.perf_counter() - t0:.1f}s"
           + (f"; a table of flags: {flags} rare flags scaled by half their range" if flags else ""), flush=True)
+    if data.ids:
+        _say_shared_keys(data, n_train + n_val, *keys.count())
     if cut != data.validation_fraction:
         print(f"[prepare] data.validation_fraction {data.validation_fraction:g} put all {n_train + n_val} rows on one "
               f"side of the split, so the row at its end is on the other ({n_train} train, {n_val} validation)",
               flush=True)
     return prep
+
+
+SHARED_KEYS_WARN = 0.9
+"""Above KEY_SAMPLE keys, where they are estimated (about 1.6% off), the job warns once the estimate is below
+this share of the rows: six standard deviations, so that a table of unique keys never reads as one that
+repeats them. Counted exactly, one repeated key is enough."""
+
+
+def _say_shared_keys(data: DataSection, n: int, keys: int, exact: bool) -> None:
+    """A warning where rows share keys: the output then holds several rows per key, which a reader joining on
+    the key (a feature store's entity) cannot tell apart. A table of a partition a day, read whole, is one."""
+    if keys >= n or (not exact and keys >= SHARED_KEYS_WARN * n):
+        return
+    many = f"{keys:,}" if exact else f"about {keys:,}"
+    print(f"[prepare] warning: the {n:,} rows have {many} distinct keys in data.id_columns ({', '.join(data.ids)}):"
+          " the output holds more than one row for some keys, which a reader joining on them cannot tell apart; "
+          "set data.id_columns to columns that tell the rows apart (a date, written into the files)", flush=True)

@@ -3,6 +3,7 @@
     ColumnMoments   count, mean, squared deviations and range per numeric input (NaN = missing)
     LevelCounts     a categorical column's level frequencies, bounded
     TableStats      both, plus the nulls per numeric input; merged on the driver in any order
+    DistinctKeys    how many distinct keys the rows have (exact up to KEY_SAMPLE of them, estimated above)
     normalization_stats(moments)   the (offset, scale) the model's input is normalized with
 """
 
@@ -38,6 +39,33 @@ RARE_FLAG_SHARE = 0.01
 """A flag of a table of flags is rare when its rarer value is in fewer than this share of rows: the share of
 rows the anomaly threshold (q0.99) flags; set, such a flag stands sqrt(0.99 / 0.01) ~ 10 standard deviations
 out or more."""
+
+
+KEY_SAMPLE = 4096
+"""Smallest key hashes a DistinctKeys keeps: distinct keys are counted exactly up to this many, and estimated
+above it to about 1/sqrt(4096) = 1.6% (one standard deviation; the k-minimum-values estimate)."""
+
+
+@dataclass
+class DistinctKeys:
+    """The KEY_SAMPLE smallest distinct key hashes (uniform in [0, 1): `rows.split_position` with id columns).
+    Merged in any order, it keeps the union's smallest, so the count of the whole input needs one pass and
+    KEY_SAMPLE floats per block."""
+
+    smallest: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @classmethod
+    def of(cls, positions: np.ndarray) -> "DistinctKeys":
+        return cls(np.unique(positions)[:KEY_SAMPLE])
+
+    def merge(self, other: "DistinctKeys") -> "DistinctKeys":
+        return DistinctKeys.of(np.concatenate([self.smallest, other.smallest]))
+
+    def count(self) -> tuple[int, bool]:
+        """(distinct keys, exact): exact below KEY_SAMPLE; above it (k - 1) / the k-th smallest hash."""
+        if len(self.smallest) < KEY_SAMPLE:
+            return len(self.smallest), True
+        return int(round((KEY_SAMPLE - 1) / float(self.smallest[-1]))), False
 
 
 def counter_capacity(max_categories: int) -> int:

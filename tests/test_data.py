@@ -10,9 +10,9 @@ import pytest
 from pipeline.config import DataSection, StorageSection
 from pipeline.featurizer import Featurizer
 from pipeline.inputs import input_notes, inspect_input, is_key_name, merged_type
-from pipeline.prepare import BatchStats, merge_stat_rows, prepare_key
+from pipeline.prepare import BatchStats, _say_shared_keys, distinct_keys, merge_stat_rows, prepare_key
 from pipeline.rows import SplitFeatures, batch_rows, raw_featurizer, row_keys, validation_mask
-from pipeline.stats import ColumnMoments, TableStats, normalization_stats, rare_flags
+from pipeline.stats import KEY_SAMPLE, ColumnMoments, DistinctKeys, TableStats, normalization_stats, rare_flags
 from pipeline.errors import InputError
 from pipeline.storage import Storage
 from tests.models import vector_data
@@ -380,6 +380,45 @@ def test_in_a_table_of_flags_rare_flags_are_scaled_by_half_their_range():
     few = ColumnMoments.of(x[:, [0, 1, 2, 6, 7, 8]])
     assert few.two_valued.tolist() == [True] * 3 + [False] * 3 and not rare_flags(few).any()
     np.testing.assert_allclose(normalization_stats(few)[1], std[[0, 1, 2, 6, 7, 8]], rtol=1e-6)
+
+
+def test_distinct_keys_are_counted_exactly_up_to_the_sample_and_estimated_above_it():
+    rng = np.random.default_rng(0)
+    keys = rng.random(KEY_SAMPLE - 1)
+    parts = np.array_split(np.concatenate([keys, keys[:500]]), 7)  # 500 keys twice, across blocks
+    total = DistinctKeys()
+    for p in parts[::-1]:
+        total = total.merge(DistinctKeys.of(p))
+    assert total.count() == (KEY_SAMPLE - 1, True)
+    for n in (20_000, 200_000):  # above the sample: within 5% (three standard deviations)
+        keys = rng.random(n)
+        parts = [DistinctKeys.of(p) for p in np.array_split(np.concatenate([keys, keys[::3]]), 9)]
+        got, exact = distinct_keys([{"keys": p.smallest.tobytes()} for p in parts]).count()
+        assert not exact and abs(got / n - 1) < 0.05, (n, got)
+
+
+def test_rows_that_share_keys_are_counted_and_warned_of(capsys):
+    """A table of a partition a day read whole: each user once a day. The key count comes from the prepare
+    pass's blocks, and the job warns that the output will hold rows a reader joining on the key cannot tell
+    apart; a table of unique keys, or one without id columns, gets no warning."""
+    users = np.tile(np.arange(800), 2)
+    t = pa.table({"user_id": users, "a": np.arange(1600, dtype=np.float64)})
+    data = DataSection(input="x", features=["a"], id_columns=["user_id"], timestamp_column=None,
+                       validation_fraction=0.2)
+    fz = raw_featurizer(data, 1)
+    rows = [{k: v[0] for k, v in BatchStats(data, fz)(t.slice(i, 400)).items()} for i in range(0, 1600, 400)]
+    assert distinct_keys(rows).count() == (800, True)
+    _say_shared_keys(data, 1600, 800, True)
+    assert capsys.readouterr().out.startswith("[prepare] warning: the 1,600 rows have 800 distinct keys in "
+                                              "data.id_columns (user_id): the output holds more than one row")
+    _say_shared_keys(data, 1600, 1600, True)
+    _say_shared_keys(data, 100_000, 95_000, False)  # an estimate within its noise of the rows
+    assert capsys.readouterr().out == ""
+    _say_shared_keys(data, 100_000, 60_000, False)
+    assert "have about 60,000 distinct keys" in capsys.readouterr().out
+    no_ids = DataSection(input="x", features=["a"], id_columns=[], timestamp_column=None, validation_fraction=0.2)
+    row = {k: v[0] for k, v in BatchStats(no_ids, fz)(t).items()}
+    assert distinct_keys([row]).count() == (0, True)
 
 
 def test_batch_stats_rows_merge_to_train_split_stats():
