@@ -87,11 +87,11 @@ def split_ends(rows: Iterable[dict[str, Any]]) -> tuple[float, float, float]:
     return lows[0], lows[1], high
 
 
-def distinct_keys(rows: Iterable[dict[str, Any]], total: Optional[DistinctKeys] = None) -> DistinctKeys:
-    """The kept rows' distinct keys over BatchStats' rows (none without id columns), added to `total`."""
-    total = total or DistinctKeys()
+def distinct_keys(rows: Iterable[dict[str, Any]]) -> DistinctKeys:
+    """The kept rows' distinct keys over BatchStats' rows (none without id columns)."""
+    total = DistinctKeys()
     for r in rows:
-        total = total.merge(DistinctKeys(np.frombuffer(r["keys"], dtype=np.float64)))
+        total = total.merge(DistinctKeys.from_bytes(r["keys"]))
     return total
 
 
@@ -124,9 +124,8 @@ def _stat_rows(spec: InputSpec, data: DataSection, storage: Storage,
     rows, keys = [], DistinctKeys()
     for batch in beating(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i in range(len(batch["n"])):
-            row = {k: batch[k][i] for k in batch if k != "keys"}
-            keys = distinct_keys([{"keys": batch["keys"][i]}], keys)
-            rows.append(row)
+            rows.append({k: batch[k][i] for k in batch if k != "keys"})
+            keys = keys.merge(DistinctKeys.from_bytes(batch["keys"][i]))
     return rows, keys
 
 

@@ -58,6 +58,11 @@ class DistinctKeys:
     def of(cls, positions: np.ndarray) -> "DistinctKeys":
         return cls(np.unique(positions)[:KEY_SAMPLE])
 
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "DistinctKeys":
+        """A sample sent as `smallest.tobytes()` (a Ray Data column holds it as bytes)."""
+        return cls(np.frombuffer(raw, dtype=np.float64))
+
     def merge(self, other: "DistinctKeys") -> "DistinctKeys":
         return DistinctKeys.of(np.concatenate([self.smallest, other.smallest]))
 
