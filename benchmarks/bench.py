@@ -56,6 +56,7 @@ from pipeline.read import read_dataset
 from pipeline.rows import SplitFeatures
 from pipeline.models import build_model
 from pipeline.storage import Storage
+from pipeline.train.step import make_optimizer
 from pipeline.uri import join_uri
 
 TARGETS = {"ingest": 0.8, "training": 0.8, "scoring": 0.8, "memory": 1.3, "ingest_large_shards": 0.8,
@@ -310,7 +311,7 @@ def plain_train(x: torch.Tensor, model_size: ModelSize, batch_size: int, epochs:
     try:
         torch.manual_seed(seed)
         model = build_model(x.shape[1], hidden_dims=model_size.hidden_dims, latent_dim=model_size.latent_dim)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = make_optimizer(model.parameters(), lr, weight_decay)  # the pipeline's own (fused AdamW)
         model.train()
         out = []
         for _ in range(epochs):

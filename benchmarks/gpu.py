@@ -71,7 +71,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     from pipeline.rows import to_fixed_size_list
     from pipeline.scorer import BatchScorer
     from pipeline.tensors import Normalizer, autocast_for
-    from pipeline.train import tensor_batches, train_epoch
+    from pipeline.train import make_optimizer, tensor_batches, train_epoch
 
     torch.manual_seed(0)
     d, bs = args.features, args.batch_size
@@ -88,7 +88,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     results: dict = {}
     for name, (hidden, latent) in MODELS.items():
         model = build_model(d, hidden_dims=hidden, latent_dim=latent).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.0)  # the pipeline's: fused AdamW
 
         def pipeline_train() -> int:
             return train_epoch(tensor_batches(train_tables, normalizer, device), model, opt, device).rows

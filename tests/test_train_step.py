@@ -13,7 +13,7 @@ from pipeline.tensors import Normalizer, arrow_to_tensor
 from pipeline.models import build_model
 from pipeline.sample import generate
 from pipeline.sizing import effective_batch_size
-from pipeline.train import EarlyStopping, evaluate, tensor_batches, train_epoch
+from pipeline.train import EarlyStopping, evaluate, make_optimizer, tensor_batches, train_epoch
 
 
 def batches(x: torch.Tensor, size: int):
@@ -43,13 +43,33 @@ def test_training_lowers_loss_on_manifold_data():
     xt = torch.from_numpy((x - x.mean(0)) / x.std(0))
     train, val = xt[:3500], xt[3500:]
     model = build_model(16, kind="dense", hidden_dims=[32], latent_dim=4, activation="gelu")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = make_optimizer(model.parameters(), lr=3e-3, weight_decay=0.0)
     before, n = evaluate(batches(val, 512), model)
     losses = [train_epoch(batches(train, 128), model, opt).loss for _ in range(8)]
     after, n2 = evaluate(batches(val, 512), model)
     assert n == n2 == 500
     assert losses[-1] < losses[0] * 0.5
     assert after / n < before / n * 0.3
+
+
+def test_the_fused_optimizer_makes_adamws_update():
+    """make_optimizer's fused AdamW (the pipeline's) steps the weights as the per-tensor AdamW does."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    models = [build_model(6, kind="dense", hidden_dims=[8], latent_dim=2) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0].parameters(), lr=1e-2, weight_decay=0.05)
+    plain = torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.05, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(5):
+        for model, opt in zip(models, (fused, plain)):
+            train_epoch(batches(x, 16), model, opt)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # a checkpoint's optimizer state loads back into the fused optimizer and keeps stepping
+    again = make_optimizer(models[0].parameters(), lr=1e-2, weight_decay=0.05)
+    again.load_state_dict(plain.state_dict())
+    train_epoch(batches(x, 16), models[0], again)
 
 
 def test_score_and_latent_shapes():

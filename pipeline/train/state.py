@@ -27,7 +27,7 @@ from pipeline.models import Autoencoder, build_model
 from pipeline.storage import Storage
 from pipeline.train.batches import DirectSplits
 from pipeline.train.collective import broadcast_object
-from pipeline.train.step import EarlyStopping, LossForward, state_to_cpu
+from pipeline.train.step import EarlyStopping, LossForward, make_optimizer, state_to_cpu
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def build_trainee(wc: WorkerConfig, device: torch.device, wrap: Wrap,
                   saved: Optional[dict[str, Any]] = None) -> tuple[Trainee, TrainState]:
     """Model, optimizer and learning rule for `wc`, restored from a checkpoint payload if there is one."""
     ae = build_model(wc.n_features, layout=wc.layout, **dataclasses.asdict(wc.model))
-    optimizer = torch.optim.AdamW(ae.parameters(), lr=wc.train.lr, weight_decay=wc.train.weight_decay)
+    optimizer = make_optimizer(ae.parameters(), wc.train.lr, wc.train.weight_decay)
     state = TrainState.restore(saved, ae, optimizer, wc.train)  # before wrapping: DDP broadcasts rank 0's weights
     model, step_fn = ALGORITHMS[wc.train.algorithm](ae, wc, device, wrap)
     return Trainee(ae, model, optimizer, step_fn), state
