@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,3 +346,32 @@ def test_checkpoints_by_time_by_default(interval_s, checkpointed):
                  report=lambda m, payload: other.append(payload),
                  all_reduce_sum=lambda v: [interval_s] if len(v) == 1 else v)
     assert other == [None] * 3
+
+
+def test_the_epoch_loop_prints_its_first_and_last_epochs_and_a_line_per_interval_between(monkeypatch, capsys):
+    """A small table's epochs take milliseconds: rank 0 prints the first epoch, the last and one line per
+    EPOCH_LINE_SECONDS between (every epoch is in the history all the same); other ranks print none."""
+    import pipeline.train.loop as loop
+
+    cfg = config_from_dict({**BASE, "model": {"hidden_dims": [8], "latent_dim": 3},
+                            "train": {"epochs": 30, "patience": 100}})
+    wc = worker_config(cfg, batch_size=64, seed=0)
+    data = batches(6)
+
+    def printed(rank: int, every: float) -> tuple[list[int], int]:
+        monkeypatch.setattr(loop, "EPOCH_LINE_SECONDS", every)
+        torch.manual_seed(0)
+        trainee, state = build_trainee(wc, CPU, no_ddp)
+        capsys.readouterr()
+        run_training(wc, trainee, state, lambda: data, lambda: data[:1], CPU, rank=rank, report=lambda m, p: None)
+        epochs = [int(n) for n in re.findall(r"\[train\] epoch (\d+)/30 ", capsys.readouterr().out)]
+        return epochs, len(state.history)
+
+    assert printed(0, 3600.0) == ([1, 30], 30)
+    assert printed(0, 0.0) == (list(range(1, 31)), 30)
+    assert printed(1, 0.0) == ([], 30)
+    # a staged kind's new stage and a checkpoint's epoch print too
+    monkeypatch.setattr(loop, "EPOCH_LINE_SECONDS", 5.0)
+    assert loop.epoch_line_due(7, 0, True, False, False, 0.0) and loop.epoch_line_due(7, 0, False, False, True, 0.0)
+    assert not loop.epoch_line_due(7, 0, False, False, False, 0.0) and loop.epoch_line_due(3, 3, False, False,
+                                                                                            False, 0.0)

@@ -1,6 +1,6 @@
 """The epoch loop a training worker runs (`run_training`) and what it logs: per-epoch sums over the ranks
-(`EpochTotals`), the metrics reported and kept in the history (`epoch_metrics`), the log line (`epoch_line`)
-and when a checkpoint is due (`checkpoint_due`).
+(`EpochTotals`), the metrics reported and kept in the history (`epoch_metrics`), the log line (`epoch_line`) and
+which epochs print one (`EpochLog`), and when a checkpoint is due (`checkpoint_due`).
 
 It takes the Ray-specific pieces (the all-reduce and the report) as arguments, so it also runs in a plain
 process: tests/test_kinds.py trains a new kind through it, checkpoint and resume included.
@@ -89,6 +89,40 @@ def epoch_line(metrics: dict[str, Any], epochs: int, stopper: EarlyStopping, eta
             + ("  (early stop)" if stop else ""))
 
 
+EPOCH_LINE_SECONDS = 5.0
+"""Rank 0 prints an epoch's line once this long has passed since its last one, and always the run's first and
+last epochs, a stage's first and a checkpoint's. A small table's epochs take milliseconds (iris: 740 of them in
+15 s): one line each filled the log, and Ray's driver folded lines alike within its 5 s window into "[repeated
+Nx across cluster]" anyway. Every epoch is in the history (the report's and MLflow's curves) either way."""
+
+
+def epoch_line_due(epoch: int, first_epoch: int, stage_changed: bool, last: bool, checkpoint: bool,
+                   since_last_line: float) -> bool:
+    """Whether rank 0 prints this epoch's line (EPOCH_LINE_SECONDS)."""
+    return (epoch == first_epoch or stage_changed or last or checkpoint
+            or since_last_line >= EPOCH_LINE_SECONDS)
+
+
+class EpochLog:
+    """Rank 0's epoch lines from `first_epoch` on: which epochs print (`epoch_line_due`), with their ETA."""
+
+    def __init__(self, rank: int, first_epoch: int, epochs: int):
+        self.rank, self.first_epoch, self.epochs = rank, first_epoch, epochs
+        self.start = self.last_line = time.perf_counter()
+        self.stage: Optional[str] = None
+
+    def epoch(self, metrics: dict[str, Any], stopper: EarlyStopping, last: bool, checkpoint: bool) -> None:
+        epoch, stage, stop = metrics["epoch"], metrics.get("stage"), stopper.should_stop
+        now = time.perf_counter()
+        changed, self.stage = stage != self.stage, stage
+        if self.rank != 0 or not epoch_line_due(epoch, self.first_epoch, changed, last, checkpoint,
+                                                now - self.last_line):
+            return
+        done, left = epoch + 1 - self.first_epoch, (self.epochs - epoch - 1) if not stop else 0
+        print(epoch_line(metrics, self.epochs, stopper, (now - self.start) / done * left, stop), flush=True)
+        self.last_line = now
+
+
 Report = Callable[[dict[str, Any], Optional[dict[str, Any]]], None]
 """(metrics, checkpoint payload or None) -> None; every rank calls it on the checkpoint epochs (a barrier
 under Ray): those train.checkpoint_every or train.checkpoint_interval_s pick, the last and the early-stopping
@@ -111,8 +145,9 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
     if state.finished(epochs):
         epochs = state.start_epoch  # a finished run resumed: nothing left to do
     pretraining = wc.model.pretrain_epochs_total
-    run_start = last_save = time.perf_counter()
+    last_save = time.perf_counter()
     report_seconds = 0.0
+    log = EpochLog(rank, state.start_epoch, epochs)
     for epoch in range(state.start_epoch, epochs):
         t0 = time.perf_counter()
         stage = trainee.ae.begin_epoch(epoch)  # None, or e.g. "pretrain-1/3" / "finetune" for a staged kind
@@ -133,20 +168,18 @@ def run_training(wc: WorkerConfig, trainee: Trainee, state: TrainState,
                                    report_seconds, validation_seconds), **(extra_metrics or {})}
         state.history.append(metrics)
         stop = state.stopper.should_stop
-        if rank == 0:
-            done, left = epoch + 1 - state.start_epoch, (epochs - epoch - 1) if not stop else 0
-            eta = (time.perf_counter() - run_start) / done * left
-            print(epoch_line(metrics, epochs, state.stopper, eta, stop), flush=True)
         # Only checkpoint epochs report: Ray's report is a barrier with a round trip to the controller, the
         # costliest part of a small table's epoch, and the history travels in the checkpoint anyway. All
         # ranks decide alike: the epoch counter, the all-reduced stop, and rank 0's clock (all-reduced).
         report_seconds = 0.0
         last = stop or epoch == epochs - 1
+        checkpoint = last or checkpoint_due(wc.train, epoch, all_reduce_sum, rank, last_save)
+        log.epoch(metrics, state.stopper, last, checkpoint)
         if last:  # the run's end: the best model over every validation row, for the threshold
             t_sketch = time.perf_counter()
             finish_validation(wc, state, val_batches, device, rank)
             metrics["threshold_seconds"] = time.perf_counter() - t_sketch
-        if last or checkpoint_due(wc.train, epoch, all_reduce_sum, rank, last_save):
+        if checkpoint:
             t_report = time.perf_counter()
             report(metrics, state.checkpoint(trainee, epoch) if rank == 0 else None)
             last_save = time.perf_counter()
