@@ -125,7 +125,7 @@ RAY_NOISE = ["Reporting training result", "Checkpoint successfully created at", 
              "Estimated parquet encoding ratio", "Failed to query Ray Train Controller actor state"]
 
 
-def test_a_training_run_prints_each_epoch_once_and_none_of_rays_chatter(trained, ray_address, tmp_path):
+def test_a_training_run_prints_its_epochs_once_and_none_of_rays_chatter(trained, ray_address, tmp_path):
     cfg = trained["cfg"]
     args = ["--config", "jobs/configs/tiny.yaml", "--set", f"data.input={cfg.data.input}",
             "--set", f"artifacts.uri={tmp_path / 'artifacts'}", "--set", "run.name=logs", "--set", "run.num_cpus=2",
