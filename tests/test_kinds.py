@@ -254,8 +254,7 @@ def test_a_new_kind_is_a_spec_a_model_class_and_two_registration_lines(shrink_re
     run_training(longer, trainee, state, lambda: data, lambda: data[:1], CPU, rank=0,
                  report=lambda m, payload: reports.append((m, payload)))
     assert [m["epoch"] for m, _ in reports] == [2, 4]
-    final = TrainState.restore(reports[-1][1], build_model(6, **dataclasses.asdict(cfg.model)),
-                               trainee.optimizer, cfg.train)
+    final = TrainState.restore(reports[-1][1], build_model(6, **dataclasses.asdict(cfg.model)), cfg.train)
     assert len(final.history) == 5 and final.best_state is not None
     # the model a manifest describes rebuilds with the kind's settings
     assert build_model(6, **dataclasses.asdict(cfg.model)).settings == ShrinkSettings(0.5)
@@ -375,3 +374,19 @@ def test_the_epoch_loop_prints_its_first_and_last_epochs_and_a_line_per_interval
     assert loop.epoch_line_due(7, 0, True, False, False, 0.0) and loop.epoch_line_due(7, 0, False, False, True, 0.0)
     assert not loop.epoch_line_due(7, 0, False, False, False, 0.0) and loop.epoch_line_due(3, 3, False, False,
                                                                                             False, 0.0)
+
+
+def test_a_resumed_optimizer_keeps_its_state_on_the_models_device():
+    """On a GPU the model moves to the device after its weights load: the optimizer's restored moments must move
+    with it. The meta device stands in for a GPU here (a move off the CPU that keeps every tensor's shape)."""
+    cfg = config_from_dict({**BASE, "model": {"hidden_dims": [8], "latent_dim": 3}, "train": {"epochs": 2}})
+    wc = worker_config(cfg, batch_size=64, seed=0)
+    payloads: list[dict] = []
+    trainee, state = build_trainee(wc, CPU, no_ddp)
+    run_training(wc, trainee, state, lambda: batches(6), lambda: batches(6)[:1], CPU, rank=0,
+                 report=lambda m, payload: payloads.append(saved(payload)))
+    meta = torch.device("meta")
+    resumed, _ = build_trainee(wc, meta, lambda module, _: module.to(meta), saved=payloads[-1])
+    moments = [t for s in resumed.optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert moments and all(t.device == meta for t in moments)
+    assert all(p.device == meta for p in resumed.ae.parameters())

@@ -115,13 +115,12 @@ class TrainState:
     set once the run has ended: the last checkpoint carries it."""
 
     @classmethod
-    def restore(cls, saved: Optional[dict[str, Any]], ae: Autoencoder, optimizer: torch.optim.Optimizer,
-                train: TrainSection) -> "TrainState":
-        """A fresh state, or the one in a checkpoint's payload (weights and optimizer loaded in place)."""
+    def restore(cls, saved: Optional[dict[str, Any]], ae: Autoencoder, train: TrainSection) -> "TrainState":
+        """A fresh state, or the one in a checkpoint's payload (the weights loaded into `ae` in place; the
+        optimizer's state is `saved["optimizer"]`, loaded by build_trainee once the model is on its device)."""
         if saved is None:
             return cls(EarlyStopping(train.patience, train.min_delta))
         ae.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
         stopper = EarlyStopping(train.patience, train.min_delta, best=float(saved["best_val"]),
                                 best_epoch=int(saved["best_epoch"]), bad_epochs=int(saved["bad_epochs"]))
         return cls(stopper, int(saved["epoch"]) + 1, list(saved["history"]), saved["best_model"],
@@ -143,11 +142,17 @@ class TrainState:
 
 def build_trainee(wc: WorkerConfig, device: torch.device, wrap: Wrap,
                   saved: Optional[dict[str, Any]] = None) -> tuple[Trainee, TrainState]:
-    """Model, optimizer and learning rule for `wc`, restored from a checkpoint payload if there is one."""
+    """Model, optimizer and learning rule for `wc`, restored from a checkpoint payload if there is one.
+
+    The weights load before wrapping (DDP broadcasts rank 0's), the optimizer is made once the model is on its
+    device: its restored state (moments, and a fused kernel's step counts) must sit beside the parameters, and
+    loading it into an optimizer of parameters still on the CPU left it there on a GPU."""
     ae = build_model(wc.n_features, layout=wc.layout, **dataclasses.asdict(wc.model))
-    optimizer = make_optimizer(ae.parameters(), wc.train.lr, wc.train.weight_decay)
-    state = TrainState.restore(saved, ae, optimizer, wc.train)  # before wrapping: DDP broadcasts rank 0's weights
+    state = TrainState.restore(saved, ae, wc.train)
     model, step_fn = ALGORITHMS[wc.train.algorithm](ae, wc, device, wrap)
+    optimizer = make_optimizer(ae.parameters(), wc.train.lr, wc.train.weight_decay)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     return Trainee(ae, model, optimizer, step_fn), state
 
 
