@@ -53,8 +53,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay
     """AdamW, fused (one kernel per step for all the parameters) where their device has the kernel.
 
     The update is AdamW's; the per-tensor form it replaces spends most of a small model's step in Python (on
-    CPU, 8% to 45% of the steps' time, most on small tables: docs/performance.md). The kernel runs on the
-    parameters' device at each step, so a model moved to the GPU after this keeps it.
+    CPU, 8% to 45% of the steps' time, most on small tables: docs/performance.md). Make it once the model is
+    on its device (build_trainee does): whether to fuse is read from the parameters' device, and a checkpoint's
+    state loaded into it goes to that device.
     """
     params = list(params)
     fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
