@@ -30,6 +30,15 @@ def test_compare_gives_the_medians_ratio_and_its_spread():
     assert r["pipeline_samples"] == [8.0, 9.0, 10.0, 11.0, 12.0]
 
 
+def test_the_ensemble_step_benchmark_times_both_sides_and_names_the_path_training_takes(capsys):
+    from benchmarks.ensemble_step import main
+
+    main(["--cases", "8x16,1555x16", "--rounds", "1", "--steps", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("sequential" in ln and "ms/step" in ln and "ratio" in ln for ln in lines)
+    assert "(stacked in training)" in lines[0] and "(sequential in training)" in lines[1]
+
+
 @pytest.mark.integration
 def test_tiny_benchmark_writes_every_measure(tmp_path, ray_cluster):
     bc = preset("tiny")

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ModelSection, config_from_dict
 from pipeline.errors import ConfigError
 from pipeline.kinds import KINDS
-from pipeline.models import build_model
+from pipeline.models import Ensemble, build_model
 from pipeline.models.contractive import encoder_jacobian_sq_norm
 from pipeline.recirculation import make_step_fn, recirculation_update
 from pipeline.sample import generate
@@ -81,6 +81,51 @@ def test_every_kind_keeps_the_interface(kind, ensemble):
     with torch.inference_mode():
         # eval_loss gathered the calibrated score's statistics: the state dict carries them to the clone
         assert torch.allclose(clone.score_and_latent(x)[0], model.score_and_latent(x)[0])
+
+
+@pytest.mark.parametrize("hidden_dims,code_activation,categorical", [
+    ([12], None, False),        # the default shape: one hidden layer, codes of three widths
+    ([], "sigmoid", False),     # no hidden layer; act(0) = 0.5 in the padded code units
+    ([12, 8], "tanh", True),    # two hidden layers; a categorical column's cross-entropy among the errors
+])
+def test_plain_members_train_as_one_stacked_network_with_the_members_loss_and_gradients(
+        hidden_dims, code_activation, categorical):
+    from pipeline.layout import SlotLayout
+
+    # 16 slots: 13 numeric columns and one categorical column over slots 13-15
+    layout = SlotLayout(14, tuple((i, i) for i in range(13)), ((13, 16, 13),)) if categorical else None
+    model = make("dense", hidden_dims=hidden_dims, latent_dim=4, member_latent_dims=[4, 2, 8], ensemble=3,
+                 code_activation=code_activation)
+    if layout is not None:
+        model = Ensemble([type(m)(16, hidden_dims=hidden_dims, latent_dim=m.latent_dim, layout=layout,
+                                  code_activation=code_activation) for m in model.members])
+    assert model.stacked
+    x = manifold_data(32)
+
+    def loss_and_grads(stacked: bool):
+        model.stacked = stacked
+        model.zero_grad()
+        loss, parts = model.loss(x)
+        loss.backward()
+        return loss.detach(), parts["recon"], [p.grad.clone() for p in model.parameters()]
+
+    loss, recon, grads = loss_and_grads(True)
+    ref_loss, ref_recon, ref_grads = loss_and_grads(False)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5) and float(recon) == pytest.approx(float(ref_recon))
+    assert all(torch.allclose(g, r, rtol=1e-4, atol=1e-6) for g, r in zip(grads, ref_grads))
+
+
+def test_only_plain_members_without_dropout_are_stacked_and_only_small_steps():
+    from pipeline.models.stack import STACK_MAX_WORK, member_weights, worth_stacking
+
+    for kind in sorted(set(KINDS) - {"dense"}):  # their losses add penalties, noise or stages
+        assert not make(kind, hidden_dims=[12], latent_dim=4, ensemble=3).stacked, kind
+    assert not make("dense", hidden_dims=[12], latent_dim=4, ensemble=3, dropout=0.1).stacked
+    model = make("dense", hidden_dims=[12], latent_dim=4, ensemble=3)
+    assert model.stacked and member_weights(model.members) == 3 * (16 * 12 + 12 * 4 + 4 * 12 + 12 * 16)
+    rows = STACK_MAX_WORK // member_weights(model.members)
+    assert worth_stacking(rows, member_weights(model.members))
+    assert not worth_stacking(rows + 1, member_weights(model.members))
 
 
 def test_build_model_ignores_other_kinds_settings_and_names_unknown_kind():

@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.calibration import MAX_SUBSPACE_FEATURES, ScoreCalibration, SubspaceTerm
 from pipeline.layout import SlotLayout
+from pipeline.models.stack import member_weights, stackable, stacked_recon_loss, worth_stacking
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -216,6 +217,9 @@ class Ensemble(nn.Module):
     members weigh alike); `latent` is member 0's code, so the output keeps one code a feature store can use;
     the per-feature errors are the members' mean. Averaging models that differ only in their start cancels
     part of each one's idiosyncratic errors, which is what ranks the rare rows unevenly.
+
+    Plain (dense) members train as one batched network (`pipeline/models/stack.py`) where a step is small
+    enough to gain by it: the same loss and gradients, a few large ops a step instead of one pass per member.
     """
 
     def __init__(self, members: Sequence[Autoencoder]):
@@ -224,6 +228,8 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         first = members[0]
         self.n_features, self.latent_dim, self.score_kind = first.n_features, first.latent_dim, first.score_kind
+        self.stacked = all(type(m) is Autoencoder for m in members) and stackable(members)
+        self._weights = member_weights(members)
 
     def _mean(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(values)).mean(dim=0)
@@ -232,6 +238,9 @@ class Ensemble(nn.Module):
         return self._mean([m(x) for m in self.members])
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.stacked and worth_stacking(x.shape[0], self._weights):
+            mse = stacked_recon_loss(self.members, x)  # a plain member's loss is its reconstruction loss alone
+            return mse, {"recon": mse.detach()}
         losses, parts = zip(*(m.loss(x) for m in self.members))
         return self._mean(losses), {k: self._mean([p[k] for p in parts]) for k in parts[0]}
 
