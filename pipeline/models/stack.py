@@ -88,7 +88,7 @@ def stacked_forward(members: Sequence[nn.Module], x: torch.Tensor) -> torch.Tens
     h = x
     for seq in ("encoder", "decoder"):
         per_member = [_linears_and_acts(getattr(m, seq)) for m in members]
-        for j, layer in enumerate(zip(*per_member)):
+        for layer in zip(*per_member):
             h = _batched_layer([lin for lin, _ in layer], h)
             act = layer[0][1]  # the members share their activations (stackable)
             if act is not None:
