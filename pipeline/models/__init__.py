@@ -1,5 +1,6 @@
 """The autoencoders, in plain PyTorch (no Ray): the shared base (`base.py`), one module per kind that needs
-its own class, and `build_model`, which builds any kind from a flat model section.
+its own class, the ensemble's members run as one batched network (`stack.py`), and `build_model`, which builds
+any kind from a flat model section.
 
     build_model(n_features, kind=..., ensemble=..., **settings) -> Autoencoder | Ensemble
 
