@@ -45,13 +45,6 @@ def member_weights(members: Sequence[nn.Module]) -> int:
     return sum(m.weight.numel() for member in members for m in member.modules() if isinstance(m, nn.Linear))
 
 
-def _linears_and_acts(seq: nn.Sequential) -> list[tuple[nn.Linear, nn.Module | None]]:
-    """(Linear, the activation right after it or None) for each Linear of an MLP built by `models.base.mlp`."""
-    mods = list(seq)
-    return [(m, mods[i + 1] if i + 1 < len(mods) and not isinstance(mods[i + 1], nn.Linear) else None)
-            for i, m in enumerate(mods) if isinstance(m, nn.Linear)]
-
-
 def stackable(members: Sequence[nn.Module]) -> bool:
     """Whether `members` (plain autoencoders: the dense kind, whose loss is the reconstruction alone; the caller
     checks the class) can run as one batched network: the same input, activations, layer count and column
@@ -83,27 +76,27 @@ def _batched_layer(layers: Sequence[nn.Linear], h: torch.Tensor) -> torch.Tensor
     return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
 
+def _stacked_mlp(seqs: Sequence[nn.Sequential], h: torch.Tensor) -> torch.Tensor:
+    """The members' MLPs (`models.base.mlp`, no dropout: Linear, activation, ..., Linear, one activation the
+    members share, after every layer but the last), each layer batched."""
+    act = seqs[0][1] if len(seqs[0]) > 1 else None
+    layers = list(zip(*([mod for mod in seq if isinstance(mod, nn.Linear)] for seq in seqs)))
+    for i, layer in enumerate(layers):
+        h = _batched_layer(layer, h)
+        if i < len(layers) - 1:
+            h = act(h)
+    return h
+
+
 def stacked_forward(members: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """(M, rows, features): every member's reconstruction of `x`, from one batched pass."""
-    h = x
-    for seq in ("encoder", "decoder"):
-        per_member = [_linears_and_acts(getattr(m, seq)) for m in members]
-        for layer in zip(*per_member):
-            h = _batched_layer([lin for lin, _ in layer], h)
-            act = layer[0][1]  # the members share their activations (stackable)
-            if act is not None:
-                h = act(h)
-        if seq == "encoder":
-            h = members[0].code_act(h)
-    return h
+    codes = members[0].code_act(_stacked_mlp([m.encoder for m in members], x))
+    return _stacked_mlp([m.decoder for m in members], codes)
 
 
 def stacked_recon_loss(members: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """The mean over members of each one's `recon_loss(member(x), x)`: every member sees the same rows and
     columns, so it is the mean over all of them."""
     recon = stacked_forward(members, x)
-    first = members[0]
-    if first.layout is None:
-        return torch.mean((recon.float() - x.float()) ** 2)
     m, rows, width = recon.shape
-    return torch.mean(first.column_errors(recon.reshape(m * rows, width), x.repeat(m, 1)))
+    return torch.mean(members[0].column_errors(recon.reshape(m * rows, width), x.repeat(m, 1)))
